@@ -1,0 +1,1 @@
+"""Data model, validation, world simulator, real-data ingest and point-in-time timelines."""

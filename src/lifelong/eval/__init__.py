@@ -1,0 +1,1 @@
+"""Metrics, experiments, reports and plots."""
