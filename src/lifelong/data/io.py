@@ -97,21 +97,14 @@ def read_table(path: str | os.PathLike[str], kind: str, columns: list[str] | Non
     """
     path = require_file(Path(path))
     try:
+        present = set(pq.read_schema(path).names)
+        for name in columns or TABLES[kind].names:
+            if name not in present:
+                raise DataError(path, "missing column", column=name)
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(path, f"not a readable Parquet file ({exc})") from None
-    if columns is not None:
-        schema = pa.schema([TABLES[kind].field(c) for c in columns])
-        sub = _validate_subset(table, kind, schema, path)
-        return sub
-    return validate_table(table, kind, path)
-
-
-def _validate_subset(table: pa.Table, kind: str, schema: pa.Schema, path: Path) -> pa.Table:
-    for field in schema:
-        if field.name != "embedding" and table.column(field.name).type != field.type:
-            raise DataError(path, f"wrong type {table.column(field.name).type}, expected {field.type}", column=field.name)
-    return table
+    return validate_table(table, kind, path, columns=columns)
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -45,13 +45,15 @@ def _check_embedding(path: object, name: str, col: pa.ChunkedArray) -> np.ndarra
     return values
 
 
-def validate_table(table: pa.Table, kind: str, path: object = "<memory>") -> pa.Table:
+def validate_table(table: pa.Table, kind: str, path: object = "<memory>",
+                   columns: list[str] | None = None) -> pa.Table:
     """Check ``table`` against the schema of ``kind`` and the table's invariants.
 
     Args:
         table: the table as read.
         kind: one of ``items``, ``events``, ``users``, ``oracle``.
         path: the file it came from, for error messages.
+        columns: check only these columns (a reader that reads a subset); default all.
 
     Returns:
         The table cast to the declared schema (column order and nullability normalised).
@@ -68,6 +70,11 @@ def validate_table(table: pa.Table, kind: str, path: object = "<memory>") -> pa.
         lifelong.errors.DataError: u.parquet, column 'first_ts_ms': missing column
     """
     schema = TABLES[kind]
+    if columns is not None:
+        unknown = sorted(set(columns) - set(schema.names))
+        if unknown:
+            raise ValueError(f"{kind} has no columns {unknown}")
+        schema = pa.schema([f for f in schema if f.name in columns], metadata=schema.metadata)
     for field in schema:
         if field.name not in table.column_names:
             raise DataError(path, "missing column", column=field.name)
@@ -80,6 +87,10 @@ def validate_table(table: pa.Table, kind: str, path: object = "<memory>") -> pa.
             bad = _first(pc.is_null(col).to_numpy(zero_copy_only=False))
             raise DataError(path, "null value", column=field.name, row=bad)
     table = table.select(schema.names)
+    if columns is not None:
+        if kind == "events":
+            _check_events(path, table)
+        return table
     if kind == "items":
         ids = table.column("item_id").to_numpy()
         uniq, first_idx, counts = np.unique(ids, return_index=True, return_counts=True)
@@ -102,21 +113,29 @@ def _check_nonneg(path: object, table: pa.Table, name: str) -> None:
 
 
 def _check_events(path: object, table: pa.Table) -> None:
+    names = set(table.column_names)
+    if "action_mask" in names:
+        mask = table.column("action_mask").to_numpy()
+        bad = _first((mask & ~np.uint16(KNOWN_ACTION_BITS)) != 0)
+        if bad is not None:
+            raise DataError(path, f"unknown action bits {int(mask[bad]) & ~KNOWN_ACTION_BITS:#x}",
+                            column="action_mask", row=bad)
+        bad = _first(mask == 0)
+        if bad is not None:
+            raise DataError(path, "an event needs at least one action bit", column="action_mask", row=bad)
+    if "surface" in names:
+        surface = table.column("surface").to_numpy()
+        bad = _first((surface < 0) | (surface >= len(SURFACES)))
+        if bad is not None:
+            raise DataError(path, f"unknown surface code {surface[bad]}", column="surface", row=bad)
+    if "dwell_ms" in names:
+        _check_nonneg(path, table, "dwell_ms")
+    if "ts_ms" in names:
+        _check_nonneg(path, table, "ts_ms")
+    if not {"user_id", "ts_ms"} <= names:
+        return
     users = table.column("user_id").to_numpy()
     ts = table.column("ts_ms").to_numpy()
-    _check_nonneg(path, table, "ts_ms")
-    mask = table.column("action_mask").to_numpy()
-    bad = _first((mask & ~np.uint16(KNOWN_ACTION_BITS)) != 0)
-    if bad is not None:
-        raise DataError(path, f"unknown action bits {int(mask[bad]) & ~KNOWN_ACTION_BITS:#x}", column="action_mask", row=bad)
-    bad = _first(mask == 0)
-    if bad is not None:
-        raise DataError(path, "an event needs at least one action bit", column="action_mask", row=bad)
-    surface = table.column("surface").to_numpy()
-    bad = _first((surface < 0) | (surface >= len(SURFACES)))
-    if bad is not None:
-        raise DataError(path, f"unknown surface code {surface[bad]}", column="surface", row=bad)
-    _check_nonneg(path, table, "dwell_ms")
     if users.size > 1:
         bad = _first(users[1:] < users[:-1])
         if bad is not None:

@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine: `make quickstart` and `make test`.
+# Both bootstrap .venv idempotently (re-installing only when pyproject.toml changes).
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+WORLD   ?= worlds/small
+export LIFELONG_QUIET ?=
+
+.PHONY: venv quickstart test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: venv
+	$(VENV)/bin/lifelong simulate --preset small --out $(WORLD)
+	$(VENV)/bin/lifelong inspect $(WORLD)
+
+# Default run: everything but tests marked slow. Tests marked realdata run when ../shared/data exists.
+test: venv
+	$(VENV)/bin/pytest -n 2 -m "not slow"
+
+test-slow: venv
+	$(VENV)/bin/pytest -n 2 -m slow
+
+clean:
+	rm -rf worlds .pytest_cache .hypothesis

@@ -1,0 +1,90 @@
+"""Ranking metrics of the TransAct V2 paper (§4.2.1) and the oracle lift.
+
+HIT@K per head: group rows by request, order each request by the final score
+``S = Σ_h w_h f_h``, count the top-K items whose label for head h is 1, sum over requests and
+divide by the number of distinct users. Everything is vectorised over rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+DEFAULT_HEAD_WEIGHTS: dict[str, float] = {"repin": 1.0, "click": 0.5, "long_view": 0.25, "hide": -1.0}
+"""Weights ``w_h`` of the final score; hide counts against an item."""
+
+
+def final_score(probs: Mapping[str, np.ndarray], weights: Mapping[str, float] = DEFAULT_HEAD_WEIGHTS) -> np.ndarray:
+    """``S = Σ_h w_h f_h`` over the heads present in both ``probs`` and ``weights``.
+
+    Example::
+
+        >>> final_score({"repin": np.array([0.5]), "hide": np.array([0.1])}).round(2)
+        array([0.4])
+    """
+    heads = [h for h in weights if h in probs]
+    if not heads:
+        raise ValueError(f"no head of {sorted(weights)} among {sorted(probs)}")
+    return sum(weights[h] * np.asarray(probs[h], dtype=np.float64) for h in heads)
+
+
+def _group_ranks(groups: np.ndarray, score: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of each row within its group by descending score; ties broken at random.
+
+    Returns (order, rank) where ``rank[j]`` belongs to row ``order[j]``.
+    """
+    tiebreak = np.random.default_rng(seed).random(score.size)
+    order = np.lexsort((tiebreak, -score, groups))
+    g = groups[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    sizes = np.diff(np.r_[starts, g.size])
+    rank = np.arange(g.size) - np.repeat(starts, sizes)
+    return order, rank
+
+
+def hit_at_k(groups: np.ndarray, users: np.ndarray, score: np.ndarray, labels: np.ndarray,
+             k: int = 3, seed: int = 0) -> float:
+    """HIT@K as in the TransAct V2 paper.
+
+    Args:
+        groups: request id of each row (rows of one request share it).
+        users: user id of each row, to count distinct users.
+        score: the ranking score of each row (higher first).
+        labels: 0/1 label of the head being measured.
+        k: cut-off.
+        seed: seed of the random tie-break.
+
+    Example::
+
+        >>> hit_at_k(np.array([1, 1, 1, 1]), np.array([7, 7, 7, 7]), np.array([.9, .1, .8, .2]),
+        ...          np.array([1, 1, 0, 0]), k=2)
+        1.0
+    """
+    groups, users, score, labels = map(np.asarray, (groups, users, score, labels))
+    if not (groups.shape == users.shape == score.shape == labels.shape):
+        raise ValueError("groups, users, score and labels must have the same shape")
+    if groups.size == 0:
+        return float("nan")
+    order, rank = _group_ranks(groups, score, seed)
+    hits = (labels[order] != 0) & (rank < k)
+    return float(hits.sum() / np.unique(users).size)
+
+
+def hit_at_k_random(groups: np.ndarray, users: np.ndarray, labels: np.ndarray, k: int = 3) -> float:
+    """Expected HIT@K under a uniformly random order of each request.
+
+    A request with n rows and m positives expects ``min(k, n) · m / n`` hits.
+    """
+    groups, users, labels = map(np.asarray, (groups, users, labels))
+    if groups.size == 0:
+        return float("nan")
+    _, inverse, n = np.unique(groups, return_inverse=True, return_counts=True)
+    m = np.bincount(inverse, weights=(labels != 0).astype(np.float64), minlength=n.size)
+    return float((np.minimum(k, n) * m / n).sum() / np.unique(users).size)
+
+
+def oracle_lift_fraction(hit_model: float, hit_random: float, hit_oracle: float) -> float:
+    """``(HIT_model − HIT_random) / (HIT_oracle − HIT_random)``: the share of the oracle's lift."""
+    denom = hit_oracle - hit_random
+    return float("nan") if denom == 0 else float((hit_model - hit_random) / denom)
