@@ -53,9 +53,9 @@ def ingest(
 
     start = time.perf_counter()
     report = run_ingest(source, src, out_dir)
-    table = Table(title=f"ingest {source} -> {out_dir}  ({time.perf_counter() - start:.1f} s)")
-    table.add_column("")
-    table.add_column("", justify="right")
+    table = Table(title=f"ingest {source} -> {out_dir}  ({time.perf_counter() - start:.1f} s)", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
     for label, value in report.summary():
         table.add_row(label, value)
     out.print(table)

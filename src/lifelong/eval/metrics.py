@@ -88,3 +88,64 @@ def oracle_lift_fraction(hit_model: float, hit_random: float, hit_oracle: float)
     """``(HIT_model − HIT_random) / (HIT_oracle − HIT_random)``: the share of the oracle's lift."""
     denom = hit_oracle - hit_random
     return float("nan") if denom == 0 else float((hit_model - hit_random) / denom)
+
+
+def normalized_entropy(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    """NE (DV365 eq. 12): the log loss divided by the entropy of the average label.
+
+    Example::
+
+        >>> round(normalized_entropy(np.array([0, 1, 0, 0]), np.full(4, 0.25)), 6)
+        1.0
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    base = np.clip(y.mean(), eps, 1 - eps)
+    log_loss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return float(log_loss / -(base * np.log(base) + (1 - base) * np.log(1 - base)))
+
+
+def _average_ranks(groups: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1-based ranks of score within each group, ties averaged; returns (order, ranks)."""
+    order = np.lexsort((score, groups))
+    g, s = groups[order], score[order]
+    n = g.size
+    group_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    pos_in_group = np.arange(n) - np.repeat(group_start, np.diff(np.r_[group_start, n])) + 1
+    tie_start = np.flatnonzero(np.r_[True, (g[1:] != g[:-1]) | (s[1:] != s[:-1])])
+    tie_len = np.diff(np.r_[tie_start, n])
+    first = pos_in_group[tie_start]
+    ranks = np.repeat(first + (tie_len - 1) / 2.0, tie_len)
+    return order, ranks
+
+
+def group_auc(groups: np.ndarray, labels: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUC of each group with both classes: (group ids, aucs, rows per group)."""
+    groups, labels, score = np.asarray(groups), np.asarray(labels) != 0, np.asarray(score, dtype=np.float64)
+    order, ranks = _average_ranks(groups, score)
+    ids, inverse, counts = np.unique(groups[order], return_inverse=True, return_counts=True)
+    y = labels[order]
+    n_pos = np.bincount(inverse, weights=y, minlength=ids.size)
+    pos_rank_sum = np.bincount(inverse, weights=ranks * y, minlength=ids.size)
+    n_neg = counts - n_pos
+    ok = (n_pos > 0) & (n_neg > 0)
+    auc = (pos_rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2) / (n_pos[ok] * n_neg[ok])
+    return ids[ok], auc, counts[ok]
+
+
+def auc(labels: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC (ties count one half); NaN when only one class is present.
+
+    Example::
+
+        >>> auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+        0.75
+    """
+    _, aucs, _ = group_auc(np.zeros(len(labels), dtype=np.int64), labels, score)
+    return float(aucs[0]) if aucs.size else float("nan")
+
+
+def gauc(users: np.ndarray, labels: np.ndarray, score: np.ndarray) -> float:
+    """Group AUC: per-user AUC weighted by the user's rows, over users with both classes."""
+    _, aucs, counts = group_auc(users, labels, score)
+    return float(np.average(aucs, weights=counts)) if aucs.size else float("nan")
