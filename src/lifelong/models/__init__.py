@@ -1,0 +1,1 @@
+"""Rankers (TransAct V2 and baselines), crossing layers, heads and the Next Action Loss."""

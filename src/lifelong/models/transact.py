@@ -1,0 +1,89 @@
+"""TransAct V2 and TransAct v1: one causal early-fusion encoder, parameterised by its blocks.
+
+TransAct V2 reads all of ``S_all`` (NN(S_LL, c) ⊕ S_RT[:r] ⊕ NN(S_RT[:r], c) ⊕ NN(S_imp, c));
+TransAct v1 reads only ``S_RT[:r]`` (``TransActConfig.v1()``). Whether the Next Action Loss is
+added is the trainer's choice: the model always exposes ``rt_states`` when it reads ``rt``.
+
+Causality runs over token positions of what the encoder reads. Since ``S_RT[:r]`` is oldest
+first and the NN(S_RT) / NN(S_imp) blocks come after it, a real-time position never sees a
+newer real-time token nor those blocks; it does see the whole NN(S_LL, c) block, which is why
+that block must hold only actions older than ``S_RT[:r]`` for the NAL to be leak-free (as
+:mod:`lifelong.data.timelines` builds S_LL).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lifelong.data.schema import EMBED_DIM
+from lifelong.models.batch import RankBatch
+from lifelong.models.config import TransActConfig
+from lifelong.models.heads import ModelOutput
+from lifelong.models.layers import (CrossHead, RowFeatures, TokenContext, TransformerEncoder,
+                                    causal_attention_mask, masked_max_pool)
+
+
+class TransAct(nn.Module):
+    """TransAct V2 / v1 ranker.
+
+    Tokens ``F = concat(seq_emb, cand_emb) + E_act + E_surf + E_pos`` (d = 64 with early
+    fusion) go through a causal transformer encoder with padding mask; a linear layer and a
+    max-pool over real tokens summarise them; the summary joins the row features in a DCN-v2
+    cross network + MLP with one logit per head.
+
+    Args:
+        cfg: the configuration; ``TransActConfig()`` is TransAct V2, ``TransActConfig.v1()``
+            TransAct v1.
+
+    Example::
+
+        model = TransAct(TransActConfig(layout=SequenceLayout(ll_nn=64, rt=64, rt_nn=32, imp_nn=32), n_heads=4))
+        out = model(batch)  # a RankBatch with that layout
+        out.logits.shape, out.rt_states.shape  # (B, 4), (B, 64, 32)
+    """
+
+    def __init__(self, cfg: TransActConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        positions = [torch.arange(s.start, s.stop) for s in map(cfg.layout.block_slice, cfg.blocks)]
+        token_index = torch.cat(positions)
+        self.register_buffer("token_index", token_index, persistent=False)
+        self.reads_all = token_index.numel() == cfg.layout.total
+        self.rt_positions: slice | None = None
+        if "rt" in cfg.blocks:
+            start = sum(getattr(cfg.layout, b) for b in cfg.blocks[:cfg.blocks.index("rt")])
+            self.rt_positions = slice(start, start + cfg.layout.rt)
+            self.rt_proj = nn.Linear(d, EMBED_DIM)
+
+        self.token_context = TokenContext(d, cfg.seq_len)
+        self.encoder = TransformerEncoder(d, cfg.n_layers, cfg.attn_heads, cfg.ffn_dim, cfg.dropout)
+        self.pool_proj = nn.Linear(d, cfg.pool_dim)
+        self.row = RowFeatures(cfg.row)
+        self.head = CrossHead(cfg.pool_dim + self.row.out_dim, cfg.cross_layers, cfg.mlp_dims, cfg.n_heads)
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.reads_all else x.index_select(1, self.token_index)
+
+    def encode(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output (B, S', d) over the blocks read and their validity (B, S').
+
+        Outputs at padding positions are meaningless (a padding query attends to itself so
+        that no softmax row is empty); everything downstream masks them out.
+        """
+        emb, valid = self._read(batch.seq_emb), self._read(batch.seq_valid)
+        if self.cfg.early_fusion:
+            emb = torch.cat([emb, batch.cand_emb.unsqueeze(1).expand(-1, emb.shape[1], -1)], dim=-1)
+        x = emb + self.token_context(self._read(batch.seq_action), self._read(batch.seq_surface))
+        return self.encoder(x, causal_attention_mask(valid)), valid
+
+    def forward(self, batch: RankBatch) -> ModelOutput:
+        h, valid = self.encode(batch)
+        pooled = masked_max_pool(self.pool_proj(h), valid)
+        logits = self.head(torch.cat([pooled, self.row(batch)], dim=-1))
+        rt_states = None
+        if self.rt_positions is not None:
+            rt_valid = valid[:, self.rt_positions].unsqueeze(-1)
+            rt_states = self.rt_proj(h[:, self.rt_positions]) * rt_valid
+        return ModelOutput(logits=logits, rt_states=rt_states)
