@@ -26,7 +26,7 @@ err = Console(stderr=True)
 @app.command()
 def simulate(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the world into.")],
-    preset: Annotated[str, typer.Option(help="tiny | small | bench | lifelong")] = "small",
+    preset: Annotated[str | None, typer.Option(help="tiny | small | bench | lifelong [default: the config file's, else small]")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON config file layered over the preset.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set seed=3.")] = None,
 ) -> None:
