@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,15 +25,54 @@ def test_inspect_prints_lengths_and_writes_png(tiny_dataset, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_corrupted_input_is_one_clear_line(tiny_dataset):
-    table = pq.read_table(tiny_dataset / "items.parquet")
-    table = table.set_column(2, "author_id", table.column("author_id").cast("string"))
-    pq.write_table(table, tiny_dataset / "items.parquet")
+def _truncate(d):
+    path = d / "events.parquet"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _wrong_type(d):
+    table = pq.read_table(d / "items.parquet")
+    pq.write_table(table.set_column(2, "author_id", table.column("author_id").cast("string")), d / "items.parquet")
+
+
+def _nan_embedding(d):
+    table = pq.read_table(d / "items.parquet")
+    emb = np.asarray(table.column("embedding").combine_chunks().flatten()).astype(np.float32)
+    emb[3 * 32 + 5] = np.nan
+    col = pa.FixedSizeListArray.from_arrays(pa.array(emb), 32)
+    pq.write_table(table.set_column(1, "embedding", col), d / "items.parquet")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_truncate, "events.parquet: not a readable Parquet file"),
+        (_wrong_type, "column 'author_id': wrong type string, expected int64"),
+        (_nan_embedding, "column 'embedding', row 3: NaN or infinite embedding value"),
+    ],
+)
+def test_corrupted_input_is_one_clear_line(tiny_dataset, corrupt, message):
+    corrupt(tiny_dataset)
     res = run_cli("inspect", str(tiny_dataset))
     assert res.returncode == 2
-    assert "column 'author_id': wrong type string, expected int64" in res.stderr
+    assert message in " ".join(res.stderr.split())
     assert "Traceback" not in res.stderr
     assert not (tiny_dataset / "history_lengths.png").exists()
+
+
+def test_simulate_twice_gives_identical_bytes(tmp_path):
+    for name in ("a", "b"):
+        res = run_cli("simulate", "--preset", "tiny", "--out", str(tmp_path / name), "--set", "users.n_users=20")
+        assert res.returncode == 0, res.stderr
+    for f in ("items.parquet", "events.parquet", "users.parquet", "oracle.parquet", "world.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_simulate_bad_override_is_a_clear_error(tmp_path):
+    res = run_cli("simulate", "--preset", "tiny", "--out", str(tmp_path / "w"), "--set", "users.n_userz=3")
+    assert res.returncode == 2
+    assert "n_userz" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("args", [("inspect", "/nonexistent/dir"), ("frobnicate",)])
