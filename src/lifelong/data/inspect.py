@@ -17,6 +17,7 @@ import pyarrow as pa
 from lifelong.data.io import read_meta, read_table
 from lifelong.data.protocol import DAY_MS, Protocol
 from lifelong.data.schema import EXPLICIT_BITS, HEAD_BITS, HEADS, SURFACES, Action
+from lifelong.progress import progress
 from lifelong.eval.metrics import DEFAULT_HEAD_WEIGHTS, final_score, hit_at_k, hit_at_k_random
 
 
@@ -100,6 +101,11 @@ def inspect_dataset(directory: str | os.PathLike[str]) -> InspectReport:
     """
     directory = Path(directory)
     meta = read_meta(directory)
+    with progress(f"inspecting {directory.name}", total=None):
+        return _inspect(directory, meta)
+
+
+def _inspect(directory: Path, meta: dict) -> InspectReport:
     events = read_table(directory / "events.parquet", "events",
                         columns=["user_id", "ts_ms", "surface", "action_mask"])
     items = read_table(directory / "items.parquet", "items")

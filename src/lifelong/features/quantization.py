@@ -84,7 +84,8 @@ def quantize_int8(e: Array, scale: float = INT8_SCALE) -> Array:
     x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False)
     if np.isnan(x).any():
         raise ValueError("cannot quantize NaN embedding values")
-    return np.clip(np.round(x / scale * INT8_LEVELS), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    with np.errstate(over="ignore"):  # huge values overflow to inf and then saturate, as intended
+        return np.clip(np.round(x / scale * INT8_LEVELS), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
 
 
 def _dtype_name(dtype: object) -> str:
