@@ -74,6 +74,90 @@ def inspect(
     _print_inspection(report, png)
 
 
+@app.command()
+def build(
+    data: Annotated[Path, typer.Option("--data", help="A world or an ingested dataset directory.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Rows directory to write.")],
+    neg_rate: Annotated[float, typer.Option(help="Share of label-free training rows kept (weighted 1/rate).")] = 1.0,
+    ll_cap: Annotated[int, typer.Option(help="Most S_LL tokens searched per request.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of the negative down-sampling.")] = 0,
+) -> None:
+    """Build training and evaluation rows with NN feature logging (S_all per candidate)."""
+    from lifelong.features.training_rows import BuildConfig, build_rows
+
+    meta = build_rows(data, out_dir, BuildConfig(ll_cap=ll_cap, train_negative_rate=neg_rate, seed=seed))
+    table = Table(title=f"rows {out_dir}  ({meta['seconds']:.1f} s)")
+    for col in ("split", "rows", "requests", "rows/s", "label rates"):
+        table.add_column(col, justify="right")
+    for split, m in meta["splits"].items():
+        rates = "  ".join(f"{h} {v:.3f}" for h, v in m["label_rates"].items())
+        table.add_row(split, f"{m['rows']:,}", f"{m['requests']:,}", f"{m['rows_per_s']:,}", rates)
+    out.print(table)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong build).")],
+    model: Annotated[str, typer.Option(help="wide_deep | bst | transact | transact_v2")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")],
+    nal: Annotated[str, typer.Option(help="none | in_batch | impression")] = "none",
+    nal_loss: Annotated[str, typer.Option(help="softmax | bce")] = "softmax",
+    w_nal: Annotated[float, typer.Option(help="Weight of the Next Action Loss.")] = 0.01,
+    epochs: Annotated[int, typer.Option()] = 2,
+    batch_size: Annotated[int, typer.Option()] = 512,
+    lr: Annotated[float, typer.Option()] = 2e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    max_rows: Annotated[int | None, typer.Option(help="Train on a seeded subset of this many rows.")] = None,
+) -> None:
+    """Train a ranker (L = L_CE + w_NAL * L_NAL); prints losses and examples/s."""
+    from lifelong.train.trainer import TrainConfig
+    from lifelong.train.trainer import train as run_train
+
+    cfg = TrainConfig(model=model, nal=nal, nal_loss=nal_loss, w_nal=w_nal, epochs=epochs, batch_size=batch_size,
+                      lr=lr, seed=seed, max_rows=max_rows)
+    meta = run_train(data, out_dir, cfg, log=out.print)
+    out.print(f"[green]wrote[/green] {out_dir}  ({meta['parameters']:,} parameters, "
+              f"{meta['examples_per_s']:,.0f} examples/s)")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", help="Run directory (lifelong train).")],
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong build).")],
+) -> None:
+    """HIT@3, NE, AUC and GAUC per head; on simulated worlds the oracle and the lift fraction."""
+    from lifelong.eval.evaluate import evaluate_run
+
+    ev = evaluate_run(run, data)
+    table = Table(title=f"{run} on {data}: {ev.rows:,} rows, {ev.requests:,} requests, {ev.users:,} users")
+    cols = ["head", "HIT@3", "NE", "AUC", "GAUC"] + (["oracle HIT@3", "random HIT@3", "oracle lift"] if ev.oracle_hit else [])
+    for col in cols:
+        table.add_column(col, justify="right")
+    for head, m in ev.per_head.items():
+        cells = [head, f"{m['hit@3']:.4f}", f"{m['ne']:.4f}", f"{m['auc']:.4f}", f"{m['gauc']:.4f}"]
+        if ev.oracle_hit:
+            cells += [f"{ev.oracle_hit[head]:.4f}", f"{ev.random_hit[head]:.4f}", f"{ev.lift_fraction[head]:.3f}"]
+        table.add_row(*cells)
+    out.print(table)
+
+
+@app.command()
+def experiment(
+    table: Annotated[str, typer.Argument(help="table2 | table4 | table6 | table7")],
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong build).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (resumable).")],
+    seeds: Annotated[int, typer.Option()] = 3,
+    epochs: Annotated[int, typer.Option()] = 2,
+    max_rows: Annotated[int | None, typer.Option(help="Train each run on a seeded subset.")] = None,
+) -> None:
+    """Reproduce one of the TransAct V2 paper's tables: markdown, JSON and a bar chart."""
+    from lifelong.eval.experiments import render_markdown, run_experiment
+
+    summary = run_experiment(table, data, out_dir, seeds=seeds, epochs=epochs, max_rows=max_rows, log=out.print)
+    out.print(render_markdown(summary))
+    out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'report.png'}")
+
+
 def _print_inspection(report, png: Path) -> None:
     kind = report.meta.get("kind", "?")
     name = report.meta.get("preset") or report.meta.get("source") or ""

@@ -29,7 +29,8 @@ class ModelOutput:
 
 
 def ranking_loss(logits: torch.Tensor, labels: torch.Tensor,
-                 head_weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+                 head_weights: Sequence[float] | torch.Tensor | None = None,
+                 row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted BCE: ``sum_h w_h * mean_b BCE(logits[b, h], labels[b, h])``.
 
     Args:
@@ -37,6 +38,8 @@ def ranking_loss(logits: torch.Tensor, labels: torch.Tensor,
         labels: (B, H) 0/1 labels.
         head_weights: H non-negative weights; None weighs every head 1. These are training
             weights, not the (possibly negative) weights of the final ranking score.
+        row_weights: (B,) importance weights of the rows (e.g. ``1 / rate`` for down-sampled
+            negatives); the mean is then weighted by them. None weighs every row 1.
 
     Example::
 
@@ -45,7 +48,12 @@ def ranking_loss(logits: torch.Tensor, labels: torch.Tensor,
     """
     if logits.shape != labels.shape or logits.dim() != 2:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must both be (B, H)")
-    per_head = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=0)
+    per_row = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    if row_weights is None:
+        per_head = per_row.mean(dim=0)
+    else:
+        w_row = row_weights.to(per_row.dtype).unsqueeze(1)
+        per_head = (per_row * w_row).sum(dim=0) / w_row.sum()
     if head_weights is None:
         return per_head.sum()
     w = torch.as_tensor(head_weights, dtype=per_head.dtype, device=per_head.device)

@@ -1,0 +1,111 @@
+"""Reading built rows and assembling :class:`~lifelong.models.batch.RankBatch` mini-batches.
+
+The rows directory written by :func:`lifelong.features.training_rows.build_rows` is memory
+mapped; a batch gathers its rows' logged tokens, concatenates the S_all blocks, and dequantizes
+token and candidate embeddings from the int8 item table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lifelong.data.schema import EMBED_DIM, HEADS
+from lifelong.errors import DataError
+from lifelong.features.quantization import dequantize_int8
+from lifelong.models.batch import RankBatch, SequenceLayout
+
+_BLOCK_SOURCES = ("ll_nn", "rt", "rt_nn", "imp_nn")
+
+
+class RankData:
+    """One split (``train`` or ``eval``) of a rows directory.
+
+    Args:
+        directory: the rows directory (``lifelong build --out``).
+        split: ``train`` or ``eval``.
+
+    Example::
+
+        data = RankData("datasets/small", "train")
+        batch = data.batch(np.arange(512))
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], split: str):
+        self.directory = Path(directory)
+        meta_path = self.directory / "build.json"
+        if not meta_path.is_file():
+            raise DataError(self.directory, "not a rows directory (no build.json); run `lifelong build` first")
+        self.meta = json.loads(meta_path.read_text())
+        if split not in self.meta["splits"]:
+            raise DataError(self.directory, f"no split {split!r}")
+        self.split = split
+        self.layout = SequenceLayout(**self.meta["layout"])
+        self.heads: tuple[str, ...] = tuple(self.meta["heads"])
+        d = self.directory / split
+        try:
+            self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(d.glob("*.npy"))}
+            items = self.directory / "items"
+            self.item_emb = dequantize_int8(torch.from_numpy(np.load(items / "emb_int8.npy")))
+            self.item_author = torch.from_numpy(np.load(items / "author_id.npy").astype(np.int64))
+            self.item_topic = torch.from_numpy(np.load(items / "topic_id.npy").astype(np.int64))
+            self.item_id = torch.from_numpy(np.load(items / "item_id.npy").astype(np.int64))
+        except (OSError, ValueError) as exc:
+            raise DataError(d, f"unreadable rows ({exc})") from None
+        missing = {"user_id", "item", "labels", "request"} - set(self.arrays)
+        if missing:
+            raise DataError(d, f"missing arrays {sorted(missing)}")
+
+    def __len__(self) -> int:
+        return int(self.arrays["user_id"].shape[0])
+
+    @property
+    def oracle(self) -> np.ndarray | None:
+        """(n, H) true head probabilities (simulated worlds), else None."""
+        return None if "oracle" not in self.arrays else np.asarray(self.arrays["oracle"])
+
+    def _emb(self, item: torch.Tensor) -> torch.Tensor:
+        """Dequantized embeddings of item indices, zeros for padding (-1)."""
+        out = self.item_emb[item.clamp_min(0)]
+        return out * (item >= 0).unsqueeze(-1)
+
+    def batch(self, rows: np.ndarray) -> RankBatch:
+        """Assemble the rows ``rows`` (indices into this split) into a RankBatch."""
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        a = self.arrays
+        req = np.asarray(a["request"][rows]).astype(np.int64)
+        parts = {f: [] for f in ("item", "action", "surface")}
+        for block in _BLOCK_SOURCES:
+            src = req if block == "rt" else rows
+            for f in parts:
+                parts[f].append(np.asarray(a[f"{block}_{f}"][src]))
+        seq_item = torch.from_numpy(np.concatenate(parts["item"], axis=1).astype(np.int64))
+        item = torch.from_numpy(np.asarray(a["item"][rows]).astype(np.int64))
+        pos_item = torch.from_numpy(np.asarray(a["nal_pos_item"][req]).astype(np.int64))
+        neg_item = torch.from_numpy(np.asarray(a["nal_neg_item"][req]).astype(np.int64))
+        return RankBatch(
+            user_id=torch.from_numpy(np.asarray(a["user_id"][rows]).astype(np.int64)),
+            item_id=self.item_id[item],
+            author_id=self.item_author[item],
+            topic_id=self.item_topic[item],
+            surface=torch.from_numpy(np.asarray(a["surface"][rows]).astype(np.int64)),
+            cand_emb=self.item_emb[item],
+            seq_emb=self._emb(seq_item),
+            seq_item=torch.where(seq_item >= 0, self.item_id[seq_item.clamp_min(0)], -1),
+            seq_action=torch.from_numpy(np.concatenate(parts["action"], axis=1).astype(np.int64)),
+            seq_surface=torch.from_numpy(np.concatenate(parts["surface"], axis=1).astype(np.int64)),
+            seq_valid=seq_item >= 0,
+            nal_pos_emb=self._emb(pos_item),
+            nal_pos_item=torch.where(pos_item >= 0, self.item_id[pos_item.clamp_min(0)], -1),
+            nal_pos_valid=pos_item >= 0,
+            nal_neg_emb=self._emb(neg_item),
+            nal_neg_item=torch.where(neg_item >= 0, self.item_id[neg_item.clamp_min(0)], -1),
+            nal_neg_valid=neg_item >= 0,
+            labels=torch.from_numpy(np.asarray(a["labels"][rows]).astype(np.float32)),
+            request_id=torch.from_numpy(np.asarray(a["req_id"][req]).astype(np.int64)),
+        )
+
