@@ -5,6 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 WORLD   ?= worlds/small
+ROWS    ?= datasets/small
 export LIFELONG_QUIET ?=
 
 .PHONY: venv quickstart test test-slow bench clean
@@ -16,9 +17,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The main loop: simulate -> inspect -> build rows -> train three rankers -> compare.
 quickstart: venv
 	$(VENV)/bin/lifelong simulate --preset small --out $(WORLD)
 	$(VENV)/bin/lifelong inspect $(WORLD)
+	$(VENV)/bin/lifelong build --data $(WORLD) --out $(ROWS) --neg-rate 0.15
+	$(VENV)/bin/lifelong experiment quickstart --data $(ROWS) --seeds 1 --out reports/quickstart
 
 # Default run: everything but tests marked slow. Tests marked realdata run when ../shared/data exists.
 test: venv
@@ -28,4 +32,4 @@ test-slow: venv
 	$(VENV)/bin/pytest -n 2 -m slow
 
 clean:
-	rm -rf worlds .pytest_cache .hypothesis
+	rm -rf worlds datasets reports .pytest_cache .hypothesis

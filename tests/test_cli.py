@@ -80,3 +80,59 @@ def test_user_errors_exit_nonzero_without_traceback(args):
     res = run_cli(*args)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr + res.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loop")
+    res = run_cli("simulate", "--preset", "tiny", "--out", str(d / "w"), "--set", "users.n_users=20")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("build", "--data", str(d / "w"), "--out", str(d / "rows"), "--neg-rate", "0.5", "--ll-cap", "300")
+    assert res.returncode == 0, res.stderr
+    assert "train" in res.stdout and "eval" in res.stdout
+    return d
+
+
+def test_train_evaluate_and_experiment(tiny_rows):
+    d = tiny_rows
+    res = run_cli("train", "--data", str(d / "rows"), "--model", "transact_v2", "--nal", "impression",
+                  "--out", str(d / "run"), "--epochs", "1", "--max-rows", "600")
+    assert res.returncode == 0, res.stderr
+    assert "examples/s" in res.stdout and (d / "run" / "model.pt").exists()
+    res = run_cli("evaluate", "--run", str(d / "run"), "--data", str(d / "rows"))
+    assert res.returncode == 0, res.stderr
+    assert "repin" in res.stdout and "oracle" in res.stdout
+    res = run_cli("experiment", "quickstart", "--data", str(d / "rows"), "--out", str(d / "rep"), "--seeds", "2",
+                  "--epochs", "1", "--max-rows", "300")
+    assert res.returncode == 0, res.stderr
+    report = (d / "rep" / "report.md").read_text()
+    assert "TransAct V2" in report and "± " in report
+    assert (d / "rep" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("train", "--data", "{rows}", "--model", "gpt", "--out", "{tmp}/r"), "unknown model 'gpt'"),
+        (("train", "--data", "{tmp}/nothing", "--model", "bst", "--out", "{tmp}/r"), "not a rows directory"),
+        (("train", "--data", "{rows}", "--model", "bst", "--nal", "impression", "--out", "{tmp}/r"), "needs a causal"),
+        (("build", "--data", "{tmp}/nothing", "--out", "{tmp}/rows2"), "dataset directory not found"),
+        (("experiment", "table9", "--data", "{rows}", "--out", "{tmp}/rep"), "unknown experiment"),
+    ],
+)
+def test_training_user_errors(tiny_rows, tmp_path, args, message):
+    res = run_cli(*(a.format(rows=tiny_rows / "rows", tmp=tmp_path) for a in args))
+    assert res.returncode == 2
+    assert message in " ".join(res.stderr.split())
+    assert "Traceback" not in res.stderr
+
+
+def test_build_with_missing_file_leaves_no_output(tiny_rows, tmp_path):
+    import shutil
+
+    world = tmp_path / "w"
+    shutil.copytree(tiny_rows / "w", world)
+    (world / "items.parquet").unlink()
+    res = run_cli("build", "--data", str(world), "--out", str(tmp_path / "rows"))
+    assert res.returncode == 2 and "items.parquet: file not found" in res.stderr
+    assert not (tmp_path / "rows").exists()

@@ -32,6 +32,11 @@ class Row:
 
 _V2 = {"model": "transact_v2", "nal": "impression"}
 TABLES: dict[str, tuple[str, list[Row]]] = {
+    "quickstart": ("Quickstart: sequences and the lifelong sequence (relative to wide&deep)", [
+        Row("wide&deep", {"model": "wide_deep", "nal": "none"}),
+        Row("TransAct (RT)", {"model": "transact", "nal": "none"}),
+        Row("TransAct V2 (RT + LL + NAL impression)", _V2),
+    ]),
     "table2": ("Table 2: ablation (relative to wide&deep)", [
         Row("wide&deep", {"model": "wide_deep", "nal": "none"}),
         Row("BST", {"model": "bst", "nal": "none"}),
@@ -119,7 +124,8 @@ def summarise(table: str, title: str, rows: list[Row], results: dict[str, list[d
         entry: dict = {"label": row.label, "config": row.config, "seeds": len(res)}
         for head in ("repin", "hide"):
             hits = [r["per_head"][head]["hit@3"] for r in res]
-            rel = [(h - b["per_head"][head]["hit@3"]) / b["per_head"][head]["hit@3"] for h, b in zip(hits, base)]
+            base_hits = [b["per_head"][head]["hit@3"] for b in base]
+            rel = [(h - b) / b if b else float("nan") for h, b in zip(hits, base_hits)]  # no base hit: undefined
             entry[f"hit_{head}"] = _mean_std(hits)
             entry[f"rel_{head}"] = _mean_std(rel)
             entry[f"ne_{head}"] = _mean_std([r["per_head"][head]["ne"] for r in res])

@@ -40,9 +40,10 @@ def hash_ids(*ids: torch.Tensor, salt: int, buckets: int) -> torch.Tensor:
 class WideDeep(nn.Module):
     """Wide & deep: a linear model over hashed ids and id crosses, plus an MLP over row features.
 
-    The wide part is one learned H-vector per hashed (field, value): single ids (user, item,
-    author, topic, surface) and the crosses user x topic, user x author, surface x item,
-    surface x topic, all sharing one table (``EmbeddingBag`` summing a row's fields).
+    The wide part is one learned H-vector per hashed (field, value): single ids (item, author,
+    topic, surface) and the crosses surface x item, surface x topic — with ``row.user_id`` also
+    the user and the crosses user x topic, user x author — all sharing one table
+    (``EmbeddingBag`` summing a row's fields).
 
     Args:
         cfg: the configuration.
@@ -63,9 +64,10 @@ class WideDeep(nn.Module):
         self.deep_out = nn.Linear(self.deep.out_dim, cfg.n_heads)
 
     def _wide_index(self, b: RankBatch) -> torch.Tensor:
-        fields = [(b.user_id,), (b.item_id,), (b.author_id,), (b.topic_id,), (b.surface,),
-                  (b.user_id, b.topic_id), (b.user_id, b.author_id), (b.surface, b.item_id),
+        fields = [(b.item_id,), (b.author_id,), (b.topic_id,), (b.surface,), (b.surface, b.item_id),
                   (b.surface, b.topic_id)]
+        if self.cfg.row.user_id:
+            fields += [(b.user_id,), (b.user_id, b.topic_id), (b.user_id, b.author_id)]
         return torch.stack([hash_ids(*f, salt=i, buckets=self.cfg.wide_buckets) for i, f in enumerate(fields)], 1)
 
     def forward(self, batch: RankBatch) -> ModelOutput:

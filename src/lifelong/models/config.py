@@ -35,23 +35,29 @@ class RowFeatureConfig:
         hash_buckets: rows of each id table (user, item, author, topic); ids are taken modulo it.
         id_dim: width of each id embedding.
         surface_dim: width of the surface embedding (one row per surface code).
+        user_id: embed the user id (and, in wide&deep, cross it with topic and author). Off,
+            a model knows the user only through the sequences, as at production scale where
+            per-user id tables cannot be learned; on, it can memorise each user's training rows.
 
     Example::
 
-        >>> RowFeatureConfig(id_dim=8).out_dim  # 4 ids x 8 + surface 8 + content 32
+        >>> RowFeatureConfig(id_dim=8).out_dim  # 3 ids x 8 + surface 8 + content 32
+        64
+        >>> RowFeatureConfig(id_dim=8, user_id=True).out_dim
         72
     """
 
     hash_buckets: int = 2**16
     id_dim: int = 16
     surface_dim: int = 8
+    user_id: bool = False
 
     def __post_init__(self) -> None:
         _check_dims("hash_buckets, id_dim, surface_dim", (self.hash_buckets, self.id_dim, self.surface_dim))
 
     @property
     def out_dim(self) -> int:
-        return 4 * self.id_dim + self.surface_dim + EMBED_DIM
+        return (4 if self.user_id else 3) * self.id_dim + self.surface_dim + EMBED_DIM
 
 
 @dataclass(frozen=True)

@@ -44,22 +44,25 @@ class RowFeatures(nn.Module):
 
     Example::
 
-        >>> RowFeatures(RowFeatureConfig(id_dim=4, surface_dim=4)).out_dim  # 4 ids x 4 + 4 + 32
+        >>> RowFeatures(RowFeatureConfig(id_dim=4, surface_dim=4, user_id=True)).out_dim  # 4 ids x 4 + 4 + 32
         52
     """
 
     def __init__(self, cfg: RowFeatureConfig):
         super().__init__()
         self.out_dim = cfg.out_dim
-        self.user = HashedEmbedding(cfg.hash_buckets, cfg.id_dim)
+        self.user = HashedEmbedding(cfg.hash_buckets, cfg.id_dim) if cfg.user_id else None
         self.item = HashedEmbedding(cfg.hash_buckets, cfg.id_dim)
         self.author = HashedEmbedding(cfg.hash_buckets, cfg.id_dim)
         self.topic = HashedEmbedding(cfg.hash_buckets, cfg.id_dim)
         self.surface = HashedEmbedding(len(SURFACES), cfg.surface_dim)
 
     def forward(self, batch: RankBatch) -> torch.Tensor:
-        return torch.cat([self.user(batch.user_id), self.item(batch.item_id), self.author(batch.author_id),
-                          self.topic(batch.topic_id), self.surface(batch.surface), batch.cand_emb], dim=-1)
+        parts = [self.item(batch.item_id), self.author(batch.author_id), self.topic(batch.topic_id),
+                 self.surface(batch.surface), batch.cand_emb]
+        if self.user is not None:
+            parts.insert(0, self.user(batch.user_id))
+        return torch.cat(parts, dim=-1)
 
 
 def action_bits(mask: torch.Tensor) -> torch.Tensor:
