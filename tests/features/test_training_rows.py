@@ -138,3 +138,11 @@ def test_train_serve_parity(world, rows_dir):
             offline = torch.sigmoid(model(logged.batch(rows)).logits)
         worst = max(worst, float((online - offline).abs().max()))
     assert worst <= 1e-5
+
+
+def test_nn_topk_ties_larger_than_the_slack_pick_the_newest():
+    values = np.ones((300, 2), dtype=np.float32)
+    values[7] = [2.0, 2.0]  # one clear winner, then a 299-way tie
+    pos, score = nn_topk(Jagged(values, np.array([0, 300])), torch.tensor([[1.0, 0.0]]), np.array([0]), k=5)
+    assert pos.tolist() == [[7, 299, 298, 297, 296]]
+    assert score[0].tolist() == [2.0, 1.0, 1.0, 1.0, 1.0]

@@ -28,35 +28,43 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 _POS_BITS = 24  # sequences up to 16M tokens; the float's 32 bits sit above: 56 bits in all
 
 
-def tie_break_keys(scores: torch.Tensor) -> torch.Tensor:
+def tie_break_keys(scores: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """int64 keys ordered like ``(score, position)``: unique, so top-k is deterministic.
 
     A float32's bits, with the negative half flipped, order like the floats themselves; shifted
-    left and joined with the position, equal scores rank the later (newer) token first. This
-    keeps selection an O(L) top-k instead of a stable O(L log L) sort.
+    left and joined with the position, equal scores rank the later (newer) token first.
+
+    Args:
+        scores: float scores along the last axis.
+        positions: the tokens' positions (same shape); default ``arange`` over the last axis.
     """
     bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into 0.0
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    position = torch.arange(scores.shape[-1], dtype=torch.int64)
-    return (ordered << _POS_BITS) | position
+    if positions is None:
+        positions = torch.arange(scores.shape[-1], dtype=torch.int64)
+    return (ordered << _POS_BITS) | positions
+
+
+_TIE_SLACK = 32  # extra candidates fetched so that a tie at the k-th score is usually seen whole
 
 
 def _topk_newest_first(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along the last axis, ties to the newer position, computed exactly but cheaply.
+    """Top-k along the last axis, ties to the newer position, exactly but at top-k cost.
 
-    A plain float top-k is right wherever the k + 1 best scores are distinct; only the few
-    score rows with a tie among them (duplicate items) are redone with :func:`tie_break_keys`.
+    A float top-k of ``k + slack`` holds every token scoring at least the k-th score unless
+    the tie there is larger than the slack; the exact (score, position) order is then decided
+    among those few. Rows with a bigger tie fall back to keys over the whole row.
     """
-    m = min(k + 1, s.shape[-1])
+    length = s.shape[-1]
+    m = min(k + _TIE_SLACK, length)
     top, idx = torch.topk(s, m, dim=-1)
-    tied = (top[..., 1:] == top[..., :-1]).any(-1) if m > 1 else torch.zeros(top.shape[:-1], dtype=torch.bool)
-    top, idx = top[..., :k].clone(), idx[..., :k].clone()
-    if tied.any():
-        sub = s[tied]
-        exact = torch.topk(tie_break_keys(sub), k, dim=-1).indices
-        idx[tied] = exact
-        top[tied] = torch.gather(sub, -1, exact)
-    return top, idx
+    pick = torch.topk(tie_break_keys(top, idx), k, dim=-1).indices
+    out_idx = torch.gather(idx, -1, pick)
+    complete = (top[..., m - 1] < top[..., k - 1]) if m < length else torch.ones(top.shape[:-1], dtype=torch.bool)
+    if not bool(complete.all()):
+        rows = ~complete
+        out_idx[rows] = torch.topk(tie_break_keys(s[rows]), k, dim=-1).indices
+    return torch.gather(s, -1, out_idx), out_idx
 
 
 def _pad_rows(values: torch.Tensor, offsets: np.ndarray, width: int) -> torch.Tensor:

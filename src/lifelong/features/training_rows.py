@@ -53,6 +53,9 @@ class BuildConfig:
             (seeded); kept ones get weight ``1 / rate`` so the loss, hence calibration and NE,
             stays unbiased. 1.0 keeps every row.
         seed: seed of that sampling.
+        protocol_days: ``(train_days, gap_days, eval_days)`` to re-place the protocol at the end
+            of the data span (``Protocol.fit``) instead of the dataset's own dates — for data
+            too sparse in time for a one-day evaluation window (MovieLens). None keeps them.
 
     Example::
 
@@ -67,6 +70,7 @@ class BuildConfig:
     request_chunk: int = 4096
     train_negative_rate: float = 1.0
     seed: int = 0
+    protocol_days: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_negative_rate <= 1.0:
@@ -288,10 +292,12 @@ def build_rows(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: B
     """
     start = time.perf_counter()
     ds = load_dataset(data)
-    protocol = Protocol.from_meta(ds.meta)
     items = ItemTable.from_dataset(ds)
     ev = ds.events
     cols = {name: ev.column(name).to_numpy() for name in ("user_id", "ts_ms", "surface", "action_mask", "request_id")}
+    protocol = Protocol.from_meta(ds.meta)
+    if cfg.protocol_days is not None and ev.num_rows:
+        protocol = Protocol.fit(int(cols["ts_ms"].min()), int(cols["ts_ms"].max()) + 1, *cfg.protocol_days)
     cols["item_idx"] = items.index_of(ev.column("item_id").to_numpy())
     index = EventIndex(cols["user_id"], cols["ts_ms"], cols["action_mask"])
     has_impressions = bool(np.any(cols["action_mask"] & int(Action.IMPRESSION)))
