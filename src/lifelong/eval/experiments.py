@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.PathLike[str], seeds: int = 3,
-                   epochs: int = 2, max_rows: int | None = None, log=print) -> dict:
+                   epochs: int = 2, max_rows: int | None = None, log=print, **train_overrides) -> dict:
     """Train and evaluate every row of ``table`` for ``seeds`` seeds; write the report to ``out``.
+
+    ``train_overrides`` are TrainConfig fields applied to every row (e.g. ``batch_size``). A
+    run already evaluated with the same configuration is reused; one made with another is redone.
 
     Returns the summary written to ``out/report.json`` (also ``report.md`` and ``report.png``).
 
@@ -93,14 +97,18 @@ def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.P
         for seed in range(seeds):
             run = out / "runs" / _slug(row.label) / f"seed{seed}"
             done = run / "evaluation.json"
+            cfg = TrainConfig(**{**row.config, "seed": seed, "epochs": epochs, "max_rows": max_rows, **train_overrides})
             if done.exists():
-                results[row.label].append(json.loads(done.read_text()))
-                continue
-            cfg = TrainConfig(**{**row.config, "seed": seed, "epochs": epochs, "max_rows": max_rows})
+                previous = json.loads(done.read_text())
+                if previous.get("train") == json.loads(json.dumps(asdict(cfg))):
+                    results[row.label].append(previous)
+                    continue
+                shutil.rmtree(run)  # trained with another configuration: redo it
             meta = train(data_dir, run, cfg, log=lambda s: None)
             ev = evaluate_run(run, data_dir).to_dict()
             ev["examples_per_s"] = meta["examples_per_s"]
             ev["parameters"] = meta["parameters"]
+            ev["train"] = json.loads(json.dumps(asdict(cfg)))
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps(ev, indent=2))
             os.replace(tmp, done)
