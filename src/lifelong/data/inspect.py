@@ -67,10 +67,11 @@ def _per_user_counts(user_id: np.ndarray, flags: np.ndarray) -> np.ndarray:
 
 def oracle_check(directory: Path, protocol: Protocol, k: int = 3) -> OracleCheck:
     """Rank each evaluation-day request by ``S = Σ w_h p_h`` on the oracle and score HIT@K."""
-    oracle = read_table(directory / "oracle.parquet", "oracle")
-    events = read_table(directory / "events.parquet", "events",
+    oracle = read_table(directory / "oracle.parquet", "oracle")  # noqa: F841 (read by duckdb)
+    events = read_table(directory / "events.parquet", "events",  # noqa: F841 (read by duckdb)
                         columns=["user_id", "item_id", "ts_ms", "action_mask", "request_id"])
     lo, hi = protocol.eval_start_ms, protocol.eval_end_ms
+    # duckdb reads the two Arrow tables above through their Python variable names.
     joined = duckdb.sql(
         f"""
         SELECT o.*, e.action_mask FROM oracle o JOIN events e USING (request_id, item_id)
@@ -106,7 +107,7 @@ def inspect_dataset(directory: str | os.PathLike[str]) -> InspectReport:
 
 
 def _inspect(directory: Path, meta: dict) -> InspectReport:
-    events = read_table(directory / "events.parquet", "events",
+    events = read_table(directory / "events.parquet", "events",  # noqa: F841 (read by duckdb)
                         columns=["user_id", "ts_ms", "surface", "action_mask"])
     items = read_table(directory / "items.parquet", "items")
     user_id = events.column("user_id").to_numpy()

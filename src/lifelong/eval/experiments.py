@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lifelong.data.io import write_json
 from lifelong.errors import ConfigError
 from lifelong.eval.evaluate import evaluate_run
 from lifelong.features.rank_data import RankData
@@ -109,15 +110,13 @@ def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.P
             ev["examples_per_s"] = meta["examples_per_s"]
             ev["parameters"] = meta["parameters"]
             ev["train"] = json.loads(json.dumps(asdict(cfg)))
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps(ev, indent=2))
-            os.replace(tmp, done)
+            write_json(ev, done)
             results[row.label].append(ev)
             log(f"{row.label} seed {seed}: HIT@3 repin {ev['per_head']['repin']['hit@3']:.4f}, "
                 f"hide {ev['per_head']['hide']['hit@3']:.4f}")
     summary = summarise(table, title, rows, results, data.oracle is not None)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    write_json(summary, out / "report.json")
     (out / "report.md").write_text(render_markdown(summary))
     plot_report(summary, out / "report.png")
     return summary

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lifelong.data.schema import EMBED_DIM, HEADS
 from lifelong.errors import DataError
 from lifelong.features.quantization import dequantize_int8
 from lifelong.models.batch import RankBatch, SequenceLayout

@@ -215,7 +215,6 @@ def build_split(ds: Dataset, items: ItemTable, cols: dict[str, np.ndarray], inde
     Rows without any head's label are kept with probability ``negative_rate`` and weighted
     ``1 / negative_rate``.
     """
-    layout = cfg.layout
     row_ev = np.flatnonzero(shown & (cols["ts_ms"] >= lo) & (cols["ts_ms"] < hi))
     any_label = (cols["action_mask"][row_ev] & sum(HEAD_BITS.values())) != 0
     weight = np.ones(row_ev.size, dtype=np.float32)

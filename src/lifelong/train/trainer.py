@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import lifelong
+from lifelong.data.io import write_json
 from lifelong.errors import ConfigError, DataError
 from lifelong.features.rank_data import RankData
 from lifelong.models.heads import ranking_loss
@@ -26,6 +27,7 @@ from lifelong.progress import progress
 
 NAL_MODES = ("none", "in_batch", "impression")
 NAL_LOSSES = ("softmax", "bce")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -75,18 +77,16 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
 
+
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
-def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 def make_model(cfg: TrainConfig, data: RankData) -> torch.nn.Module:
     return build_model(cfg.model, layout=data.layout, n_heads=len(data.heads), **cfg.model_overrides)
+
 
 def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: TrainConfig,
           log=print) -> dict:
@@ -165,8 +165,9 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
     meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
     _save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
                   "state_dict": model.state_dict()}, out / "model.pt")
-    _write_json(meta, out / "run.json")
+    write_json(meta, out / "run.json")
     return meta
+
 
 def load_model(run: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
     """The trained model of a run directory (in eval mode) and its run metadata."""
@@ -183,6 +184,7 @@ def load_model(run: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
     model.eval()
     meta = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     return model, meta
+
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: RankData, batch_size: int = 4096) -> np.ndarray:
