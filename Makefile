@@ -8,7 +8,7 @@ WORLD   ?= worlds/small
 ROWS    ?= datasets/small
 export LIFELONG_QUIET ?=
 
-.PHONY: venv quickstart test test-slow bench clean
+.PHONY: venv quickstart test test-slow clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
