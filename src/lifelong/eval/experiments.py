@@ -174,7 +174,8 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"| random order | {summary['random']['repin']:.4f} | | {summary['random']['hide']:.4f} | | | |"
                      " 0.000 | |")
     lines.append("")
-    lines.append(f"{summary['rows'][0]['seeds']} seeds per row; ± is the standard deviation over seeds.")
+    n = summary["rows"][0]["seeds"]
+    lines.append(f"{n} seed{'s' if n > 1 else ''} per row; ± is the standard deviation over seeds.")
     return "\n".join(lines) + "\n"
 
 
