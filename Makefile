@@ -22,7 +22,7 @@ quickstart: venv
 	$(VENV)/bin/lifelong simulate --preset small --out $(WORLD)
 	$(VENV)/bin/lifelong inspect $(WORLD)
 	$(VENV)/bin/lifelong build --data $(WORLD) --out $(ROWS) --neg-rate 0.15
-	$(VENV)/bin/lifelong experiment quickstart --data $(ROWS) --seeds 1 --epochs 1 --out reports/quickstart
+	$(VENV)/bin/lifelong experiment quickstart --data $(ROWS) --seeds 1 --epochs 2 --out reports/quickstart
 
 # Default run: everything but tests marked slow. Tests marked realdata run when ../shared/data exists.
 test: venv
