@@ -18,8 +18,6 @@ from lifelong.errors import DataError
 from lifelong.features.quantization import dequantize_int8
 from lifelong.models.batch import RankBatch, SequenceLayout
 
-_BLOCK_SOURCES = ("ll_nn", "rt", "rt_nn", "imp_nn")
-
 
 class RankData:
     """One split (``train`` or ``eval``) of a rows directory.
@@ -78,7 +76,7 @@ class RankData:
         a = self.arrays
         req = np.asarray(a["request"][rows]).astype(np.int64)
         parts = {f: [] for f in ("item", "action", "surface")}
-        for block in _BLOCK_SOURCES:
+        for block in SequenceLayout.BLOCKS:
             src = req if block == "rt" else rows
             for f in parts:
                 parts[f].append(np.asarray(a[f"{block}_{f}"][src]))

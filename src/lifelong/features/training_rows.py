@@ -35,10 +35,6 @@ from lifelong.models.batch import SequenceLayout
 from lifelong.errors import ConfigError
 from lifelong.progress import progress
 
-TOKEN_FIELDS = ("item", "action", "surface")
-TOKEN_DTYPES = {"item": np.int32, "action": np.uint16, "surface": np.int8}
-
-
 @dataclass(frozen=True)
 class BuildConfig:
     """How rows are built.
@@ -247,10 +243,10 @@ def build_split(ds: Dataset, items: ItemTable, cols: dict[str, np.ndarray], inde
     for name, rows in nn_rows.items():
         for f, v in _gather_tokens(rows, cols).items():
             arrays[f"{name}_{f}"] = v
-    for f, v in _gather_tokens(rt_rows, cols).items():
+    rt_tok = _gather_tokens(rt_rows, cols)
+    for f, v in rt_tok.items():
         arrays[f"rt_{f}"] = v
     # NAL: position t of the RT block predicts the token at t + 1 when that is a positive action.
-    rt_tok = _gather_tokens(rt_rows, cols)
     next_item = np.concatenate([rt_tok["item"][:, 1:], np.full((n_req, 1), -1, np.int32)], axis=1)
     next_pos = np.concatenate([(rt_tok["action"][:, 1:] & POSITIVE_BITS) != 0, np.zeros((n_req, 1), bool)], axis=1)
     arrays["nal_pos_item"] = np.where(next_pos & (next_item >= 0), next_item, -1).astype(np.int32)
