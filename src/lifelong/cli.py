@@ -170,6 +170,83 @@ def experiment(
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'report.png'}")
 
 
+store_app = typer.Typer(no_args_is_help=True, help="The serving feature store (LMDB or Redis).")
+app.add_typer(store_app, name="store")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
+app.add_typer(bench_app, name="bench")
+
+STORE_HELP = "lmdb:///PATH (or a plain path) or redis://HOST:PORT/DB."
+
+
+@store_app.command("load")
+def store_load(
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong build) whose source data to load.")],
+    store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
+) -> None:
+    """Load every user's sequences and the item table of a dataset into a feature store."""
+    from lifelong.serving.store import load_store
+
+    summary = load_store(data, store)
+    out.print(f"[green]loaded[/green] {store}: {summary['users']:,} users, {summary['items']:,} items, "
+              f"{summary['explicit_tokens']:,} explicit tokens, {summary['impressions']:,} impressions, "
+              f"{summary['bytes'] / 2**20:,.1f} MiB in {summary['seconds']:.1f} s")
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Option("--run", help="Run directory (lifelong train).")],
+    store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
+    path: Annotated[str, typer.Option(help="optimized | naive")] = "optimized",
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    backend: Annotated[str | None, typer.Option(help="Op backend: reference | cpu | triton [default: cpu].")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most candidates per model batch.")] = 2048,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest a request waits for its batch to fill.")] = 2.0,
+    max_candidates: Annotated[int, typer.Option(help="Most candidates per request (more: 413).")] = 1000,
+) -> None:
+    """Serve a trained ranker over HTTP: POST /rank, GET /healthz, GET /metrics, /docs."""
+    import uvicorn
+
+    from lifelong.serving.service import build_service
+
+    app_, version = build_service(run, store, path=path, backend=backend, max_batch=max_batch,
+                                  max_wait_ms=max_wait_ms, max_candidates=max_candidates)
+    err.print(f"serving {version} ({path} path) on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@bench_app.command("ops")
+def bench_ops(
+    lengths: Annotated[str, typer.Option(help="Comma-separated sequence lengths L.")] = "1000,10000",
+    candidates: Annotated[str, typer.Option(help="Comma-separated candidate counts N.")] = "100,500,1000",
+) -> None:
+    """NN search and encoder: naive vs reference vs optimized, side by side."""
+    from lifelong.bench.ops import render, run as run_ops
+
+    rows = run_ops(L_values=tuple(int(x) for x in lengths.split(",")),
+                   N_values=tuple(int(x) for x in candidates.split(",")))
+    out.print(render(rows))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    run: Annotated[Path, typer.Option("--run", help="Run directory (lifelong train).")],
+    store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
+    data: Annotated[Path, typer.Option("--data", help="Rows directory: requests are replayed from its eval split.")],
+    concurrency: Annotated[str, typer.Option(help="Comma-separated client counts.")] = "1,4,16,64",
+    seconds: Annotated[float, typer.Option(help="Duration of each load step.")] = 10.0,
+    sustain: Annotated[float, typer.Option(help="Duration of the final run at the best concurrency (0: skip).")] = 60.0,
+    paths: Annotated[str, typer.Option(help="Comma-separated serving paths to compare.")] = "naive,optimized",
+    report: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Closed-loop HTTP load against real servers of each path: examples/s, p50/p90/p99, errors."""
+    from lifelong.bench.serve import render, run_serve_bench
+
+    results = run_serve_bench(run, store, data, concurrency=[int(c) for c in concurrency.split(",")],
+                              seconds=seconds, sustain_seconds=sustain, paths=paths.split(","), report=report)
+    out.print(render(results))
+
+
 def _print_inspection(report, png: Path) -> None:
     kind = report.meta.get("kind", "?")
     name = report.meta.get("preset") or report.meta.get("source") or ""

@@ -45,10 +45,10 @@ def tie_break_keys(scores: torch.Tensor, positions: torch.Tensor | None = None) 
     return (ordered << _POS_BITS) | positions
 
 
-_TIE_SLACK = 32  # extra candidates fetched so that a tie at the k-th score is usually seen whole
+TIE_SLACK = 32  # extra candidates fetched so that a tie at the k-th score is usually seen whole
 
 
-def _topk_newest_first(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_newest_first(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k along the last axis, ties to the newer position, exactly but at top-k cost.
 
     A float top-k of ``k + slack`` holds every token scoring at least the k-th score unless
@@ -56,7 +56,7 @@ def _topk_newest_first(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     among those few. Rows with a bigger tie fall back to keys over the whole row.
     """
     length = s.shape[-1]
-    m = min(k + _TIE_SLACK, length)
+    m = min(k + TIE_SLACK, length)
     top, idx = torch.topk(s, m, dim=-1)
     pick = torch.topk(tie_break_keys(top, idx), k, dim=-1).indices
     out_idx = torch.gather(idx, -1, pick)
@@ -138,11 +138,14 @@ def _score_chunk(values, offsets, seq_len, reqs, c_start, c_count, cand, k, l_ma
     cand_off = np.r_[0, np.cumsum(c_count)]
     cand_rows = Jagged.from_ranges(np.arange(cand.shape[0]), c_start, c_count).values
     cands = _pad_rows(cand[torch.from_numpy(cand_rows)], cand_off, c_max)  # (R, C, d)
-    s = torch.bmm(cands, seq.transpose(1, 2))  # (R, C, L)
+    # Float64 products are exact and the float32 rounding of their sum is the same for equal
+    # tokens wherever they sit in the GEMM's blocking (a float32 GEMM can score two equal tokens
+    # an ulp apart and break the newest-first rule); serving's NN search scores the same way.
+    s = torch.bmm(cands.double(), seq.double().transpose(1, 2)).float()  # (R, C, L)
     valid = torch.arange(l_max)[None, :] < torch.from_numpy(seq_len[reqs])[:, None]
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
     kk = min(k, l_max)
-    top, idx = _topk_newest_first(s, kk)
+    top, idx = topk_newest_first(s, kk)
     idx = idx.masked_fill(torch.isinf(top), -1)
     # Scatter back to the candidates' rows.
     cand_pos = np.repeat(np.arange(len(reqs)), c_count)

@@ -72,16 +72,30 @@ class TransAct(nn.Module):
         Outputs at padding positions are meaningless (a padding query attends to itself so
         that no softmax row is empty); everything downstream masks them out.
         """
-        emb, valid = self._read(batch.seq_emb), self._read(batch.seq_valid)
-        if self.cfg.early_fusion:
-            emb = torch.cat([emb, batch.cand_emb.unsqueeze(1).expand(-1, emb.shape[1], -1)], dim=-1)
-        x = emb + self.token_context(self._read(batch.seq_action), self._read(batch.seq_surface))
+        valid = self._read(batch.seq_valid)
+        x = self.embed_tokens(self._read(batch.seq_emb), self._read(batch.seq_action),
+                              self._read(batch.seq_surface), batch.cand_emb)
         return self.encoder(x, causal_attention_mask(valid)), valid
+
+    def embed_tokens(self, emb: torch.Tensor, action: torch.Tensor, surface: torch.Tensor,
+                     cand_emb: torch.Tensor) -> torch.Tensor:
+        """Encoder input ``F`` (B, S', d) of tokens already read: (B, S', 32) embeddings,
+        (B, S') action masks and surfaces, (B, 32) candidate embeddings."""
+        if self.cfg.early_fusion:
+            emb = torch.cat([emb, cand_emb.unsqueeze(1).expand(-1, emb.shape[1], -1)], dim=-1)
+        return emb + self.token_context(action, surface)
+
+    def score(self, h: torch.Tensor, valid: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Head logits (B, H) from encoder output ``h``, its validity and the row features.
+
+        Split from :meth:`forward` so that serving can produce ``h`` with its fused encoder.
+        """
+        pooled = masked_max_pool(self.pool_proj(h), valid)
+        return self.head(torch.cat([pooled, row], dim=-1))
 
     def forward(self, batch: RankBatch) -> ModelOutput:
         h, valid = self.encode(batch)
-        pooled = masked_max_pool(self.pool_proj(h), valid)
-        logits = self.head(torch.cat([pooled, self.row(batch)], dim=-1))
+        logits = self.score(h, valid, self.row(batch))
         rt_states = None
         if self.rt_positions is not None:
             rt_valid = valid[:, self.rt_positions].unsqueeze(-1)

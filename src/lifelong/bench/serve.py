@@ -1,0 +1,183 @@
+"""``lifelong bench serve``: closed-loop HTTP load against real servers of each serving path.
+
+Each path runs as its own ``lifelong serve`` process on 127.0.0.1; the load generator replays
+the evaluation requests of a rows directory (the same users, request times and candidates the
+offline evaluation scores) from ``c`` concurrent clients, each sending its next request as soon
+as the previous one is answered. Reported per (path, concurrency): requests/s, examples/s
+(candidates scored per second), latency percentiles, non-200 answers and 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from lifelong.data.schema import SURFACES
+from lifelong.errors import DataError
+from lifelong.features.rank_data import RankData
+
+
+def eval_requests(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[dict]:
+    """The evaluation split's requests as ``POST /rank`` bodies (request order)."""
+    data = RankData(data_dir, "eval")
+    a = data.arrays
+    req = np.asarray(a["request"])
+    if req.size == 0:
+        raise DataError(data_dir, "the eval split has no rows to replay")
+    starts = np.flatnonzero(np.r_[True, req[1:] != req[:-1]])
+    ends = np.r_[starts[1:], req.size]
+    item_ids = data.item_id.numpy()[np.asarray(a["item"])]
+    surfaces = np.asarray(a["surface"])
+    req_user, req_ts = np.asarray(a["req_user"]), np.asarray(a["req_ts"])
+    bodies = []
+    for s, e in zip(starts[:limit], ends[:limit]):
+        r = int(req[s])
+        bodies.append({"user_id": int(req_user[r]), "candidates": item_ids[s:e].tolist(),
+                       "surface": SURFACES[int(surfaces[s])], "request_time": int(req_ts[r])})
+    return bodies
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: str | os.PathLike[str], store: str, path: str, port: int, timeout_s: float = 120.0,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A ``lifelong serve`` process, returned once ``/healthz`` answers."""
+    cmd = [sys.executable, "-c", "from lifelong.cli import main; main()", "serve", "--run", str(run),
+           "--store", store, "--path", path, "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"lifelong serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError(f"lifelong serve did not answer /healthz within {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:
+    """``concurrency`` clients replaying ``bodies`` round robin for ``seconds``."""
+    latencies: list[float] = []
+    examples = errors = server_errors = 0
+    next_body = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal next_body, examples, errors, server_errors
+        while time.perf_counter() < deadline:
+            body = bodies[next_body % len(bodies)]
+            next_body += 1
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url, json=body)
+                status = r.status_code
+            except httpx.HTTPError:
+                status = 599
+            latencies.append(time.perf_counter() - t0)
+            if status == 200:
+                examples += len(body["candidates"])
+            else:
+                errors += 1
+                server_errors += status >= 500
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=30.0, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {"concurrency": concurrency, "seconds": round(wall, 2), "requests": len(latencies),
+            "requests_per_s": len(latencies) / wall, "examples_per_s": examples / wall,
+            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "server_errors": server_errors}
+
+
+def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.PathLike[str],
+                    concurrency: list[int], seconds: float = 10.0, sustain_seconds: float = 60.0,
+                    paths: list[str] = ["naive", "optimized"], report: Path | None = None,
+                    warmup_s: float = 2.0) -> dict:
+    """Load steps for every path and concurrency, then a sustained run of the optimized path.
+
+    Returns ``{"steps": [...], "sustained": {...} | None, "requests": n}``.
+    """
+    bodies = eval_requests(data_dir)
+    steps, sustained = [], None
+    for path in paths:
+        port = free_port()
+        proc = start_server(run, store, path, port)
+        url = f"http://127.0.0.1:{port}/rank"
+        try:
+            asyncio.run(closed_loop(url, bodies, max(concurrency), warmup_s))
+            for c in concurrency:
+                steps.append({"path": path, **asyncio.run(closed_loop(url, bodies, c, seconds))})
+                print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
+            if path == "optimized" and sustain_seconds > 0:
+                best = max((s for s in steps if s["path"] == path), key=lambda s: s["examples_per_s"])
+                sustained = {"path": path, **asyncio.run(closed_loop(url, bodies, best["concurrency"], sustain_seconds))}
+                sustained["metrics_5xx"] = _scraped_5xx(f"http://127.0.0.1:{port}/metrics")
+        finally:
+            stop_server(proc)
+    result = {"steps": steps, "sustained": sustained, "requests": len(bodies),
+              "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies]))}
+    if report is not None:
+        Path(report).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _scraped_5xx(url: str) -> int:
+    text = httpx.get(url, timeout=5.0).text
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith('lifelong_requests_total{status="5'))
+
+
+def render(result: dict) -> str:
+    """Markdown tables: every step, the optimized/naive ratios, the sustained run."""
+    lines = [f"{result['requests']:,} replayed requests, {result['mean_candidates']:.1f} candidates each on average", "",
+             "| path | clients | req/s | examples/s | p50 ms | p90 ms | p99 ms | errors | 5xx |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in result["steps"]:
+        lines.append(f"| {s['path']} | {s['concurrency']} | {s['requests_per_s']:,.1f} | {s['examples_per_s']:,.0f} | "
+                     f"{s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']} | {s['server_errors']} |")
+    by = {(s["path"], s["concurrency"]): s for s in result["steps"]}
+    best = {p: max((s for s in result["steps"] if s["path"] == p), key=lambda s: s["examples_per_s"], default=None)
+            for p in ("naive", "optimized")}
+    if best["naive"] and best["optimized"]:
+        o, n = best["optimized"], best["naive"]
+        lines += ["", f"best throughput: optimized {o['examples_per_s']:,.0f} examples/s ({o['concurrency']} clients, "
+                      f"p99 {o['p99_ms']:.1f} ms) vs naive {n['examples_per_s']:,.0f} ({n['concurrency']} clients, "
+                      f"p99 {n['p99_ms']:.1f} ms): {o['examples_per_s'] / max(n['examples_per_s'], 1e-9):.1f}x"]
+        same = [c for (p, c) in by if p == "naive" and ("optimized", c) in by]
+        lines += [f"at {c} clients: {by[('optimized', c)]['examples_per_s'] / max(by[('naive', c)]['examples_per_s'], 1e-9):.1f}x "
+                  f"throughput, p99 {by[('optimized', c)]['p99_ms']:.1f} vs {by[('naive', c)]['p99_ms']:.1f} ms" for c in same]
+    s = result.get("sustained")
+    if s:
+        lines += ["", f"sustained {s['seconds']:.0f} s at {s['concurrency']} clients (optimized): {s['requests']:,} requests, "
+                      f"{s['examples_per_s']:,.0f} examples/s, p50/p90/p99 {s['p50_ms']:.1f}/{s['p90_ms']:.1f}/{s['p99_ms']:.1f} ms, "
+                      f"{s['errors']} errors, {s['server_errors']} 5xx seen by clients, {s['metrics_5xx']} 5xx in /metrics"]
+    return "\n".join(lines)

@@ -1,0 +1,16 @@
+"""Serving ops behind one dispatcher: reference PyTorch, fast CPU and (later) Triton.
+
+- :func:`nn_search` / :func:`nn_search_naive` / :func:`bytes_moved`: int8 NN token search over
+  a de-duplicated (jagged) batch of user sequences (:mod:`lifelong.ops.nn_search`).
+- :class:`FusedTransActEncoder`: TransAct's encoder over a token table with a fused first
+  layer (:mod:`lifelong.ops.encoder`).
+- :func:`resolve_backend`, :func:`implementation`, :func:`register`: the dispatcher
+  (:mod:`lifelong.ops.dispatch`); ``$LIFELONG_OPS_BACKEND`` picks the default backend.
+"""
+
+from lifelong.ops.dispatch import BACKENDS, ENV_VAR, implementation, register, resolve_backend
+from lifelong.ops.encoder import FusedTransActEncoder, gather_tokens
+from lifelong.ops.nn_search import bytes_moved, nn_search, nn_search_naive
+
+__all__ = ["BACKENDS", "ENV_VAR", "FusedTransActEncoder", "bytes_moved", "gather_tokens", "implementation",
+           "nn_search", "nn_search_naive", "register", "resolve_backend"]

@@ -1,0 +1,113 @@
+"""Prometheus text-format metrics of the ranking service, without a client library.
+
+The service is one process with one event loop, so plain counters updated from the loop (and
+from the single batch worker thread, under a lock) are enough; ``render`` writes the text
+exposition format (version 0.0.4) that Prometheus scrapes from ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram, as Prometheus defines one.
+
+    Example::
+
+        >>> h = Histogram((1.0, 2.0))
+        >>> h.observe(1.5); h.observe(3.0)
+        >>> h.counts, h.count, h.total
+        ([0, 1, 1], 2, 4.5)
+    """
+
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    count: int = 0
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)  # the last slot is +Inf
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts):
+            running += n
+            le = "+Inf" if bound == float("inf") else repr(float(bound))
+            out.append(f'{name}_bucket{{le="{le}"}} {running}')
+        out += [f"{name}_sum {self.total!r}", f"{name}_count {self.count}"]
+        return out
+
+
+class ServiceMetrics:
+    """Request counters by status, a latency histogram, batch sizes and the queue depth.
+
+    Example::
+
+        >>> m = ServiceMetrics()
+        >>> m.request(200, 0.004); m.request(422, 0.001)
+        >>> 'lifelong_requests_total{status="422"} 1' in m.render()
+        True
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[int, int] = defaultdict(int)
+        self.latency = Histogram(LATENCY_BUCKETS_S)
+        self.batch_examples = Histogram(BATCH_BUCKETS)
+        self.batch_requests = Histogram(BATCH_BUCKETS)
+        self.cold_start = 0
+        self.queue_depth = 0
+        self.examples = 0
+
+    def request(self, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[status] += 1
+            self.latency.observe(seconds)
+
+    def batch(self, n_requests: int, n_examples: int) -> None:
+        with self._lock:
+            self.batch_requests.observe(n_requests)
+            self.batch_examples.observe(n_examples)
+            self.examples += n_examples
+
+    def cold(self, n: int = 1) -> None:
+        with self._lock:
+            self.cold_start += n
+
+    def render(self) -> str:
+        with self._lock:
+            lines = ["# HELP lifelong_requests_total Ranking requests answered, by HTTP status.",
+                     "# TYPE lifelong_requests_total counter"]
+            lines += [f'lifelong_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
+            errors = sum(n for s, n in self.requests.items() if s >= 400)
+            lines += ["# HELP lifelong_errors_total Requests answered with a 4xx or 5xx status.",
+                      "# TYPE lifelong_errors_total counter", f"lifelong_errors_total {errors}",
+                      "# HELP lifelong_request_latency_seconds Time from receiving a request to answering it.",
+                      "# TYPE lifelong_request_latency_seconds histogram",
+                      *self.latency.lines("lifelong_request_latency_seconds"),
+                      "# HELP lifelong_batch_examples Candidates scored per model batch.",
+                      "# TYPE lifelong_batch_examples histogram",
+                      *self.batch_examples.lines("lifelong_batch_examples"),
+                      "# HELP lifelong_batch_requests Requests merged into one model batch.",
+                      "# TYPE lifelong_batch_requests histogram",
+                      *self.batch_requests.lines("lifelong_batch_requests"),
+                      "# HELP lifelong_examples_total Candidates scored.",
+                      "# TYPE lifelong_examples_total counter", f"lifelong_examples_total {self.examples}",
+                      "# HELP lifelong_cold_start_total Requests of users without stored sequences.",
+                      "# TYPE lifelong_cold_start_total counter", f"lifelong_cold_start_total {self.cold_start}",
+                      "# HELP lifelong_queue_depth Requests waiting for a batch.",
+                      "# TYPE lifelong_queue_depth gauge", f"lifelong_queue_depth {self.queue_depth}"]
+        return "\n".join(lines) + "\n"

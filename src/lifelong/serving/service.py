@@ -1,0 +1,38 @@
+"""Assembling the ranking service from a run directory and a feature store URL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from lifelong.serving.app import create_app
+from lifelong.serving.batcher import BatchingConfig
+from lifelong.serving.ranker import Ranker, model_version
+from lifelong.serving.store import open_store
+from lifelong.train.trainer import load_model
+
+
+def build_service(run: str | os.PathLike[str], store: str, path: str = "optimized", backend: str | None = None,
+                  max_batch: int = 2048, max_wait_ms: float = 2.0, max_candidates: int = 1000) -> tuple[FastAPI, str]:
+    """The FastAPI app serving ``run`` over ``store`` and the model version it reports.
+
+    Args:
+        run: run directory of a trained ranker (``lifelong train``).
+        store: feature store URL (``lifelong store load``).
+        path: ``optimized`` or ``naive``.
+        backend: op backend of the optimized path (None: the dispatcher's default).
+        max_batch, max_wait_ms: dynamic batching limits.
+        max_candidates: most candidates per request.
+
+    Example::
+
+        app, version = build_service("runs/v2", "lmdb:///tmp/store")
+    """
+    model, _ = load_model(run)
+    ranker = Ranker(model, open_store(store), path=path, backend=backend)
+    version = model_version(Path(run))
+    app = create_app(ranker, version, BatchingConfig(max_examples=max_batch, max_wait_ms=max_wait_ms),
+                     max_candidates=max_candidates)
+    return app, version

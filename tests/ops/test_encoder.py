@@ -1,0 +1,133 @@
+"""The token-table encoder: reference == TransAct.encode exactly, cpu (fused) == reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lifelong.data.schema import EMBED_DIM, KNOWN_ACTION_BITS, SURFACES
+from lifelong.models.layers import masked_max_pool
+from lifelong.models.registry import build_model
+from lifelong.models.transact import TransAct
+from lifelong.ops import FusedTransActEncoder, gather_tokens
+from tests.models.fixtures import SMALL, SMALL_LAYOUT, random_batch
+
+VARIANTS = {
+    "v2": ("transact_v2", {}),
+    "v1": ("transact", {}),
+    "v2_two_heads": ("transact_v2", {"attn_heads": 4, "n_layers": 3}),
+    "v2_late_fusion": ("transact_v2", {"early_fusion": False}),
+}
+
+
+@functools.cache
+def encoder(variant: str) -> FusedTransActEncoder:
+    """A small model with random weights (layer norms too, which start at 1 and 0), in eval mode."""
+    name, overrides = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = build_model(name, n_heads=3, **SMALL, **overrides).eval()
+    with torch.no_grad():
+        for p_name, p in model.named_parameters():
+            if ".norm" in p_name:
+                p.add_(0.1 * torch.randn_like(p))
+    return FusedTransActEncoder(model)
+
+
+def _table(n: int, seq_len: int, n_tokens: int, seed: int):
+    """A random token table and rows over it: per row all padding, a prefix, or any subset."""
+    g = torch.Generator().manual_seed(seed)
+    tok_emb = torch.randn(n_tokens, EMBED_DIM, generator=g) / EMBED_DIM**0.5
+    tok_action = torch.randint(0, KNOWN_ACTION_BITS + 1, (n_tokens,), generator=g)
+    tok_surface = torch.randint(0, len(SURFACES), (n_tokens,), generator=g)
+    kind = torch.randint(0, 3, (n, 1), generator=g)
+    prefix = torch.arange(seq_len) < torch.randint(0, seq_len + 1, (n, 1), generator=g)
+    subset = torch.rand(n, seq_len, generator=g) < 0.6
+    valid = torch.where(kind == 0, False, torch.where(kind == 1, prefix, subset)) & (n_tokens > 0)
+    tok_index = torch.where(valid, torch.randint(0, max(n_tokens, 1), (n, seq_len), generator=g), -1)
+    cand_emb = torch.randn(n, EMBED_DIM, generator=g) / EMBED_DIM**0.5
+    return tok_emb, tok_action, tok_surface, tok_index, cand_emb
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(0, 6), n_tokens=st.integers(0, 30), seed=st.integers(0, 2**31))
+def test_fused_cpu_matches_reference(variant, n, n_tokens, seed):
+    enc = encoder(variant)
+    args = _table(n, enc.model.cfg.seq_len, n_tokens, seed)
+    with torch.inference_mode():
+        h_ref, valid_ref = enc(*args, backend="reference")
+        h_cpu, valid_cpu = enc(*args, backend="cpu")
+    assert h_cpu.shape == (n, enc.model.cfg.seq_len, enc.model.cfg.d_model)
+    assert torch.equal(valid_cpu, valid_ref) and torch.equal(valid_ref, args[3] >= 0)
+    torch.testing.assert_close(h_cpu, h_ref, rtol=0, atol=1e-5)
+    assert torch.isfinite(h_cpu).all()  # all-padding rows too
+
+
+def _as_table(model: TransAct, batch):
+    """The token table of a RankBatch's read positions: its real tokens, shuffled, each once per row."""
+    read = model.token_index
+    valid = batch.seq_valid[:, read]
+    flat = valid.flatten().nonzero().squeeze(1)
+    perm = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(1))
+    tok_index = torch.full(valid.shape, -1, dtype=torch.int64)
+    tok_index.view(-1)[flat[perm]] = torch.arange(flat.numel())
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return x[:, read].flatten(0, 1)[flat[perm]]
+
+    return (take(batch.seq_emb), take(batch.seq_action), take(batch.seq_surface), tok_index, batch.cand_emb)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("pattern", ["prefix", "random"])
+def test_reference_is_transact_encode_exactly(variant, pattern):
+    enc = encoder(variant)
+    valid = random_batch(9, SMALL_LAYOUT, 3, seed=5, pattern=pattern).seq_valid.clone()
+    valid[0] = False  # a row without any token
+    batch = random_batch(9, SMALL_LAYOUT, 3, seed=5, seq_valid=valid)
+    with torch.no_grad():
+        h, valid = enc.model.encode(batch)
+        h_ref, valid_ref = enc(*_as_table(enc.model, batch), backend="reference")
+    assert torch.equal(valid_ref, valid)
+    assert torch.equal(h_ref, h)
+
+
+@pytest.mark.parametrize("variant", ["v2", "v1"])
+def test_pool_and_head_on_the_fused_output_give_the_model_logits(variant):
+    enc = encoder(variant)
+    model = enc.model
+    batch = random_batch(7, SMALL_LAYOUT, 3, seed=3, pattern="random")
+    with torch.no_grad():
+        h, valid = enc(*_as_table(model, batch), backend="cpu")
+        pooled = masked_max_pool(model.pool_proj(h), valid)
+        logits = model.head(torch.cat([pooled, model.row(batch)], dim=-1))
+        expected = model(batch).logits
+    # The random head amplifies the encoder's 1e-6 differences into logits of magnitude ~10.
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_tokens_are_zero_embedding_action_and_surface():
+    emb, action, surface, valid = gather_tokens(torch.ones(2, EMBED_DIM), torch.tensor([3, 5]), torch.tensor([1, 2]),
+                                                torch.tensor([[1, -1], [-1, -1]]))
+    assert emb.sum(-1).tolist() == [[EMBED_DIM, 0.0], [0.0, 0.0]]
+    assert action.tolist() == [[5, 0], [0, 0]] and surface.tolist() == [[2, 0], [0, 0]]
+    assert valid.tolist() == [[True, False], [False, False]]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tok_action": torch.zeros(3, dtype=torch.int64)}, "token table"),
+    ({"tok_index": torch.zeros(2, 5, dtype=torch.int64)}, "tok_index must be"),
+    ({"cand_emb": torch.zeros(2, 8)}, "cand_emb"),
+    ({"tok_index": torch.full((2, 10), 4)}, "past the 4 tokens"),
+])
+def test_bad_shapes_are_value_errors(change, message):
+    enc = encoder("v1")  # reads S' = rt = 10 positions
+    args = {"tok_emb": torch.zeros(4, EMBED_DIM), "tok_action": torch.zeros(4, dtype=torch.int64),
+            "tok_surface": torch.zeros(4, dtype=torch.int64), "tok_index": torch.zeros(2, 10, dtype=torch.int64),
+            "cand_emb": torch.zeros(2, EMBED_DIM)} | change
+    with pytest.raises(ValueError, match=message):
+        enc(**args)

@@ -1,0 +1,257 @@
+"""The ranking service: train/serve parity of both paths, the HTTP contract, batching, fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lifelong.bench.serve import eval_requests, free_port
+from lifelong.data.schema import SURFACE_CODES
+from lifelong.data.world import load_config, simulate_to
+from lifelong.errors import ConfigError
+from lifelong.features.rank_data import RankData
+from lifelong.features.training_rows import BuildConfig, build_rows
+from lifelong.models.batch import SequenceLayout
+from lifelong.serving.app import create_app
+from lifelong.serving.batcher import BatchingConfig, DynamicBatcher
+from lifelong.serving.ranker import Ranker, RankRequest, model_version
+from lifelong.serving.service import build_service
+from lifelong.serving.store import load_store, open_store
+from lifelong.train.trainer import TrainConfig, load_model, predict, train
+
+LAYOUT = SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny world, its rows, a TransAct V2 and a wide&deep run, and an LMDB store."""
+    root = tmp_path_factory.mktemp("svc")
+    simulate_to(load_config("tiny", overrides=["users.n_users=30"]), root / "world")
+    build_rows(root / "world", root / "ds", BuildConfig(layout=LAYOUT, ll_cap=40, imp_cap=10, nal_negatives=6))
+    torch.set_num_threads(1)
+    for model in ("transact_v2", "wide_deep", "transact"):
+        nal = "impression" if model == "transact_v2" else "none"
+        train(root / "ds", root / model, TrainConfig(model=model, nal=nal, epochs=1, max_rows=400, batch_size=128))
+    load_store(root / "ds", str(root / "store"), progress=False)
+    return root
+
+
+def _requests(ds, data: RankData, ranker: Ranker) -> tuple[list[RankRequest], np.ndarray]:
+    """The eval split's requests, and the row order their candidates come in."""
+    bodies = eval_requests(ds)
+    reqs, rows = [], []
+    req = np.asarray(data.arrays["request"])
+    for r, body in enumerate(bodies):
+        items, unknown = ranker.item_rows(np.array(body["candidates"]))
+        assert unknown.size == 0
+        reqs.append(RankRequest(body["user_id"], items, SURFACE_CODES[body["surface"]], body["request_time"]))
+        rows.append(np.flatnonzero(req == r))
+    return reqs, np.concatenate(rows)
+
+
+@pytest.mark.parametrize("model", ["transact_v2", "transact", "wide_deep"])
+@pytest.mark.parametrize("path", ["optimized", "naive"])
+def test_served_scores_equal_offline_scores_on_logged_features(served, model, path):
+    net, _ = load_model(served / model)
+    data = RankData(served / "ds", "eval")
+    offline = predict(net, data)
+    with open_store(str(served / "store")) as store:
+        ranker = Ranker(net, store, path=path)
+        reqs, rows = _requests(served / "ds", data, ranker)
+        # Several requests per batch on the optimized path: de-duplication must not mix users up.
+        results = [res for a in range(0, len(reqs), 7) for res in ranker.rank(reqs[a:a + 7])]
+    online = np.concatenate([r.probs for r in results])
+    assert online.shape == offline[rows].shape
+    assert np.abs(online - offline[rows]).max() <= 1e-5
+
+
+def test_scores_follow_the_final_score_weights(served):
+    net, _ = load_model(served / "transact_v2")
+    with open_store(str(served / "store")) as store:
+        ranker = Ranker(net, store)
+        res = ranker.rank([RankRequest(0, np.arange(5), 0, None)])[0]
+    w = {"repin": 1.0, "click": 0.5, "long_view": 0.25, "hide": -1.0}
+    expected = sum(w[h] * res.probs[:, i] for i, h in enumerate(ranker.heads))
+    np.testing.assert_allclose(res.scores, expected, rtol=1e-6)
+
+
+def test_unknown_user_is_served_cold_start_with_the_same_scores_on_both_paths(served):
+    net, _ = load_model(served / "transact_v2")
+    with open_store(str(served / "store")) as store:
+        opt = Ranker(net, store).rank([RankRequest(10**12, np.arange(4), 1, None)])[0]
+        naive = Ranker(net, store, path="naive").rank([RankRequest(10**12, np.arange(4), 1, None)])[0]
+    assert opt.cold_start and naive.cold_start
+    assert np.abs(opt.probs - naive.probs).max() <= 1e-5
+
+
+def test_arena_is_reused_across_batches(served):
+    net, _ = load_model(served / "transact_v2")
+    with open_store(str(served / "store")) as store:
+        ranker = Ranker(net, store)
+        buffers = (ranker.arena.tok_index.data_ptr(), ranker.arena.tok_int8.data_ptr())
+        for user in range(5):
+            ranker.rank([RankRequest(user, np.arange(20), 0, None), RankRequest(user + 1, np.arange(3), 0, None)])
+        assert (ranker.arena.tok_index.data_ptr(), ranker.arena.tok_int8.data_ptr()) == buffers
+        assert ranker.arena.grows == 0
+
+
+def test_store_of_another_layout_is_refused(served, tmp_path):
+    other = tmp_path / "ds"
+    build_rows(served / "world", other, BuildConfig(layout=SequenceLayout(4, 4, 2, 2), ll_cap=40, imp_cap=10,
+                                                    nal_negatives=6))
+    load_store(other, str(tmp_path / "store"), progress=False)
+    net, _ = load_model(served / "transact_v2")
+    with open_store(str(tmp_path / "store")) as store, pytest.raises(ConfigError, match="layout"):
+        Ranker(net, store)
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    app, _ = build_service(served / "transact_v2", str(served / "store"), max_candidates=50)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _item_ids(served, n: int) -> list[int]:
+    return np.load(served / "ds" / "items" / "item_id.npy")[:n].tolist()
+
+
+def test_rank_returns_sorted_candidates_with_probabilities(client, served):
+    ids = _item_ids(served, 6)
+    r = client.post("/rank", json={"user_id": 3, "candidates": ids, "surface": "search"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(it["item_id"] for it in body["items"]) == sorted(ids)
+    assert set(body["items"][0]["probs"]) == {"click", "repin", "long_view", "hide"}
+    assert body["model_version"] == model_version(served / "transact_v2") and not body["cold_start"]
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"user_id": "abc", "candidates": [1]}, "user_id"),
+    ({"user_id": 1, "candidates": "x"}, "candidates"),
+    ({"user_id": 1, "candidates": []}, "candidates"),
+    ({"user_id": 1, "candidates": [1.5]}, "candidates"),
+    ({"user_id": 2**64, "candidates": [1]}, "user_id"),
+    ({"user_id": 1, "candidates": [1], "surface": "moon"}, "surface"),
+    ({"user_id": 1, "candidates": [1], "request_time": -5}, "request_time"),
+    ({"candidates": [1]}, "user_id"),
+    ({"user_id": 1, "candidates": [1], "extra": 1}, "extra"),
+])
+def test_wrong_types_are_422_naming_the_field(client, payload, field):
+    r = client.post("/rank", json=payload)
+    assert r.status_code == 422
+    assert any(field in map(str, e["loc"]) for e in r.json()["detail"]), r.text
+
+
+def test_malformed_json_unknown_items_and_too_many_candidates(client, served):
+    r = client.post("/rank", content=b'{"user_id": 1, "candidates": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/rank", json={"user_id": 1, "candidates": [_item_ids(served, 1)[0], -77, 10**15]})
+    assert r.status_code == 422 and sorted(r.json()["detail"][0]["unknown"]) == [-77, 10**15]
+    r = client.post("/rank", json={"user_id": 1, "candidates": _item_ids(served, 51)})
+    assert r.status_code == 413
+
+
+def test_unknown_user_is_counted_and_metrics_scrape(client, served):
+    r = client.post("/rank", json={"user_id": 987654321, "candidates": _item_ids(served, 3)})
+    assert r.status_code == 200 and r.json()["cold_start"]
+    text = client.get("/metrics").text
+    cold = [line for line in text.splitlines() if line.startswith("lifelong_cold_start_total")]
+    assert cold and int(cold[0].split()[1]) >= 1
+    assert 'lifelong_requests_total{status="200"}' in text
+    assert "lifelong_request_latency_seconds_bucket" in text and "lifelong_batch_examples_count" in text
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert "/rank" in client.get("/openapi.json").json()["paths"]
+
+
+def test_dynamic_batcher_merges_concurrent_requests():
+    seen: list[int] = []
+
+    def run(items):
+        seen.append(len(items))
+        return [x * 10 for x in items]
+
+    async def main():
+        b = DynamicBatcher(run, size=lambda x: 1, cfg=BatchingConfig(max_examples=8, max_wait_ms=50))
+        await b.start()
+        out = await asyncio.gather(*(b.submit(i) for i in range(20)))
+        await b.stop()
+        return out
+
+    assert asyncio.run(main()) == [i * 10 for i in range(20)]
+    assert sum(seen) == 20 and max(seen) == 8 and len(seen) < 20
+
+
+def test_a_failing_batch_fails_its_requests_not_the_batcher():
+    calls = []
+
+    def run(items):
+        calls.append(items)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return items
+
+    async def main():
+        b = DynamicBatcher(run, size=lambda x: 1, cfg=BatchingConfig(max_examples=100, max_wait_ms=20))
+        await b.start()
+        first = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
+        second = await b.submit(3)
+        await b.stop()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) for e in first) and second == 3
+
+
+# -- a real server, fuzzed ----------------------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                    max_leaves=12)
+FIELDS = st.fixed_dictionaries({}, optional={"user_id": JSON | st.integers(), "candidates": JSON | st.lists(st.integers(), max_size=60),
+                                             "surface": JSON | st.sampled_from(["homefeed", "search"]),
+                                             "request_time": JSON | st.integers()})
+
+
+@pytest.fixture(scope="module")
+def live_server(served):
+    import uvicorn
+
+    app, _ = build_service(served / "transact_v2", str(served / "store"), max_candidates=50)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=FIELDS | JSON, raw=st.none() | st.binary(max_size=40))
+def test_fuzzed_requests_never_get_a_5xx_and_the_server_stays_up(live_server, body, raw):
+    with httpx.Client(base_url=live_server, timeout=10) as http:
+        if raw is None:
+            r = http.post("/rank", content=json.dumps(body), headers={"content-type": "application/json"})
+        else:
+            r = http.post("/rank", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code < 500, r.text
+        assert http.get("/healthz").status_code == 200
