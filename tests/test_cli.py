@@ -110,6 +110,29 @@ def test_train_evaluate_and_experiment(tiny_rows):
     assert (d / "rep" / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_tables_share_runs_of_equal_configurations(tiny_rows, tmp_path):
+    common = ("--data", str(tiny_rows / "rows"), "--seeds", "1", "--epochs", "1", "--max-rows", "200",
+              "--runs", str(tmp_path / "runs"))
+    assert run_cli("experiment", "table7", "--out", str(tmp_path / "t7"), *common).returncode == 0
+    first = {p.parent.parent.name for p in (tmp_path / "runs").glob("*/seed0/evaluation.json")}
+    assert len(first) == 2  # softmax and BCE
+    res = run_cli("experiment", "table4", "--out", str(tmp_path / "t4"), *common)
+    assert res.returncode == 0, res.stderr
+    runs = {p.parent.parent.name for p in (tmp_path / "runs").glob("*/seed0/evaluation.json")}
+    # table 4's impression-NAL row is table 7's softmax row: trained once, two new runs.
+    assert first < runs and len(runs) == 4
+    assert res.stdout.count("seed 0: HIT@3") == 2
+
+
+def test_store_load_and_serve_user_errors(tiny_rows, tmp_path):
+    res = run_cli("store", "load", "--data", str(tmp_path / "nothing"), "--store", str(tmp_path / "s"))
+    assert res.returncode == 2 and "build.json" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("store", "load", "--data", str(tiny_rows / "rows"), "--store", "redis://127.0.0.1:1/0")
+    assert res.returncode == 2 and "cannot reach Redis" in res.stderr
+    res = run_cli("serve", "--run", str(tmp_path / "norun"), "--store", str(tmp_path / "s"))
+    assert res.returncode == 2 and "not a finished run" in res.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -161,11 +161,14 @@ def experiment(
     seeds: Annotated[int, typer.Option()] = 3,
     epochs: Annotated[int, typer.Option()] = 2,
     max_rows: Annotated[int | None, typer.Option(help="Train each run on a seeded subset.")] = None,
+    runs: Annotated[Path | None, typer.Option(
+        help="Run directory shared across tables (rows with equal configurations train once) [default: OUT/runs].")] = None,
 ) -> None:
     """Reproduce one of the TransAct V2 paper's tables: markdown, JSON and a bar chart."""
     from lifelong.eval.experiments import render_markdown, run_experiment
 
-    summary = run_experiment(table, data, out_dir, seeds=seeds, epochs=epochs, max_rows=max_rows, log=out.print)
+    summary = run_experiment(table, data, out_dir, seeds=seeds, epochs=epochs, max_rows=max_rows, log=out.print,
+                             runs=runs)
     out.print(render_markdown(summary))
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'report.png'}")
 

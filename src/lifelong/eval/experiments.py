@@ -9,6 +9,7 @@ experiment resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,21 +64,32 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
 }
 
 
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def run_name(cfg: TrainConfig) -> str:
+    """Directory name of a run's configuration, seed aside: equal configurations share runs.
+
+    Example::
+
+        >>> run_name(TrainConfig(model="bst", nal="none", seed=0)) == run_name(TrainConfig(model="bst", nal="none", seed=4))
+        True
+    """
+    key = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    return f"{cfg.model}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
 def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.PathLike[str], seeds: int = 3,
-                   epochs: int = 2, max_rows: int | None = None, log=print, **train_overrides) -> dict:
+                   epochs: int = 2, max_rows: int | None = None, log=print,
+                   runs: str | os.PathLike[str] | None = None, **train_overrides) -> dict:
     """Train and evaluate every row of ``table`` for ``seeds`` seeds; write the report to ``out``.
 
-    ``train_overrides`` are TrainConfig fields applied to every row (e.g. ``batch_size``). A
-    run already evaluated with the same configuration is reused; one made with another is redone.
+    ``train_overrides`` are TrainConfig fields applied to every row (e.g. ``batch_size``). Runs
+    live in ``runs`` (default ``out/runs``), one directory per configuration and seed; a run
+    already evaluated is reused, so tables pointed at one ``runs`` directory share their common
+    rows (TransAct V2 with impression NAL is a row of tables 2, 4, 6 and 7).
 
     Returns the summary written to ``out/report.json`` (also ``report.md`` and ``report.png``).
 
@@ -91,20 +103,21 @@ def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.P
         raise ConfigError("--seeds must be >= 1")
     title, rows = TABLES[table]
     out = Path(out)
+    runs_dir = Path(runs) if runs is not None else out / "runs"
     data = RankData(data_dir, "eval")  # fails early on a bad rows directory
     results: dict[str, list[dict]] = {}
     for row in rows:
         results[row.label] = []
         for seed in range(seeds):
-            run = out / "runs" / _slug(row.label) / f"seed{seed}"
-            done = run / "evaluation.json"
             cfg = TrainConfig(**{**row.config, "seed": seed, "epochs": epochs, "max_rows": max_rows, **train_overrides})
+            run = runs_dir / run_name(cfg) / f"seed{seed}"
+            done = run / "evaluation.json"
             if done.exists():
                 previous = json.loads(done.read_text())
                 if previous.get("train") == json.loads(json.dumps(asdict(cfg))):
                     results[row.label].append(previous)
                     continue
-                shutil.rmtree(run)  # trained with another configuration: redo it
+                shutil.rmtree(run)  # a hash collision or a hand-edited run: redo it
             meta = train(data_dir, run, cfg, log=lambda s: None)
             ev = evaluate_run(run, data_dir).to_dict()
             ev["examples_per_s"] = meta["examples_per_s"]
