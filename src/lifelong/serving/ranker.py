@@ -276,12 +276,15 @@ class Ranker:
         search = lambda *args: nn_search(*args, backend=self.backend)  # noqa: E731
         tok_index = self._token_index(hist, key_of_row, self.item_unit[items], tokens, search)
         cand_emb = self.item_emb[items]
-        tok_emb = dequantize_int8(tokens, self.scale)
-        tok_action, tok_surface = self.arena.tok_action[:self.n_tokens], self.arena.tok_surface[:self.n_tokens]
         if self.fused is not None:
-            read = self.transact.token_index
-            h, valid = self.fused(tok_emb, tok_action, tok_surface, tok_index.index_select(1, read), cand_emb,
-                                  backend=self.backend)
+            tok_index = tok_index.index_select(1, self.transact.token_index)
+        # Only the tokens some row selected enter the model: a 10^4-token S_LL contributes a few
+        # hundred, and per-token work (dequantization, the fused first layer) scales with those.
+        used, tok_index = _compact(tok_index)
+        tok_emb = dequantize_int8(tokens[used], self.scale)
+        tok_action, tok_surface = self.arena.tok_action[used], self.arena.tok_surface[used]
+        if self.fused is not None:
+            h, valid = self.fused(tok_emb, tok_action, tok_surface, tok_index, cand_emb, backend=self.backend)
             logits = self.transact.score(h, valid, self.model.row(_RowInputs(ids, cand_emb)))
         else:
             batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface, self.items.item_id)
@@ -305,6 +308,14 @@ class Ranker:
         else:
             logits = self.model(batch).logits
         return self._finish(logits, [n], cold)[0]
+
+
+def _compact(tok_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct tokens ``tok_index`` uses (sorted) and the index rewritten into them (-1 kept)."""
+    used, inverse = torch.unique(tok_index, return_inverse=True)
+    if used.numel() and int(used[0]) < 0:  # padding sorts first
+        return used[1:], inverse - 1
+    return used, inverse
 
 
 @dataclass
