@@ -94,6 +94,17 @@ def test_unknown_user_is_served_cold_start_with_the_same_scores_on_both_paths(se
     assert np.abs(opt.probs - naive.probs).max() <= 1e-5
 
 
+def test_redis_store_serves_the_same_scores_as_lmdb(served, redis_url):
+    net, _ = load_model(served / "transact_v2")
+    load_store(served / "ds", redis_url, progress=False)
+    reqs = [RankRequest(u, np.arange(6), 0, None) for u in range(4)]
+    with open_store(str(served / "store")) as lmdb_store, open_store(redis_url) as redis_store:
+        a = Ranker(net, lmdb_store).rank(reqs)
+        b = Ranker(net, redis_store).rank(reqs)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.probs, y.probs)
+
+
 def test_arena_is_reused_across_batches(served):
     net, _ = load_model(served / "transact_v2")
     with open_store(str(served / "store")) as store:

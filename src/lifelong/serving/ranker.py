@@ -156,6 +156,9 @@ class Ranker:
             raise ConfigError(f"the model was trained on layout {model_layout}, the store holds {self.layout}; "
                               "load the store from the model's dataset")
         self.heads: tuple[str, ...] = tuple(meta["heads"])
+        n_heads = getattr(getattr(model, "cfg", None), "n_heads", len(self.heads))
+        if n_heads != len(self.heads):
+            raise ConfigError(f"the model has {n_heads} heads, the store's dataset {len(self.heads)} ({', '.join(self.heads)})")
         self.weights = np.array([head_weights.get(h, 0.0) for h in self.heads], dtype=np.float32)
         self.ll_cap, self.imp_cap = int(meta["ll_cap"]), int(meta["imp_cap"])
         self.scale = float(meta.get("int8_scale", INT8_SCALE))
