@@ -266,3 +266,15 @@ def test_fuzzed_requests_never_get_a_5xx_and_the_server_stays_up(live_server, bo
             r = http.post("/rank", content=raw, headers={"content-type": "application/json"})
         assert r.status_code < 500, r.text
         assert http.get("/healthz").status_code == 200
+
+
+def test_load_generator_against_a_live_server(live_server, served):
+    from lifelong.bench.serve import closed_loop, render
+
+    bodies = eval_requests(served / "ds", limit=20)
+    step = asyncio.run(closed_loop(f"{live_server}/rank", bodies, concurrency=3, seconds=1.0))
+    assert step["requests"] > 0 and step["errors"] == 0 and step["examples_per_s"] > 0
+    assert step["p50_ms"] <= step["p90_ms"] <= step["p99_ms"]
+    text = render({"steps": [{"path": "naive", **step}, {"path": "optimized", **step}], "sustained": None,
+                   "requests": len(bodies), "mean_candidates": 5.0})
+    assert "1.0x" in text and "| optimized | 3 |" in text
