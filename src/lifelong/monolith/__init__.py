@@ -1,0 +1,1 @@
+"""Monolith: collision-less embedding tables (cuckoo index, admission filters, expiry, sparse optimizers)."""
