@@ -228,13 +228,13 @@ class SelfAttention(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, is_causal: bool = False) -> torch.Tensor:
         b, s, d = x.shape
         # Three projections from slices of one weight give contiguous q, k, v; slicing one
         # (B, S, 3d) output would make the attention kernel copy them.
         w, bias = self.in_proj.weight.chunk(3), self.in_proj.bias.chunk(3)
         q, k, v = (F.linear(x, w[i], bias[i]).view(b, s, self.n_heads, -1).transpose(1, 2) for i in range(3))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, s, d))
 
 
@@ -250,8 +250,9 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.self_attn(x, attn_bias)))
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, is_causal: bool = False) -> torch.Tensor:
+        """``attn_bias`` (B, 1, S, S) additive mask, or None with ``is_causal`` for a plain causal one."""
+        x = self.norm1(x + self.dropout(self.self_attn(x, attn_bias, is_causal)))
         return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lifelong.data.schema import EMBED_DIM
-from lifelong.models.layers import EncoderLayer, attention_bias, causal_attention_mask
+from lifelong.models.layers import EncoderLayer, causal_attention_mask
 from lifelong.models.transact import TransAct
 from lifelong.ops.dispatch import implementation, register
 
@@ -158,38 +158,48 @@ def _encode_reference(enc: FusedTransActEncoder, tok_emb: torch.Tensor, tok_acti
 def _encode_cpu(enc: FusedTransActEncoder, tok_emb: torch.Tensor, tok_action: torch.Tensor,
                 tok_surface: torch.Tensor, tok_index: torch.Tensor,
                 cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First layer from per-token, per-candidate and per-position parts; the rest as the model."""
+    """First layer from per-token, per-candidate and per-position parts; attention over packed rows.
+
+    Each row's real tokens are packed to its front, in their order. Causal attention over the
+    packed positions is then exactly the model's causal + padding mask for every real token
+    (the keys before it are the real tokens before it), so the attention kernel runs with
+    ``is_causal`` and no (N, S, S) mask is built; rows are cut to the longest real length.
+    Outputs at padding positions are zeros (the reference's are meaningless too).
+    """
     model, ctx = enc.model, enc.model.token_context
     first = model.encoder.layers[0]
     n, s = tok_index.shape
     d = model.cfg.d_model
     emb, action, surface, index = _append_padding(tok_emb, tok_action, tok_surface, tok_index)
     valid = tok_index >= 0
-    flat = index.view(-1)
+    lengths = valid.sum(1)
+    width = max(int(lengths.max()) if n else 0, 1)
+    slot = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :width]  # packed -> original slot
+    flat = index.gather(1, slot).reshape(-1)
 
     def gather(table: torch.Tensor) -> torch.Tensor:
-        return table.index_select(0, flat).view(n, s, d)
+        return table.index_select(0, flat).view(n, width, d)
 
     # Each distinct token's part of the layer input (zero over the candidate's half) and its
     # q, k, v projections, computed once however many rows read it.
     tok_x = F.pad(emb, (0, d - EMBED_DIM)) + ctx.action(action) + ctx.surface(surface)
     tok_qkv = torch.matmul(tok_x, enc.w_tok)  # (3, T + 1, d)
-    x = gather(tok_x).add_(ctx.position)
-    qkv = [gather(tok_qkv[i]).add_(enc.pos_qkv[i]) for i in range(3)]
+    x = gather(tok_x).add_(ctx.position[slot])
+    qkv = [gather(tok_qkv[i]).add_(enc.pos_qkv[i][slot]) for i in range(3)]
     if model.cfg.early_fusion:
         cand_qkv = torch.matmul(cand_emb, enc.w_cand).unsqueeze(2)  # (3, N, 1, d)
         x.add_(F.pad(cand_emb, (EMBED_DIM, 0)).unsqueeze(1))
         for part, c in zip(qkv, cand_qkv):
             part.add_(c)
 
-    allowed = causal_attention_mask(valid)
-    # The additive mask TransformerEncoder builds, shared by every layer.
-    attn_bias = attention_bias(allowed, x.dtype).unsqueeze(1)
     heads = first.self_attn.n_heads
-    q, k, v = (t.view(n, s, heads, d // heads).transpose(1, 2) for t in qkv)
-    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias).transpose(1, 2).reshape(n, s, d)
+    q, k, v = (t.view(n, width, heads, d // heads).transpose(1, 2) for t in qkv)
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, width, d)
     x = first.norm1(x + first.self_attn.out_proj(attn))
     x = first.norm2(x + first.linear2(F.relu(first.linear1(x))))
     for layer in model.encoder.layers[1:]:
-        x = layer(x, attn_bias)
-    return x, valid
+        x = layer(x, None, is_causal=True)
+    packed_valid = torch.arange(width) < lengths.unsqueeze(1)
+    out = x.new_zeros(n, s, d)
+    out.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, d), x * packed_valid.unsqueeze(-1))
+    return out, valid
