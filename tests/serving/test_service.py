@@ -75,6 +75,15 @@ def test_served_scores_equal_offline_scores_on_logged_features(served, model, pa
     assert np.abs(online - offline[rows]).max() <= 1e-5
 
 
+def test_cold_start_flags_follow_requests_in_a_mixed_batch(served):
+    net, _ = load_model(served / "transact_v2")
+    with open_store(str(served / "store")) as store:
+        res = Ranker(net, store).rank([RankRequest(10**12, np.arange(2), 0, None), RankRequest(0, np.arange(3), 0, None),
+                                       RankRequest(10**12 + 1, np.arange(1), 0, None)])
+    assert [r.cold_start for r in res] == [True, False, True]
+    assert [len(r.scores) for r in res] == [2, 3, 1]
+
+
 def test_scores_follow_the_final_score_weights(served):
     net, _ = load_model(served / "transact_v2")
     with open_store(str(served / "store")) as store:

@@ -36,7 +36,7 @@ from lifelong.models.layers import attention_bias, causal_attention_mask
 from lifelong.models.transact import TransAct
 from lifelong.ops.encoder import FusedTransActEncoder
 from lifelong.ops.nn_search import nn_search, nn_search_naive
-from lifelong.serving.store import FeatureStore, ItemRecords, UserSequences
+from lifelong.serving.store import FeatureStore, ItemRecords
 
 PATHS = ("optimized", "naive")
 NN_BLOCKS = (("ll_nn", "ll"), ("rt_nn", "rt"), ("imp_nn", "imp"))
@@ -196,8 +196,9 @@ class Ranker:
         bounds = np.cumsum([0, *counts])
         return [RankResult(probs[a:b], scores[a:b], c) for a, b, c in zip(bounds[:-1], bounds[1:], cold)]
 
-    def _histories(self, requests: list[RankRequest]) -> tuple[np.ndarray, list[UserSequences | None], list[tuple]]:
-        """Unique (user, time) keys, each request's key index, the stored users and their timelines."""
+    def _histories(self, requests: list[RankRequest]) -> tuple[np.ndarray, list[bool], list[_History]]:
+        """Each request's (user, time) key, whether each request is cold-start, and where each
+        key's history sits in the arena's token table (keys de-duplicated)."""
         t_key = np.array([-1 if r.request_ms is None else r.request_ms for r in requests], dtype=np.int64)
         keys = np.stack([np.array([r.user_id for r in requests], dtype=np.int64), t_key], axis=1)
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
@@ -210,7 +211,8 @@ class Ranker:
                 spans.append(None if seq is None else
                              (seq, seq.timeline(None if t < 0 else t, self.ll_cap, self.layout.rt, self.imp_cap)))
             # Copy what the batch needs out of the store's buffers while the reader is open.
-            return inverse.reshape(-1), [s is None for s in spans], self._fill_tokens(spans)
+            inverse = inverse.reshape(-1)
+            return inverse, [spans[k] is None for k in inverse], self._fill_tokens(spans)
 
     def _fill_tokens(self, spans: list) -> list[_History]:
         """Write each key's LL + RT and impression tokens into the arena's token table."""
