@@ -1,0 +1,1 @@
+"""DV365 foundation user embedding: multi-slicing of unified timelines and pooling (more to come)."""
