@@ -35,16 +35,9 @@ import numpy as np
 
 from lifelong.monolith.cuckoo import CuckooIndex
 from lifelong.monolith.table import EmbeddingTable, TableConfig
+from lifelong.bench.machine import cpu_model
 
 DIM = 16
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def best_rate(fn: Callable[[], object], n_items: int, repeats: int = 3) -> float:

@@ -34,6 +34,7 @@ import torch
 from lifelong.data.schema import Action
 from lifelong.dv365.featurize import SliceFeaturizer, TimelineSource, UserTimelines, pool_slices
 from lifelong.dv365.slices import SliceSpec
+from lifelong.bench.machine import cpu_model
 
 DAY_MS = 86_400_000
 T_MS = 1_700_000_000_000
@@ -41,14 +42,6 @@ N_ITEMS, N_AUTHORS, N_TOPICS = 200_000, 20_000, 256
 ACTION_RATES = {Action.CLICK: 0.06, Action.REPIN: 0.015, Action.LIKE: 0.01, Action.SHARE: 0.003,
                 Action.COMMENT: 0.003, Action.HIDE: 0.005, Action.LONG_VIEW: 0.03, Action.FOLLOW: 0.001,
                 Action.CART: 0.001, Action.PURCHASE: 0.0005}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def synthetic(n_users: int, mean: int, std: int, seed: int) -> tuple[pa.Table, pa.Table]:

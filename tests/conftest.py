@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 import redis
 
-from lifelong.bench.serve import free_port
+from lifelong.bench.serve import free_port, stop_process
 from lifelong.data.schema import EMBED_DIM, ITEMS_SCHEMA, Action
 from lifelong.data.users import sort_events, users_from_events
 
@@ -109,9 +110,14 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test runs torch on one thread: test tensors are tiny, and with ``pytest -n 2`` on a
+    2-core machine two workers with two threads each oversubscribe the cores and stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -68,11 +68,12 @@ def start_server(run: str | os.PathLike[str], store: str, path: str, port: int, 
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    stop_server(proc)
+    stop_process(proc)
     raise RuntimeError(f"lifelong serve did not answer /healthz within {timeout_s:.0f} s")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a child process by pid, killing it if it has not exited within 10 s."""
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -142,7 +143,7 @@ def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.
                 sustained = {"path": path, **asyncio.run(closed_loop(url, bodies, best["concurrency"], sustain_seconds))}
                 sustained["metrics_5xx"] = _scraped_5xx(f"http://127.0.0.1:{port}/metrics")
         finally:
-            stop_server(proc)
+            stop_process(proc)
     result = {"steps": steps, "sustained": sustained, "requests": len(bodies),
               "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies]))}
     if report is not None:
