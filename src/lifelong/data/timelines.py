@@ -174,6 +174,32 @@ class Jagged:
         return Jagged(np.asarray(column)[self.values], self.offsets)
 
 
+def count_before_in_ranges(ts: np.ndarray, lo: np.ndarray, hi: np.ndarray, t: np.ndarray,
+                           longest: int) -> np.ndarray:
+    """End (exclusive) of each sorted range ``ts[lo:hi]``'s values ``< t``, for all ranges at once.
+
+    A branchless binary search: starting from ``lo``, try to advance by 2^k, 2^(k-1), ..., 1
+    while the range holds a value before ``t``. It costs log2(``longest`` range) vector steps,
+    each gathering within one range.
+
+    Example::
+
+        >>> count_before_in_ranges(np.array([1, 5, 9, 2, 3]), np.array([0, 3]), np.array([3, 5]),
+        ...                        np.array([6, 10]), longest=3).tolist()
+        [2, 5]
+    """
+    pos = np.array(lo, dtype=np.int64, copy=True)
+    step = 1 << (longest.bit_length() - 1) if longest else 0
+    while step:
+        cand = pos + step
+        # mode="clip" keeps the gather in bounds for candidates past the range end,
+        # which the first condition rejects anyway.
+        ok = (cand <= hi) & (ts.take(cand - 1, mode="clip") < t)
+        pos = np.where(ok, cand, pos)
+        step >>= 1
+    return pos
+
+
 @dataclass(frozen=True, eq=False)
 class Segments:
     """Events of one kind (explicit, or bare impression) grouped by user; part of an EventIndex.
@@ -208,23 +234,8 @@ class Segments:
         return cls(rows, ts_ms[rows], starts, longest)
 
     def count_before(self, rank: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """End (exclusive) of each request's events with ``ts < t``, as a position in ``rows``.
-
-        A branchless binary search over all requests at once: starting from the segment start,
-        try to advance by 2^k, 2^(k-1), ..., 1 while the segment holds an event before ``t``.
-        It costs log2(longest segment) vector steps, each gathering within one user's segment.
-        """
-        pos = self.starts[rank]
-        end = self.starts[rank + 1]
-        step = 1 << (self.longest.bit_length() - 1) if self.longest else 0
-        while step:
-            cand = pos + step
-            # mode="clip" keeps the gather in bounds for candidates past the segment end,
-            # which the first condition rejects anyway.
-            ok = (cand <= end) & (self.ts.take(cand - 1, mode="clip") < t)
-            pos = np.where(ok, cand, pos)
-            step >>= 1
-        return pos
+        """End (exclusive) of each request's events with ``ts < t``, as a position in ``rows``."""
+        return count_before_in_ranges(self.ts, self.starts[rank], self.starts[rank + 1], t, self.longest)
 
 
 class EventIndex:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lifelong.data.io import Dataset
+from lifelong.data.timelines import count_before_in_ranges
 from lifelong.dv365.slices import ID_TYPES, Rule, SimpleEvents, Slice, SliceSpec
 from lifelong.errors import ConfigError, DataError
 
@@ -232,7 +233,7 @@ class TimelineSource:
         known = self._users[rank] == user_ids if n else np.zeros(user_ids.shape, dtype=bool)
         lo = np.where(known, self._starts[rank], 0)
         hi = np.where(known, self._starts[np.minimum(rank + 1, n)], 0)
-        end = self._count_before(lo, hi, t_ms)
+        end = count_before_in_ranges(self._ts, lo, hi, t_ms, self._longest)
         if max_events is not None:
             lo = np.maximum(lo, end - max_events)
         lengths = end - lo
@@ -243,18 +244,6 @@ class TimelineSource:
         cols = {name: col[item_row] for name, col in self._item_cols.items()}
         return UserTimelines(t_ms, offsets, self._ts[rows], self._mask[rows], self._dwell[rows], cols["media_type"],
                              cols["duration_ms"], {t: cols[name] for t, name in ID_COLUMNS.items()})
-
-    def _count_before(self, lo: np.ndarray, hi: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """End of each range's events with ``ts < t``: a branchless binary search for all ranges at once."""
-        pos = lo.copy()
-        step = 1 << (self._longest.bit_length() - 1) if self._longest else 0
-        while step:
-            cand = pos + step
-            # mode="clip" keeps the gather in bounds where the first condition already fails.
-            ok = (cand <= hi) & (self._ts.take(cand - 1, mode="clip") < t)
-            pos = np.where(ok, cand, pos)
-            step >>= 1
-        return pos
 
 
 @dataclass(frozen=True, eq=False)

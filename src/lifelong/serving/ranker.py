@@ -18,6 +18,7 @@ which is what makes the scores of served and offline rows equal.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +279,7 @@ class Ranker:
         key_of_row = np.repeat(key_of_request, counts)
         ids, items = self._rows(requests, n)
         tokens = self.arena.tok_int8[:self.n_tokens]
-        search = lambda *args: nn_search(*args, backend=self.backend)  # noqa: E731
+        search = functools.partial(nn_search, backend=self.backend)
         tok_index = self._token_index(hist, key_of_row, self.item_unit[items], tokens, search)
         cand_emb = self.item_emb[items]
         if self.fused is not None:
@@ -292,7 +293,7 @@ class Ranker:
             h, valid = self.fused(tok_emb, tok_action, tok_surface, tok_index, cand_emb, backend=self.backend)
             logits = self.transact.score(h, valid, self.model.row(_RowInputs(ids, cand_emb)))
         else:
-            batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface, self.items.item_id)
+            batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface)
             logits = self.model(batch).logits
         return self._finish(logits, counts, cold)
 
@@ -302,12 +303,12 @@ class Ranker:
         tokens = self.arena.tok_int8[:self.n_tokens].clone()
         ids, items = self._rows([request], n)
         ids = ids.clone()
-        search = lambda *args: nn_search_naive(*args)  # noqa: E731
-        tok_index = self._token_index(hist, np.zeros(n, dtype=np.int64), self.item_unit[items], tokens, search).clone()
+        tok_index = self._token_index(hist, np.zeros(n, dtype=np.int64), self.item_unit[items], tokens,
+                                      nn_search_naive).clone()
         cand_emb = self.item_emb[items]
         batch = _gather_batch(ids, cand_emb, tok_index, dequantize_int8(tokens, self.scale),
                               self.arena.tok_action[:self.n_tokens].clone(),
-                              self.arena.tok_surface[:self.n_tokens].clone(), self.items.item_id)
+                              self.arena.tok_surface[:self.n_tokens].clone())
         if self.transact is not None:
             logits = _transact_with_torch_encoder(self.transact, self.torch_encoder, batch)
         else:
@@ -337,7 +338,7 @@ class _RowInputs:
     surface = property(lambda self: self.ids[4])
 
 
-def _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface, item_ids) -> RankBatch:
+def _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface) -> RankBatch:
     """A full RankBatch from token indices (the per-row copies the naive path makes)."""
     n, s = tok_index.shape
     valid = tok_index >= 0
