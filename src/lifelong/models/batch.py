@@ -74,6 +74,8 @@ class RankBatch:
             engagement before the request); nal_neg_item (B, M); nal_neg_valid (B, M).
         labels: (B, H) float32 0/1 labels, one column per head (see ``heads``).
         request_id: (B,) int64, to group rows for HIT@K.
+        user_emb: (B, R, C) float32 de-quantized DV365 embedding of each row's user, for models
+            configured to read it (``TransActConfig.user_tokens``); None otherwise.
     """
 
     user_id: torch.Tensor
@@ -95,9 +97,11 @@ class RankBatch:
     nal_neg_valid: torch.Tensor
     labels: torch.Tensor
     request_id: torch.Tensor
+    user_emb: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "RankBatch":
-        return RankBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return RankBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                            for f in fields(self)})
 
     def __len__(self) -> int:
         return int(self.user_id.shape[0])

@@ -8,6 +8,7 @@ typo in a key is a :class:`~lifelong.errors.ConfigError` instead of a silently i
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ class TransActConfig:
         pool_dim: width of the linear layer applied before max-pooling the encoder output.
         cross_layers: DCN-v2 cross layers (full-rank W).
         mlp_dims: hidden widths of the MLP after the cross network.
+        user_tokens: ``(R, C)`` of a frozen DV365 user embedding (``RankBatch.user_emb``) whose
+            R rows, projected to d_model, are prepended as tokens before the blocks read;
+            None: no user tokens.
 
     Example::
 
@@ -96,6 +100,7 @@ class TransActConfig:
     pool_dim: int = 64
     cross_layers: int = 3
     mlp_dims: tuple[int, ...] = (256, 128)
+    user_tokens: tuple[int, int] | None = None
 
     @classmethod
     def v1(cls, **overrides: Any) -> "TransActConfig":
@@ -116,6 +121,8 @@ class TransActConfig:
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.d_model % self.attn_heads == 0,
                f"d_model {self.d_model} is not divisible by attn_heads {self.attn_heads}")
+        _check(self.user_tokens is None or (len(self.user_tokens) == 2 and min(self.user_tokens) > 0),
+               f"user_tokens must be (rows, dim) > 0, got {self.user_tokens}")
 
     @property
     def d_model(self) -> int:
@@ -196,7 +203,8 @@ C = TypeVar("C")
 
 def _coerce(hint: Any, value: Any) -> Any:
     """YAML and JSON give lists where the config declares tuples (which keep it hashable)."""
-    if typing.get_origin(hint) is tuple and isinstance(value, list):
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if isinstance(value, list) and any(typing.get_origin(h) is tuple for h in options):
         return tuple(value)
     return value
 

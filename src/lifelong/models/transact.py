@@ -9,6 +9,14 @@ first and the NN(S_RT) / NN(S_imp) blocks come after it, a real-time position ne
 newer real-time token nor those blocks; it does see the whole NN(S_LL, c) block, which is why
 that block must hold only actions older than ``S_RT[:r]`` for the NAL to be leak-free (as
 :mod:`lifelong.data.timelines` builds S_LL).
+
+With ``TransActConfig.user_tokens = (R, C)`` the R rows of a frozen DV365 user embedding
+(``RankBatch.user_emb``), each linearly projected to d_model plus a learned position, are
+prepended before the blocks read. They are always real tokens, and being first, every position
+attends to them under the causal mask; among themselves they attend both ways (the rows are
+summaries, not a time order), and they never see a sequence token. The NAL stays leak-free
+as long as the embedding is computed from events before the row's request time, as an export
+refreshed earlier is. The embedding is an input: no gradient flows back into it.
 """
 
 from __future__ import annotations
@@ -51,9 +59,14 @@ class TransAct(nn.Module):
         token_index = torch.cat(positions)
         self.register_buffer("token_index", token_index, persistent=False)
         self.reads_all = token_index.numel() == cfg.layout.total
+        self.n_user_tokens = 0
+        if cfg.user_tokens is not None:
+            self.n_user_tokens = cfg.user_tokens[0]
+            self.user_token_proj = nn.Linear(cfg.user_tokens[1], d)
+            self.user_token_position = nn.Parameter(torch.randn(cfg.user_tokens[0], d) * 0.02)
         self.rt_positions: slice | None = None
         if "rt" in cfg.blocks:
-            start = sum(getattr(cfg.layout, b) for b in cfg.blocks[:cfg.blocks.index("rt")])
+            start = self.n_user_tokens + sum(getattr(cfg.layout, b) for b in cfg.blocks[:cfg.blocks.index("rt")])
             self.rt_positions = slice(start, start + cfg.layout.rt)
             self.rt_proj = nn.Linear(d, EMBED_DIM)
 
@@ -67,7 +80,7 @@ class TransAct(nn.Module):
         return x if self.reads_all else x.index_select(1, self.token_index)
 
     def encode(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder output (B, S', d) over the blocks read and their validity (B, S').
+        """Encoder output (B, S', d) over the user tokens and blocks read, and their validity (B, S').
 
         Outputs at padding positions are meaningless (a padding query attends to itself so
         that no softmax row is empty); everything downstream masks them out.
@@ -75,7 +88,18 @@ class TransAct(nn.Module):
         valid = self._read(batch.seq_valid)
         x = self.embed_tokens(self._read(batch.seq_emb), self._read(batch.seq_action),
                               self._read(batch.seq_surface), batch.cand_emb)
-        return self.encoder(x, causal_attention_mask(valid)), valid
+        if self.n_user_tokens == 0:
+            return self.encoder(x, causal_attention_mask(valid)), valid
+        if batch.user_emb is None or tuple(batch.user_emb.shape[1:]) != self.cfg.user_tokens:
+            got = None if batch.user_emb is None else tuple(batch.user_emb.shape)
+            raise ValueError(f"the model prepends user tokens {self.cfg.user_tokens}; batch.user_emb is {got}")
+        r = self.n_user_tokens
+        user = self.user_token_proj(batch.user_emb.detach()) + self.user_token_position
+        x = torch.cat([user, x], dim=1)
+        valid = torch.cat([valid.new_ones(valid.shape[0], r), valid], dim=1)
+        allowed = causal_attention_mask(valid)
+        allowed[:, :r, :r] = True
+        return self.encoder(x, allowed), valid
 
     def embed_tokens(self, emb: torch.Tensor, action: torch.Tensor, surface: torch.Tensor,
                      cand_emb: torch.Tensor) -> torch.Tensor:
