@@ -197,8 +197,12 @@ def store_load(
 
 @app.command()
 def serve(
-    run: Annotated[Path, typer.Option("--run", help="Run directory (lifelong train).")],
-    store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory (lifelong train).")] = None,
+    store: Annotated[str | None, typer.Option("--store", help=STORE_HELP)] = None,
+    online: Annotated[bool, typer.Option("--online", help=(
+        "Serve the Monolith online ranker, its parameters pushed by `lifelong online --serve` "
+        "(POST /admin/sync); needs --data instead of --run/--store."))] = False,
+    data: Annotated[Path | None, typer.Option("--data", help="With --online: the world whose item catalog to serve.")] = None,
     path: Annotated[str, typer.Option(help="optimized | naive")] = "optimized",
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
@@ -210,12 +214,71 @@ def serve(
     """Serve a trained ranker over HTTP: POST /rank, GET /healthz, GET /metrics, /docs."""
     import uvicorn
 
-    from lifelong.serving.service import build_service
+    from lifelong.errors import ConfigError
+    from lifelong.serving.service import build_online_service, build_service
 
-    app_, version = build_service(run, store, path=path, backend=backend, max_batch=max_batch,
-                                  max_wait_ms=max_wait_ms, max_candidates=max_candidates)
-    err.print(f"serving {version} ({path} path) on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
+    if online:
+        if data is None or run is not None or store is not None:
+            raise ConfigError("--online serves pushed parameters: give --data WORLD, and neither --run nor --store")
+        app_ = build_online_service(data, max_batch=max_batch, max_wait_ms=max_wait_ms, max_candidates=max_candidates)
+        err.print(f"serving the online ranker on http://{host}:{port}: waiting for `lifelong online --serve "
+                  f"http://{host}:{port}` to push parameters  (OpenAPI: /docs)")
+    else:
+        if run is None or store is None or data is not None:
+            raise ConfigError("serve needs --run RUN and --store URL (or --online --data WORLD)")
+        app_, version = build_service(run, store, path=path, backend=backend, max_batch=max_batch,
+                                      max_wait_ms=max_wait_ms, max_candidates=max_candidates)
+        err.print(f"serving {version} ({path} path) on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command("online")
+def online_(
+    data: Annotated[Path, typer.Option("--data", help="The world whose events are replayed (lifelong simulate).")],
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Checkpoint directory (resumed when it holds one).")],
+    stream: Annotated[str | None, typer.Option("--stream", help=(
+        "Event stream: a path or log:///PATH (embedded append-only log) or redis://HOST:PORT/DB[?key=K] "
+        "\\[default: CKPT/stream]."))] = None,
+    serve: Annotated[str | None, typer.Option("--serve", help=(
+        "Base URL of a running `lifelong serve --online` to push parameters to (default: no sync)."))] = None,
+    sync_every: Annotated[float, typer.Option(help="Seconds between two pushes of the touched rows.")] = 10.0,
+    dense_every: Annotated[int, typer.Option(help="Pushes between two pushes of the dense weights.")] = 10,
+    last_days: Annotated[float | None, typer.Option(help="Replay only the world's last N days.")] = None,
+    speedup: Annotated[float | None, typer.Option(help="Pace the replay: event-ms per wall-ms \\[default: as fast as possible].")] = None,
+    replay_events: Annotated[bool, typer.Option("--replay/--no-replay", help=(
+        "Replay the world into the stream (resuming a partial replay), or only consume it."))] = True,
+    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step.")] = 512,
+    lr: Annotated[float, typer.Option(help="Dense learning rate.")] = 0.01,
+    delta_format: Annotated[str, typer.Option(help="Rows on the wire: fp16 | fp32.")] = "fp16",
+) -> None:
+    """Online training: replay a world into a stream, join, train continuously, push deltas to serving."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lifelong.monolith.job import OnlineJob, run_online_job
+    from lifelong.monolith.online import OnlineConfig
+
+    job = OnlineJob(data=data, stream=stream or str(ckpt / "stream"), ckpt_dir=ckpt, serve=serve,
+                    sync_every_s=sync_every, last_days=last_days, speedup=speedup, replay_events=replay_events,
+                    training=OnlineConfig(batch_size=batch_size, lr=lr, dense_every=dense_every,
+                                          delta_format=delta_format))
+    columns = (TextColumn("[bold]online[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("events"),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("online", total=None, status="")
+
+        def progress(consumed: int, total: int, summary) -> None:
+            last = summary.syncs[-1] if summary.syncs else None
+            status = f"{summary.examples:,} examples" + (f", served v{last.version}" if last and last.applied else "")
+            bar.update(task, completed=consumed, total=total, status=status)
+
+        summary = run_online_job(job, log=lambda line: bar.console.print(line, highlight=False), progress=progress)
+    applied = [s for s in summary.syncs if s.applied]
+    out.print(f"[green]done[/green] in {summary.seconds:.1f} s: replayed {summary.replayed:,} events "
+              f"({summary.skipped:,} already in the stream), trained {summary.examples:,} examples from "
+              f"{summary.events:,} events ({summary.examples / max(summary.seconds, 1e-9):,.0f} examples/s); "
+              f"{len(applied)} of {len(summary.syncs)} pushes applied"
+              + (f", serving v{applied[-1].version}" if applied else "")
+              + f"; checkpoint at offset {summary.checkpoint_offset} in {ckpt}")
 
 
 @bench_app.command("ops")

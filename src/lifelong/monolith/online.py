@@ -636,7 +636,8 @@ class OnlineTrainer:
         """Every finished progressive-validation window, oldest first."""
         return list(self._windows.done)
 
-    def run(self, max_events: int | None = None, until_offset: int | None = None) -> RunStats:
+    def run(self, max_events: int | None = None, until_offset: int | None = None,
+            max_seconds: float | None = None) -> RunStats:
         """Consume the stream from :attr:`offset` until it has nothing more or a limit is reached,
         then checkpoint (if anything was consumed since the last checkpoint).
 
@@ -646,6 +647,8 @@ class OnlineTrainer:
             max_events: consume at most this many events.
             until_offset: stop at this offset (record-number offsets, i.e. a
                 :class:`~lifelong.monolith.stream.LogStream`, only).
+            max_seconds: stop after the first read that ends this long after the call began
+                (a sync cadence: train, checkpoint, push the delta, go on).
 
         Raises:
             ConfigError: a negative limit, or ``until_offset`` on a stream whose offsets are not
@@ -653,6 +656,8 @@ class OnlineTrainer:
         """
         if max_events is not None and max_events < 0:
             raise ConfigError(f"max_events must be >= 0, got {max_events}")
+        if max_seconds is not None and max_seconds < 0:
+            raise ConfigError(f"max_seconds must be >= 0, got {max_seconds}")
         if until_offset is not None and not isinstance(self.offset, int):
             raise ConfigError(f"until_offset needs record-number offsets; {self.stream.url} has offsets like "
                               f"{self.offset!r} (use max_events)")
@@ -678,6 +683,8 @@ class OnlineTrainer:
             examples += self.counters.examples - before[1]
             if self._unsaved_examples >= self.cfg.checkpoint_every:
                 self.checkpoint()
+            if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
+                break
         if self._unsaved_events:
             self.checkpoint()
         return RunStats(events=events, examples=examples, steps=steps, seconds=time.perf_counter() - t0,

@@ -39,7 +39,8 @@ from lifelong.monolith.filters import FilterConfig
 from lifelong.monolith.modules import CollisionlessEmbedding
 from lifelong.monolith.table import OptimizerConfig, TableConfig
 
-__all__ = ["SLOTS", "ItemCatalog", "OnlineBatch", "OnlineRanker", "OnlineRankerConfig", "default_table"]
+__all__ = ["SLOTS", "ItemCatalog", "OnlineBatch", "OnlineRanker", "OnlineRankerConfig", "build_dense", "default_table",
+           "dense_logits"]
 
 SLOTS: tuple[str, ...] = ("user_id", "item_id", "author_id", "topic_id")
 """The id slots, each with its own collision-less table, in the order the features are concatenated."""
@@ -269,15 +270,7 @@ class OnlineRanker(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tables = nn.ModuleDict({slot: CollisionlessEmbedding(t) for slot, t in cfg.tables.items()})
-        # Seeded without touching the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.dense = nn.ModuleDict({
-                "surface": HashedEmbedding(len(SURFACES), cfg.surface_dim),
-                "head": CrossHead(cfg.in_dim, cfg.cross_layers, cfg.mlp_dims, len(HEADS)),
-            })
-            # Unit-variance surface rows would dwarf the 0.05-scale id rows at the start.
-            nn.init.normal_(self.dense["surface"].weight, std=0.05)
+        self.dense = build_dense(cfg)
 
     def forward(self, batch: OnlineBatch, now_ms: int | None = None) -> torch.Tensor:
         """(B, H) logits.
@@ -286,6 +279,31 @@ class OnlineRanker(nn.Module):
             batch: the inputs.
             now_ms: time stamped on rows that this forward admits (training mode).
         """
-        parts = [self.tables[slot](batch.ids[slot], now_ms) for slot in SLOTS]
-        parts += [self.dense["surface"](batch.surface), batch.content]
-        return self.dense["head"](torch.cat(parts, dim=-1))
+        rows = [self.tables[slot](batch.ids[slot], now_ms) for slot in SLOTS]
+        return dense_logits(self.dense, rows, batch.surface, batch.content)
+
+
+def build_dense(cfg: OnlineRankerConfig) -> nn.ModuleDict:
+    """The dense part of an :class:`OnlineRanker` (surface embedding and head), seeded by ``cfg.seed``.
+
+    Serving builds it on its own, without the trainer's tables, and loads the synced weights into it.
+    """
+    # Seeded without touching the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        dense = nn.ModuleDict({
+            "surface": HashedEmbedding(len(SURFACES), cfg.surface_dim),
+            "head": CrossHead(cfg.in_dim, cfg.cross_layers, cfg.mlp_dims, len(HEADS)),
+        })
+        # Unit-variance surface rows would dwarf the 0.05-scale id rows at the start.
+        nn.init.normal_(dense["surface"].weight, std=0.05)
+    return dense
+
+
+def dense_logits(dense: nn.ModuleDict, id_rows: list[torch.Tensor], surface: torch.Tensor,
+                 content: torch.Tensor) -> torch.Tensor:
+    """(B, H) logits from the id rows of every slot (in :data:`SLOTS` order), surface codes and content.
+
+    The one place the features are put together, for training and for serving alike.
+    """
+    return dense["head"](torch.cat([*id_rows, dense["surface"](surface), content], dim=-1))

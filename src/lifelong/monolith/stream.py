@@ -674,7 +674,7 @@ class ReplayStats:
 
 
 def replay(dataset_dir: str | os.PathLike[str], stream: EventStream, start_ms: int | None = None,
-           end_ms: int | None = None, batch: int = 4096, speedup: float | None = None) -> ReplayStats:
+           end_ms: int | None = None, batch: int = 4096, speedup: float | None = None, skip: int = 0) -> ReplayStats:
     """Append a dataset's events to ``stream`` in time order, as a live producer would.
 
     ``events.parquet`` is sorted by user, then time; the replay order is (ts_ms, user_id, row in
@@ -688,15 +688,19 @@ def replay(dataset_dir: str | os.PathLike[str], stream: EventStream, start_ms: i
         speedup: None to append as fast as possible; else pace the events by their
             timestamps, ``speedup`` event-milliseconds per wall millisecond (1.0 = real time):
             no event is appended before its time, events due together go in one append.
+        skip: leave out the first ``skip`` events of that order: a producer resuming a replay
+            whose first ``skip`` events are already in the stream.
 
     Raises:
-        ConfigError: ``batch < 1`` or ``speedup <= 0``.
+        ConfigError: ``batch < 1``, ``speedup <= 0`` or ``skip < 0``.
         DataError: the events file is missing or invalid.
     """
     if batch < 1:
         raise ConfigError(f"batch must be at least 1, got {batch}")
     if speedup is not None and not speedup > 0:
         raise ConfigError(f"speedup must be > 0 (or None for as fast as possible), got {speedup}")
+    if skip < 0:
+        raise ConfigError(f"skip must be >= 0, got {skip}")
     t0 = time.monotonic()
     records = to_records(read_table(Path(dataset_dir) / "events.parquet", "events"))
     ts = records["ts_ms"]
@@ -706,7 +710,7 @@ def replay(dataset_dir: str | os.PathLike[str], stream: EventStream, start_ms: i
     if end_ms is not None:
         keep &= ts < end_ms
     records = records[keep]
-    records = records[np.lexsort((records["user_id"], records["ts_ms"]))]  # lexsort is stable: ties keep file order
+    records = records[np.lexsort((records["user_id"], records["ts_ms"]))][skip:]  # lexsort is stable: ties keep file order
     ts = records["ts_ms"]
     n, done, appends = len(records), 0, 0
     offset: Offset = stream.end_offset()

@@ -4,10 +4,17 @@ Bad input is the client's error, never a 500: malformed JSON and wrong types are
 with the offending field named (FastAPI's validation errors), unknown item ids 422 listing
 them, too many candidates 413, a saturated queue 503. A user without stored sequences is
 served cold-start (empty sequences) and counted in ``/metrics``.
+
+A ranker that takes parameter pushes (the online service,
+:class:`~lifelong.serving.online.OnlineServingRanker`) also gets ``POST /admin/sync``: 200 with
+what was applied, 409 when the delta does not follow the held version, 422 for a malformed
+body; ``/rank`` answers 503 until the first full snapshot has arrived, and every response
+names the version that scored it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -19,8 +26,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lifelong.data.schema import SURFACE_CODES, SURFACES
+from lifelong.errors import DataError
 from lifelong.serving.batcher import BatchingConfig, DynamicBatcher, QueueFull
+from lifelong.monolith.sync import SYNC_PATH
 from lifelong.serving.metrics import ServiceMetrics
+from lifelong.serving.online import OnlineServingRanker
 from lifelong.serving.ranker import Ranker, RankRequest, RankResult
 
 INT64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -56,13 +66,14 @@ def _error(status: int, field: str, message: str, **extra) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": [{"loc": ["body", field], "msg": message, **extra}]})
 
 
-def create_app(ranker: Ranker, version: str, batching: BatchingConfig = BatchingConfig(),
+def create_app(ranker: Ranker | OnlineServingRanker, version: str, batching: BatchingConfig = BatchingConfig(),
                max_candidates: int = 1000, metrics: ServiceMetrics | None = None) -> FastAPI:
     """The FastAPI application serving ``ranker``.
 
     Args:
-        ranker: the request path (optimized or naive).
-        version: model version reported in every response.
+        ranker: the request path (optimized, naive, or online).
+        version: model version reported in every response (the online path reports the synced
+            version that scored each response instead).
         batching: dynamic batching limits (the naive path ignores them: one request per batch).
         max_candidates: candidates per request; more is answered 413.
         metrics: counters to update (a new set by default).
@@ -89,6 +100,7 @@ def create_app(ranker: Ranker, version: str, batching: BatchingConfig = Batching
         await batcher.stop()
 
     app = FastAPI(title="lifelong ranking service", version=version, lifespan=lifespan)
+    online = isinstance(ranker, OnlineServingRanker)
     app.state.metrics, app.state.ranker = metrics, ranker
 
     @app.middleware("http")
@@ -118,6 +130,9 @@ def create_app(ranker: Ranker, version: str, batching: BatchingConfig = Batching
         rows, unknown = ranker.item_rows(ids)
         if unknown.size:
             return _error(422, "candidates", f"{unknown.size} unknown item ids", unknown=unknown[:100].tolist())
+        if online and ranker.version is None:
+            return JSONResponse(status_code=503, content={"detail": "no model yet: waiting for the trainer's first sync"},
+                                headers={"Retry-After": "1"})
         req = RankRequest(body.user_id, rows, SURFACE_CODES[body.surface], body.request_time)
         try:
             result = await batcher.submit(req)
@@ -129,11 +144,28 @@ def create_app(ranker: Ranker, version: str, batching: BatchingConfig = Batching
         heads = ranker.heads
         items = [ScoredItem(item_id=int(ids[i]), score=float(result.scores[i]),
                             probs={h: float(p) for h, p in zip(heads, result.probs[i])}) for i in order]
-        return RankResponse(user_id=body.user_id, model_version=version, cold_start=result.cold_start, items=items)
+        return RankResponse(user_id=body.user_id, model_version=result.model_version or version,
+                            cold_start=result.cold_start, items=items)
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model_version": version, "path": ranker.path}
+        return {"status": "ok", "model_version": (ranker.version if online else version), "path": ranker.path}
+
+    if online:
+        @app.post(SYNC_PATH, responses={409: {"description": "the delta does not follow the held version"},
+                                        422: {"description": "not a delta"}})
+        async def sync(request: Request):
+            """Apply a parameter delta pushed by ``lifelong online`` (body: lifelong.monolith.sync wire format)."""
+            payload = await request.body()
+            try:
+                # Off the event loop: decoding a full snapshot takes a while, requests keep flowing.
+                applied = await asyncio.to_thread(ranker.apply_sync, payload)
+            except DataError as exc:
+                status = 422 if exc.path == "sync payload" else 409
+                metrics.sync(ok=False)
+                return JSONResponse(status_code=status, content={"detail": str(exc), "model_version": ranker.version})
+            metrics.sync(ok=True)
+            return applied
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:

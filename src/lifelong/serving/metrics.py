@@ -69,6 +69,7 @@ class ServiceMetrics:
         self.batch_examples = Histogram(BATCH_BUCKETS)
         self.batch_requests = Histogram(BATCH_BUCKETS)
         self.cold_start = 0
+        self.syncs: dict[str, int] = defaultdict(int)
         self.queue_depth = 0
         self.examples = 0
 
@@ -86,6 +87,11 @@ class ServiceMetrics:
     def cold(self, n: int = 1) -> None:
         with self._lock:
             self.cold_start += n
+
+    def sync(self, ok: bool) -> None:
+        """A parameter push was applied (``ok``) or refused."""
+        with self._lock:
+            self.syncs["applied" if ok else "refused"] += 1
 
     def render(self) -> str:
         with self._lock:
@@ -108,6 +114,9 @@ class ServiceMetrics:
                       "# TYPE lifelong_examples_total counter", f"lifelong_examples_total {self.examples}",
                       "# HELP lifelong_cold_start_total Requests of users without stored sequences.",
                       "# TYPE lifelong_cold_start_total counter", f"lifelong_cold_start_total {self.cold_start}",
+                      "# HELP lifelong_syncs_total Parameter pushes from the online trainer, by outcome.",
+                      "# TYPE lifelong_syncs_total counter",
+                      *(f'lifelong_syncs_total{{outcome="{o}"}} {n}' for o, n in sorted(self.syncs.items())),
                       "# HELP lifelong_queue_depth Requests waiting for a batch.",
                       "# TYPE lifelong_queue_depth gauge", f"lifelong_queue_depth {self.queue_depth}"]
         return "\n".join(lines) + "\n"

@@ -62,11 +62,16 @@ class RankRequest:
 
 @dataclass
 class RankResult:
-    """Per-head probabilities ``(N, H)`` and final scores ``(N,)`` in the request's order."""
+    """Per-head probabilities ``(N, H)`` and final scores ``(N,)`` in the request's order.
+
+    ``model_version`` names the parameters that scored it when they change while serving
+    (online sync); None means the service's fixed version.
+    """
 
     probs: np.ndarray
     scores: np.ndarray
     cold_start: bool
+    model_version: str | None = None
 
 
 class Arena:

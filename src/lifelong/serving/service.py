@@ -7,8 +7,10 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from lifelong.monolith.ranker import ItemCatalog
 from lifelong.serving.app import create_app
 from lifelong.serving.batcher import BatchingConfig
+from lifelong.serving.online import OnlineServingRanker
 from lifelong.serving.ranker import Ranker, model_version
 from lifelong.serving.store import open_store
 from lifelong.train.trainer import load_model
@@ -36,3 +38,19 @@ def build_service(run: str | os.PathLike[str], store: str, path: str = "optimize
     app = create_app(ranker, version, BatchingConfig(max_examples=max_batch, max_wait_ms=max_wait_ms),
                      max_candidates=max_candidates)
     return app, version
+
+
+def build_online_service(data: str | os.PathLike[str], max_batch: int = 2048, max_wait_ms: float = 2.0,
+                         max_candidates: int = 1000) -> FastAPI:
+    """The FastAPI app serving the Monolith online ranker over ``data``'s item catalog.
+
+    It starts without parameters (``/rank`` answers 503) and serves whatever ``lifelong online``
+    pushes to ``POST /admin/sync``; see :mod:`lifelong.serving.online`.
+
+    Example::
+
+        app = build_online_service("worlds/small")
+    """
+    ranker = OnlineServingRanker(ItemCatalog.from_dataset(data))
+    return create_app(ranker, "online", BatchingConfig(max_examples=max_batch, max_wait_ms=max_wait_ms),
+                      max_candidates=max_candidates)
