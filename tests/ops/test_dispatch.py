@@ -15,6 +15,8 @@ from lifelong.ops import ENV_VAR, implementation, nn_search, register, resolve_b
 
 def test_default_is_cpu_and_the_environment_overrides_it(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter never becomes the default
     assert resolve_backend(None) == "cpu"
     monkeypatch.setenv(ENV_VAR, "reference")
     assert resolve_backend(None) == "reference"
@@ -48,9 +50,18 @@ def test_triton_without_cuda_is_a_config_error_unless_interpreted(monkeypatch):
         resolve_backend("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton") == "triton"
-    # No op has Triton kernels yet: asking for one says so.
-    with pytest.raises(ConfigError, match="op 'nn_search' has no triton implementation"):
-        implementation("nn_search", "triton")
+
+
+def test_triton_is_the_default_where_cuda_is_present_and_triton_imports(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    assert resolve_backend(None) == "triton"
+    monkeypatch.setenv(ENV_VAR, "cpu")
+    assert resolve_backend(None) == "cpu"  # the environment still wins
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    assert resolve_backend(None) == "cpu"  # CUDA without triton
 
 
 def test_registration_refuses_unknown_backends_and_duplicates():

@@ -121,7 +121,8 @@ class FusedTransActEncoder:
             tok_surface: ``(T,)`` int64 surface codes.
             tok_index: ``(N, S')`` int64 token of each position read by the model, -1 = padding.
             cand_emb: ``(N, 32)`` float32 candidate embeddings (dequantized).
-            backend: ``reference`` | ``cpu`` | ``triton``; None: ``$LIFELONG_OPS_BACKEND`` or ``cpu``.
+            backend: ``reference`` | ``cpu`` | ``triton``; None: ``$LIFELONG_OPS_BACKEND``, else ``triton``
+                where CUDA is present and triton imports, else ``cpu``.
 
         Raises:
             ValueError: inconsistent shapes.
@@ -142,6 +143,41 @@ class FusedTransActEncoder:
         if n == 0:  # the model's attention cannot reshape an empty batch
             return tok_emb.new_zeros(0, s, self.model.cfg.d_model), tok_index >= 0
         return op(self, tok_emb, tok_action, tok_surface, tok_index, cand_emb)
+
+
+def pack_rows(tok_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's real tokens moved to its front, in their order.
+
+    Causal attention over the packed positions is exactly the model's causal + padding mask
+    for every real token (the keys before it are the real tokens before it).
+
+    Args:
+        tok_index: ``(N, S)`` token of each row position, -1 for padding.
+
+    Returns:
+        ``valid`` ``(N, S)``, ``lengths`` ``(N,)`` real tokens per row, and ``slot``
+        ``(N, W)``: the original position of each packed one, ``W`` the longest length (at
+        least 1); past a row's length, slots point at its padding positions.
+
+    Example::
+
+        >>> valid, lengths, slot = pack_rows(torch.tensor([[-1, 4, 7], [2, -1, -1]]))
+        >>> lengths.tolist(), slot.tolist()
+        ([2, 1], [[1, 2], [0, 1]])
+    """
+    valid = tok_index >= 0
+    lengths = valid.sum(1)
+    width = max(int(lengths.max()) if tok_index.shape[0] else 0, 1)
+    return valid, lengths, torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :width]
+
+
+def unpack_rows(x: torch.Tensor, slot: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Packed rows ``(N, W, d)`` back at their original positions of ``(N, seq_len, d)``; zeros elsewhere.
+
+    Packed positions past a row's length must already be zeros (they land on padding slots).
+    """
+    out = x.new_zeros(x.shape[0], seq_len, x.shape[2])
+    return out.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)
 
 
 @register("transact_encode", "reference")
@@ -171,10 +207,8 @@ def _encode_cpu(enc: FusedTransActEncoder, tok_emb: torch.Tensor, tok_action: to
     n, s = tok_index.shape
     d = model.cfg.d_model
     emb, action, surface, index = _append_padding(tok_emb, tok_action, tok_surface, tok_index)
-    valid = tok_index >= 0
-    lengths = valid.sum(1)
-    width = max(int(lengths.max()) if n else 0, 1)
-    slot = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :width]  # packed -> original slot
+    valid, lengths, slot = pack_rows(tok_index)
+    width = slot.shape[1]
     flat = index.gather(1, slot).reshape(-1)
 
     def gather(table: torch.Tensor) -> torch.Tensor:
@@ -200,6 +234,4 @@ def _encode_cpu(enc: FusedTransActEncoder, tok_emb: torch.Tensor, tok_action: to
     for layer in model.encoder.layers[1:]:
         x = layer(x, None, is_causal=True)
     packed_valid = torch.arange(width) < lengths.unsqueeze(1)
-    out = x.new_zeros(n, s, d)
-    out.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, d), x * packed_valid.unsqueeze(-1))
-    return out, valid
+    return unpack_rows(x * packed_valid.unsqueeze(-1), slot, s), valid

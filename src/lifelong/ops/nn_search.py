@@ -154,7 +154,8 @@ def nn_search(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
         cand: float32 ``(N, d)`` L2-normalised candidate embeddings.
         k: tokens per candidate; segments shorter than ``k`` are padded.
         scale: the int8 code's scale (:data:`~lifelong.features.quantization.INT8_SCALE`).
-        backend: ``reference`` | ``cpu`` | ``triton``; None: ``$LIFELONG_OPS_BACKEND`` or ``cpu``.
+        backend: ``reference`` | ``cpu`` | ``triton``; None: ``$LIFELONG_OPS_BACKEND``, else ``triton``
+            where CUDA is present and triton imports, else ``cpu``.
 
     Returns:
         ``positions`` int64 ``(N, k)``, indices within the user's segment (-1 = none), and
