@@ -94,6 +94,22 @@ ACTION_GROUPS: dict[str, int] = {"explicit": EXPLICIT_BITS, "positive": POSITIVE
 
 _UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _WINDOW_RE = re.compile(r"(\d+)(ms|s|m|h|d|w)")
+DURATION_UNITS = ", ".join(_UNIT_MS)
+"""The units of :func:`parse_duration_ms`, for error messages."""
+
+
+def parse_duration_ms(text: object) -> int | None:
+    """Milliseconds of a positive ``<integer><unit>`` duration (unit in ms, s, m, h, d, w), else None.
+
+    Callers raise their own error on None, naming what the duration was for.
+
+    Example::
+
+        >>> parse_duration_ms("6h"), parse_duration_ms("0d"), parse_duration_ms("1.5h")
+        (21600000, None, None)
+    """
+    match = _WINDOW_RE.fullmatch(text) if isinstance(text, str) else None
+    return None if match is None or int(match[1]) == 0 else int(match[1]) * _UNIT_MS[match[2]]
 
 
 class EventColumns(Protocol):
@@ -367,11 +383,11 @@ class Window:
         """``all`` or ``<integer><unit>``, unit in ms, s, m, h, d, w."""
         if text == "all":
             return cls(None, "all")
-        match = _WINDOW_RE.fullmatch(text) if isinstance(text, str) else None
-        if match is None or int(match[1]) == 0:
+        ms = parse_duration_ms(text)
+        if ms is None:
             raise ConfigError(f"window {text!r} is not 'all' or a positive <integer><unit> "
-                              f"with unit one of {', '.join(_UNIT_MS)} (e.g. '3d')")
-        return cls(int(match[1]) * _UNIT_MS[match[2]], text)
+                              f"with unit one of {DURATION_UNITS} (e.g. '3d')")
+        return cls(ms, text)
 
     def sort_key(self) -> float:
         """Windows sort by length, ``all`` last."""

@@ -14,6 +14,11 @@ gets a zero high nibble). Dequantization ``x' = offset + code * scale`` is withi
 row's largest magnitude, and ``scale / 2 + 2 ulp(max |row|)`` is the bound the tests check.
 A constant row has ``scale == 0`` and comes back exactly.
 
+**int64 words** (the DV365 export record, :func:`to_words_4bit`): a row is ``ceil(d / 16)``
+little-endian int64 words of codes, 16 nibbles per word (element ``16w + k`` in nibble ``k``
+of word ``w``, the byte layout above padded to whole words), then one word holding the float32
+scale (low half) and offset (high half): a 256-wide row is 17 words, as in the paper.
+
 Size: ``ceil(d / 2)`` bytes plus 8 bytes (scale, offset) per row. A 200×256 fp32 user embedding
 (204,800 bytes) becomes 200 × (128 + 8) = 27,200 bytes, **7.53× smaller**
 (:func:`compression_ratio`). The DV365 paper reports 200×256 fp32 → 58×17 int64 words
@@ -236,6 +241,58 @@ def dequantize_4bit(q: Quantized4bit) -> np.ndarray:
     value = q.offset[..., None].astype(np.float64) + codes * q.scale[..., None].astype(np.float64)
     # The rounded-up scale can put code 15 a hair above a row maximum of float32's largest value.
     return np.minimum(value, np.finfo(np.float32).max).astype(np.float32)
+
+
+WORD_NIBBLES = 16
+"""4-bit codes per int64 word."""
+_WORD = np.dtype("<i8")
+
+
+def words_per_row_4bit(dim: int) -> int:
+    """int64 words of one :func:`to_words_4bit` row of ``dim`` values: codes, then scale and offset.
+
+    Example::
+
+        >>> words_per_row_4bit(256), words_per_row_4bit(17)
+        (17, 3)
+    """
+    return -(-dim // WORD_NIBBLES) + 1
+
+
+def to_words_4bit(q: Quantized4bit) -> np.ndarray:
+    """:class:`Quantized4bit` as int64 words ``(..., words_per_row_4bit(dim))``; see the module docstring.
+
+    Example::
+
+        >>> w = to_words_4bit(quantize_4bit(np.array([[0.0, 1.0, 3.0]], dtype=np.float32)))
+        >>> w.shape, hex(w[0, 0]), from_words_4bit(w, 3).scale.tolist()
+        ((1, 2), '0xf50', [0.20000000298023224])
+    """
+    rows = q.packed.shape[:-1]
+    code_bytes = 8 * (words_per_row_4bit(q.dim) - 1)
+    record = np.zeros(rows + (code_bytes + 8,), dtype=np.uint8)
+    record[..., :q.packed.shape[-1]] = q.packed
+    record[..., code_bytes:code_bytes + 4] = q.scale.astype("<f4")[..., None].view(np.uint8)
+    record[..., code_bytes + 4:] = q.offset.astype("<f4")[..., None].view(np.uint8)
+    return record.view(_WORD)
+
+
+def from_words_4bit(words: np.ndarray, dim: int) -> Quantized4bit:
+    """Inverse of :func:`to_words_4bit` (no copy of the codes: ``packed`` is a view of ``words``).
+
+    Raises:
+        ValueError: ``words`` is not an int64 array ``(..., words_per_row_4bit(dim))``.
+    """
+    words = np.asarray(words)
+    if words.dtype.kind != "i" or words.dtype.itemsize != 8 or words.ndim == 0 \
+            or words.shape[-1] != words_per_row_4bit(dim):
+        raise ValueError(f"expected int64 (..., {words_per_row_4bit(dim)}) for dim={dim}, "
+                         f"got {words.dtype} {words.shape}")
+    record = np.ascontiguousarray(words, dtype=_WORD).view(np.uint8)
+    code_bytes = record.shape[-1] - 8
+    scale = record[..., code_bytes:code_bytes + 4].copy().view("<f4")[..., 0].astype(np.float32)
+    offset = record[..., code_bytes + 4:].copy().view("<f4")[..., 0].astype(np.float32)
+    return Quantized4bit(record[..., :(dim + 1) // 2], scale, offset, dim)
 
 
 def compression_ratio(shape: tuple[int, ...]) -> float:

@@ -37,6 +37,7 @@ import abc
 import contextlib
 import json
 import os
+import re
 import threading
 import struct
 import time
@@ -105,6 +106,10 @@ class StoreReader:
         self._get_many = get_many
         self._where = where
 
+    def values(self, keys: list[bytes]) -> list[Buffer | None]:
+        """The raw values of ``keys`` (one fetch for all), None for a missing key."""
+        return self._get_many(keys)
+
     def users(self, user_ids: Iterable[int]) -> list[UserSequences | None]:
         """The records of ``user_ids`` (one fetch for all), None for a user the store lacks."""
         values = self._get_many([user_key(u) for u in user_ids])
@@ -150,6 +155,10 @@ class FeatureStore(abc.ABC):
     @abc.abstractmethod
     def clear(self) -> None:
         """Delete every key of the store, so that a load replaces everything."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: bytes) -> int:
+        """Delete every key that starts with ``prefix``; returns how many there were."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -261,6 +270,17 @@ class LMDBStore(FeatureStore):
         with self._env.begin(write=True) as txn:
             txn.drop(self._env.open_db(txn=txn), delete=False)
 
+    def delete_prefix(self, prefix: bytes) -> int:
+        self._require_writable()
+        deleted = 0
+        with self._env.begin(write=True) as txn, txn.cursor() as cursor:
+            # Keys are sorted, so a prefix's keys are one run from its first key on.
+            found = cursor.set_range(prefix)
+            while found and bytes(cursor.key()).startswith(prefix):
+                found = cursor.delete()  # moves to the next key
+                deleted += 1
+        return deleted
+
     def close(self) -> None:
         with _OPEN_LOCK:
             if self._key not in _OPEN_ENVS:
@@ -317,15 +337,22 @@ class RedisStore(FeatureStore):
         pipe.execute()
 
     def clear(self) -> None:
+        self.delete_prefix(b"")
+
+    def delete_prefix(self, prefix: bytes) -> int:
         batch: list[bytes] = []
+        deleted = 0
+        # Glob metacharacters in the prefix match themselves only when escaped.
+        pattern = self.NAMESPACE + re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
         # SCAN is incremental and safe while keys are deleted; UNLINK frees memory off-thread.
-        for key in self._client.scan_iter(match=self.NAMESPACE + b"*", count=10_000):
+        for key in self._client.scan_iter(match=pattern, count=10_000):
             batch.append(key)
             if len(batch) >= 10_000:
-                self._client.unlink(*batch)
+                deleted += self._client.unlink(*batch)
                 batch.clear()
         if batch:
-            self._client.unlink(*batch)
+            deleted += self._client.unlink(*batch)
+        return deleted
 
     def close(self) -> None:
         self._client.close()
