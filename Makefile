@@ -12,7 +12,7 @@ export LIFELONG_QUIET ?=
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,gpu]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -206,7 +206,8 @@ def serve(
     path: Annotated[str, typer.Option(help="optimized | naive")] = "optimized",
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    backend: Annotated[str | None, typer.Option(help="Op backend: reference | cpu | triton [default: cpu].")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="Op backend: reference | cpu | triton [default: triton with CUDA, else cpu].")] = None,
     max_batch: Annotated[int, typer.Option(help="Most candidates per model batch.")] = 2048,
     max_wait_ms: Annotated[float, typer.Option(help="Longest a request waits for its batch to fill.")] = 2.0,
     max_candidates: Annotated[int, typer.Option(help="Most candidates per request (more: 413).")] = 1000,

@@ -96,7 +96,8 @@ def _work_items(cand_user: torch.Tensor, block_c: int) -> tuple[torch.Tensor, ..
 
 @register("nn_search", "triton")
 def nn_search_triton(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, cand_user: torch.Tensor,
-                     cand: torch.Tensor, k: int, scale: float, block_l: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     cand: torch.Tensor, k: int, scale: float,
+                     block_l: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~lifelong.ops.nn_search.nn_search` in one Triton kernel (inputs already checked by it).
 
     Args:
