@@ -21,7 +21,7 @@ on ``LOCK``, released by the OS when the process dies).
 Checkpoint directory::
 
     <ckpt_dir>/LOCK                      held by the running trainer
-    <ckpt_dir>/published.json            the last delta version handed out (see below)
+    <ckpt_dir>/published.json            the last delta version handed out and the lineage id (see below)
     <ckpt_dir>/ckpt-000000000042/
         state.json                       config, stream URL, offset, counters, finished metric windows
         state.npz                        joiner state, audit, pending metric rows
@@ -40,7 +40,9 @@ admitted) and removed (expired) since the previous call, per table, plus the den
 top of; the first delta of a trainer process is a full snapshot (``base_version=None``), since
 after a restart the trainer's state is that of its checkpoint, not that of what was published.
 Versions increase across restarts: the counter is persisted (``published.json``) on every call,
-as a publication cannot be taken back by restoring a checkpoint. :class:`ParameterReplica` is the
+as a publication cannot be taken back by restoring a checkpoint. Every delta also names its
+lineage, a random id made with the checkpoint directory, so that a replica never stacks a delta
+of one trainer on a version of another that happens to carry the same number. :class:`ParameterReplica` is the
 receiving end: it applies deltas in order and refuses one that does not follow its version.
 
 Example::
@@ -60,6 +62,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -378,6 +381,7 @@ class Delta:
         tables: slot -> its rows.
         dense: the dense weights (``OnlineRanker.dense.state_dict()`` as float32 arrays), or
             None when this delta leaves them as they were.
+        lineage: the trainer lineage (checkpoint directory) the versions belong to.
     """
 
     version: int
@@ -386,6 +390,7 @@ class Delta:
     offset: Offset
     tables: dict[str, TableDelta]
     dense: dict[str, np.ndarray] | None
+    lineage: str = ""
 
     @property
     def full(self) -> bool:
@@ -419,6 +424,7 @@ class ParameterReplica:
 
     def __init__(self) -> None:
         self.version: int | None = None
+        self.lineage: str | None = None
         self.ids: dict[str, np.ndarray] = {}
         self.values: dict[str, np.ndarray] = {}
         self.defaults: dict[str, np.ndarray] = {}
@@ -430,6 +436,9 @@ class ParameterReplica:
         Raises:
             DataError: an incremental delta whose ``base_version`` is not this replica's version.
         """
+        if not delta.full and delta.lineage != self.lineage:
+            raise DataError(f"delta {delta.version}", f"from trainer lineage {delta.lineage!r}, the replica holds "
+                                                      f"lineage {self.lineage!r} (wait for a full snapshot)")
         if not delta.full and delta.base_version != self.version:
             raise DataError(f"delta {delta.version}", f"based on version {delta.base_version}, the replica holds "
                                                       f"version {self.version} (wait for a full snapshot)")
@@ -448,7 +457,7 @@ class ParameterReplica:
             self.defaults[slot] = np.array(t.default, dtype=np.float32)
         if delta.dense is not None:
             self.dense = {k: v.copy() for k, v in delta.dense.items()}
-        self.version = delta.version
+        self.version, self.lineage = delta.version, delta.lineage
 
     def vectors(self, slot: str, ids: object) -> np.ndarray:
         """(n, dim) float32 rows of ``ids``; ids without a row read the table's default.
@@ -757,9 +766,9 @@ class OnlineTrainer:
         with_dense = full or self._deltas_since_dense >= self.cfg.dense_every
         if with_dense:
             self._deltas_since_dense = 0
-        version = self._next_version()
+        version, lineage = self._next_version()
         out = Delta(version=version, base_version=None if full else self._last_delta, watermark_ms=self.watermark_ms,
-                    offset=self.offset, tables=tables,
+                    offset=self.offset, tables=tables, lineage=lineage,
                     dense={k: v.detach().numpy().copy() for k, v in self.model.dense.state_dict().items()}
                     if with_dense else None)
         self._last_delta = version
@@ -862,16 +871,17 @@ class OnlineTrainer:
                               "(one trainer per checkpoint directory)") from None
         return fd
 
-    def _next_version(self) -> int:
+    def _next_version(self) -> tuple[int, str]:
         path = self.ckpt_dir / "published.json"
         try:
-            last = json.loads(path.read_text())["version"] if path.exists() else 0
+            state = json.loads(path.read_text()) if path.exists() else {"version": 0}
+            last, lineage = state["version"], state.get("lineage") or uuid.uuid4().hex
         except (OSError, json.JSONDecodeError, KeyError) as exc:
             raise DataError(path, f"unreadable delta version counter: {exc}") from exc
-        write_json({"version": last + 1}, path)
+        write_json({"version": last + 1, "lineage": lineage}, path)
         _fsync(path)
         _fsync(self.ckpt_dir)
-        return last + 1
+        return last + 1, lineage
 
     def _restore(self, path: Path) -> None:
         try:

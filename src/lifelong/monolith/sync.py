@@ -56,7 +56,8 @@ def encode_delta(delta: Delta, model: OnlineRankerConfig) -> bytes:
         (3, 2, [5], None, True)
     """
     meta = {"format": WIRE_FORMAT, "version": delta.version, "base_version": delta.base_version,
-            "watermark_ms": delta.watermark_ms, "offset": delta.offset, "model": model.to_dict(),
+            "watermark_ms": delta.watermark_ms, "offset": delta.offset, "lineage": delta.lineage,
+            "model": model.to_dict(),
             "tables": sorted(delta.tables), "dense": None if delta.dense is None else sorted(delta.dense)}
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     for slot, t in delta.tables.items():
@@ -98,7 +99,8 @@ def decode_delta(payload: bytes) -> tuple[Delta, OnlineRankerConfig]:
             tables[slot] = t
         dense = None if meta["dense"] is None else {key: arrays[f"dense.{key}"] for key in meta["dense"]}
         delta = Delta(version=int(meta["version"]), base_version=meta["base_version"],
-                      watermark_ms=meta["watermark_ms"], offset=meta["offset"], tables=tables, dense=dense)
+                      watermark_ms=meta["watermark_ms"], offset=meta["offset"], tables=tables, dense=dense,
+                      lineage=str(meta["lineage"]))
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - a missing key or a bad config: the payload is wrong
