@@ -52,11 +52,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: str | os.PathLike[str], store: str, path: str, port: int, timeout_s: float = 120.0,
-                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """A ``lifelong serve`` process, returned once ``/healthz`` answers."""
-    cmd = [sys.executable, "-c", "from lifelong.cli import main; main()", "serve", "--run", str(run),
-           "--store", store, "--path", path, "--port", str(port), *extra]
+def start_server(port: int, serve_args: list[str], timeout_s: float = 120.0) -> subprocess.Popen:
+    """A ``lifelong serve --port PORT *serve_args`` process, returned once ``/healthz`` answers."""
+    cmd = [sys.executable, "-c", "from lifelong.cli import main; main()", "serve", "--port", str(port), *serve_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -131,7 +129,7 @@ def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.
     steps, sustained = [], None
     for path in paths:
         port = free_port()
-        proc = start_server(run, store, path, port)
+        proc = start_server(port, ["--run", str(run), "--store", store, "--path", path])
         url = f"http://127.0.0.1:{port}/rank"
         try:
             asyncio.run(closed_loop(url, bodies, max(concurrency), warmup_s))
