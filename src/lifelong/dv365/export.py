@@ -336,6 +336,26 @@ class EmbeddingReader:
             DataError: nothing exported yet, a corrupt record, or (``default=None``) a user the
                 version lacks.
         """
+        words, found, pointer = self.get_words(user_ids)
+        if not found.all() and self.default is None:
+            missing = np.asarray(user_ids, dtype=np.int64).reshape(-1)[~found]
+            raise DataError(self._store.url, f"{missing.size} of {found.size} users have no embedding in version "
+                                             f"{pointer['version']} (not active at its time), e.g. user {int(missing[0])}")
+        out = dequantize_4bit(from_words_4bit(words, int(pointer["dim"])))
+        out[~found] = self.default
+        return out, int(pointer["version"])
+
+    def get_words(self, user_ids: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """The served records of ``user_ids``, still quantized, from one version.
+
+        Returns:
+            int64 words ``(U, rows, words_per_row_4bit(dim))`` (zeros for a user the version
+            lacks; :func:`~lifelong.features.quantization.from_words_4bit` decodes them), a bool
+            ``(U,)`` of the users it has, and the version's pointer (``version``, ``rows``, ``dim``, ...).
+
+        Raises:
+            DataError: nothing exported yet, or a corrupt record.
+        """
         ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         # LMDB reads pointer and rows in one transaction, one snapshot; Redis in two round trips,
         # so rows missing there may mean the version was collected in between: then read again.
@@ -349,22 +369,17 @@ class EmbeddingReader:
                 values = r.values([version_prefix(pointer["version"]) + user_key(u) for u in ids.tolist()])
                 found = np.array([v is not None for v in values], dtype=bool)
                 if snapshot or found.all() or self.current() == pointer:
-                    return self._decode(values, found, ids, pointer), int(pointer["version"])
+                    return self._words(values, found, pointer), found, pointer
         raise DataError(self._store.url, "the served version changed during each of three reads (exports too frequent)")
 
-    def _decode(self, values: list, found: np.ndarray, ids: np.ndarray, pointer: dict[str, Any]) -> np.ndarray:
+    def _words(self, values: list, found: np.ndarray, pointer: dict[str, Any]) -> np.ndarray:
         rows, dim = int(pointer["rows"]), int(pointer["dim"])
-        width = rows * words_per_row_4bit(dim)
-        if not found.all() and self.default is None:
-            missing = ids[~found]
-            raise DataError(self._store.url, f"{missing.size} of {ids.size} users have no embedding in version "
-                                             f"{pointer['version']} (not active at its time), e.g. user {int(missing[0])}")
+        width = words_per_row_4bit(dim)
         present = [v for v in values if v is not None]
-        if any(len(v) != 8 * width for v in present):
-            raise DataError(self._store.url, f"a record of version {pointer['version']} is not {8 * width} bytes "
-                                             "(corrupt, or written by another format)")
-        out = np.full((ids.size, rows, dim), np.nan if self.default is None else self.default, dtype=np.float32)
+        if any(len(v) != 8 * rows * width for v in present):
+            raise DataError(self._store.url, f"a record of version {pointer['version']} is not {8 * rows * width} "
+                                             "bytes (corrupt, or written by another format)")
+        out = np.zeros((found.size, rows, width), dtype=np.int64)
         if present:
-            words = np.frombuffer(b"".join(present), dtype="<i8").reshape(len(present), rows, -1)
-            out[found] = dequantize_4bit(from_words_4bit(words, dim))
+            out[found] = np.frombuffer(b"".join(present), dtype="<i8").reshape(len(present), rows, width)
         return out
