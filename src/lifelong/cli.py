@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lifelong.dv365.cli import dv365_app
 from lifelong.errors import LifelongError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -173,10 +174,35 @@ def experiment(
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'report.png'}")
 
 
+@app.command("online-experiment")
+def online_experiment(
+    kind: Annotated[str, typer.Argument(help="hashing | drift | sync")],
+    data: Annotated[Path, typer.Option("--data", help="World directory (lifelong simulate).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (KIND.json, KIND.md, KIND.png).")],
+    days: Annotated[int | None, typer.Option(help="Keep the world's first N days.")] = None,
+    users: Annotated[int | None, typer.Option(help="Keep the events of the N smallest user ids.")] = None,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads (the steps are small).")] = 1,
+) -> None:
+    """Monolith experiments on a replayed world: collision-less vs modulo tables, online vs frozen, sync interval."""
+    import torch
+
+    from lifelong.errors import ConfigError
+    from lifelong.monolith.experiments import EXPERIMENTS, load_stream, render_markdown, write_report
+
+    if kind not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {kind!r}; choose one of {', '.join(EXPERIMENTS)}")
+    torch.set_num_threads(threads)
+    report = EXPERIMENTS[kind](load_stream(data, days=days, users=users))
+    paths = write_report(report, out_dir)
+    out.print(render_markdown(report))
+    out.print("report: " + ", ".join(str(p) for p in paths))
+
+
 store_app = typer.Typer(no_args_is_help=True, help="The serving feature store (LMDB or Redis).")
 app.add_typer(store_app, name="store")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(dv365_app, name="dv365")
 
 STORE_HELP = "lmdb:///PATH (or a plain path) or redis://HOST:PORT/DB."
 

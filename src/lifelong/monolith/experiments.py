@@ -1,0 +1,542 @@
+"""The Monolith experiments (``lifelong online-experiment``): collisions, concept drift, sync interval.
+
+All three replay a world's events in stream order through an online trainer (the
+:class:`~lifelong.monolith.ranker.OnlineRanker`, trained on every example the
+:class:`~lifelong.monolith.joiner.OnlineJoiner` emits, as :class:`~lifelong.monolith.online.OnlineTrainer`
+does) while one or more *served* copies of the model score every impression at its own time,
+before its labels exist: :func:`serve_and_train`. A served copy is a snapshot of the trainer,
+taken again every ``sync interval`` of stream time (or never), which is what a parameter sync
+from the trainer to serving does. Predictions are then matched to the labels the joiner gives
+the impressions and scored with the project's metrics (AUC per head, log loss, HIT@3 by request).
+
+- :func:`hashing_experiment`: collision-less tables vs modulo-hashed ones
+  (:class:`~lifelong.monolith.hashed.ModuloEmbedding`) with 10%..100% buckets per distinct id,
+  trained on the stream up to a held-out tail, evaluated frozen on the tail.
+- :func:`drift_experiment`: on a world with the drift switch on, the model kept training and
+  synced every minute vs the same model frozen a few days before the drift; quality per day.
+- :func:`sync_experiment`: one trainer, several served copies synced every 1 min .. 6 h or never.
+
+Time runs on a grid (one minute by default): the events of a grid cell are scored together by
+the snapshots current at the cell's start, then trained on; sync intervals are multiples of the
+grid. :func:`write_report` writes each experiment's JSON, markdown table and plot.
+
+Example::
+
+    world = load_stream("worlds/mono_drift")
+    report = drift_experiment(world)
+    write_report(report, "reports/monolith")       # drift.json, drift.md, drift.png
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lifelong.data.io import read_meta, write_json
+from lifelong.data.schema import HEADS
+from lifelong.errors import ConfigError
+from lifelong.eval.metrics import auc, final_score, hit_at_k, hit_at_k_random
+from lifelong.models.heads import ranking_loss
+from lifelong.monolith.hashed import ModuloEmbedding
+from lifelong.monolith.joiner import OnlineJoiner
+from lifelong.monolith.modules import sparse_step
+from lifelong.monolith.online import OnlineConfig, WindowMetrics
+from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRanker
+from lifelong.monolith.stream import LogStream, replay
+
+__all__ = ["EXPERIMENTS", "Quality", "ServedPredictions", "StreamWorld", "drift_experiment", "hashing_experiment",
+           "load_stream", "quality", "render_markdown", "serve_and_train", "sync_experiment", "window_metrics", "write_report"]
+
+DAY_MS = 86_400_000
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+SYNC_INTERVALS: dict[str, int | None] = {"1 min": MINUTE_MS, "10 min": 10 * MINUTE_MS, "1 h": HOUR_MS,
+                                         "6 h": 6 * HOUR_MS, "never": None}
+"""The sync intervals of :func:`sync_experiment` (None: the served model never changes)."""
+_HIT_HEADS = ("repin", "hide")  # the heads the project reports HIT@3 for (hide: lower is better)
+
+
+@dataclass(frozen=True)
+class StreamWorld:
+    """A world's events in stream order, with what the experiments need to know about it.
+
+    Args:
+        records: :data:`~lifelong.monolith.stream.EVENT_DTYPE` events, in replay order.
+        catalog: item metadata.
+        start_ms: midnight of the world's first day.
+        days: days covered by ``records``.
+        drift_day: day of the world's abrupt interest shift (None when the switch is off).
+        users: distinct users in ``records``.
+    """
+
+    records: np.ndarray
+    catalog: ItemCatalog
+    start_ms: int
+    days: int
+    drift_day: int | None
+    users: int
+
+    def day_ms(self, day: float) -> int:
+        """Stream time of the start of ``day`` (0 = the first day)."""
+        return self.start_ms + int(day * DAY_MS)
+
+
+def load_stream(world_dir: str | os.PathLike[str], days: int | None = None, users: int | None = None) -> StreamWorld:
+    """Replay a simulated world into a temporary log and read it back in stream order.
+
+    Args:
+        world_dir: a ``lifelong simulate`` output directory.
+        days: keep the first this many days only (None: all).
+        users: keep the events of the this many smallest user ids only (None: all).
+
+    Raises:
+        ConfigError: ``days`` or ``users`` below 1, or more days than the world has.
+        DataError: not a world directory.
+    """
+    meta = read_meta(world_dir)
+    start_ms, world_days = int(meta["start_ms"]), int(meta["config"]["days"])
+    if days is not None and not 1 <= days <= world_days:
+        raise ConfigError(f"days must be in 1..{world_days} (the world's length), got {days}")
+    if users is not None and users < 1:
+        raise ConfigError(f"users must be >= 1, got {users}")
+    days = world_days if days is None else days
+    with tempfile.TemporaryDirectory(prefix="lifelong-experiment-") as tmp:
+        log = LogStream(Path(tmp) / "log")
+        try:
+            replay(world_dir, log, end_ms=start_ms + days * DAY_MS)
+            records, _ = log.read(log.start_offset(), 2**62)
+        finally:
+            log.close()
+    if users is not None:
+        keep_ids = np.unique(records["user_id"])[:users]
+        records = records[np.isin(records["user_id"], keep_ids)]
+    drift = meta["config"].get("drift", {})
+    drift_day = int(drift["day"]) if drift.get("enabled") and int(drift["day"]) < days else None
+    return StreamWorld(records=records, catalog=ItemCatalog.from_dataset(world_dir), start_ms=start_ms, days=days,
+                       drift_day=drift_day, users=int(np.unique(records["user_id"]).size))
+
+
+@dataclass(frozen=True)
+class ServedPredictions:
+    """What the served models of :func:`serve_and_train` predicted.
+
+    Args:
+        examples: the scored impressions as joined examples (labels included), by impression time.
+        probs: served model name -> (n, H) probabilities, rows matching ``examples``.
+        trained: examples the trainer trained on.
+        seconds: wall time of the run.
+    """
+
+    examples: np.ndarray
+    probs: dict[str, np.ndarray]
+    trained: int
+    seconds: float
+
+
+def build_model(cfg: OnlineConfig, buckets: Mapping[str, int] | None = None) -> OnlineRanker:
+    """An :class:`OnlineRanker` whose slots in ``buckets`` are modulo-hashed with that many rows.
+
+    Example::
+
+        >>> model = build_model(OnlineConfig(), buckets={"item_id": 100})
+        >>> type(model.tables["item_id"]).__name__, type(model.tables["user_id"]).__name__
+        ('ModuloEmbedding', 'CollisionlessEmbedding')
+    """
+    model = OnlineRanker(cfg.model)
+    for slot, n in (buckets or {}).items():
+        if slot not in SLOTS:
+            raise ConfigError(f"unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+        model.tables[slot] = ModuloEmbedding(cfg.model.tables[slot], n)
+    return model
+
+
+def serve_and_train(world: StreamWorld, cfg: OnlineConfig, syncs: Mapping[str, int | None], eval_from_ms: int,
+                    train_until_ms: int | None = None, buckets: Mapping[str, int] | None = None,
+                    grid_ms: int = MINUTE_MS) -> ServedPredictions:
+    """Train online through the stream while served snapshots score every impression from ``eval_from_ms`` on.
+
+    For each grid cell of stream time that holds events, in order: every served model whose
+    sync interval has a boundary since its last snapshot takes a new snapshot of the trainer;
+    the served models score the impressions of the cell; the trainer consumes the cell's events
+    (the joiner emits the examples whose 30-minute window closed) and takes one optimizer step
+    per ``cfg.batch_size`` emitted examples. A served model with interval None takes its only
+    snapshot at ``eval_from_ms``.
+
+    Args:
+        world: the stream.
+        cfg: the trainer (model, joiner, dense optimizer, batch size).
+        syncs: served model name -> sync interval in ms (a multiple of ``grid_ms``), or None.
+        eval_from_ms: impressions before this time are not scored.
+        train_until_ms: the trainer stops consuming events here (None: at the end).
+        buckets: slots to hash modulo this many buckets (see :func:`build_model`).
+        grid_ms: the time step.
+
+    Raises:
+        ConfigError: no served model, or an interval that is not a positive multiple of ``grid_ms``.
+    """
+    if not syncs:
+        raise ConfigError("serve_and_train needs at least one served model")
+    for name, interval in syncs.items():
+        if interval is not None and (interval < grid_ms or interval % grid_ms):
+            raise ConfigError(f"sync interval of {name!r} must be a positive multiple of {grid_ms} ms, got {interval}")
+    t0 = time.perf_counter()
+    reference = OnlineJoiner(cfg.joiner)
+    labelled = np.concatenate([reference.push(world.records), reference.flush()])
+    labelled = labelled[np.argsort(labelled["ts_ms"], kind="stable")]
+    scored = labelled[labelled["ts_ms"] >= eval_from_ms]
+    scored_ts = scored["ts_ms"]
+    probs = {name: np.zeros((len(scored), len(HEADS)), np.float32) for name in syncs}
+
+    model = build_model(cfg, buckets)
+    params = model.dense.parameters()
+    optimizer = torch.optim.Adagrad(params, lr=cfg.lr) if cfg.optimizer == "adagrad" else torch.optim.Adam(params, lr=cfg.lr)
+    head_weights = torch.tensor(cfg.head_weights)
+    joiner = OnlineJoiner(cfg.joiner)
+    step = 0  # optimizer steps so far: a snapshot is reused while the trainer has not moved
+    snapshot: tuple[int, OnlineRanker] | None = None
+    served: dict[str, tuple[int, OnlineRanker]] = {}  # name -> (time of its snapshot, the snapshot)
+
+    def take_snapshot() -> OnlineRanker:
+        nonlocal snapshot
+        if snapshot is None or snapshot[0] != step:
+            snapshot = (step, copy.deepcopy(model).eval())
+        return snapshot[1]
+
+    cell = world.records["ts_ms"] // grid_ms
+    starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
+    trained = 0
+    for start, end in zip(starts, np.r_[starts[1:], len(cell)]):
+        t = int(cell[start]) * grid_ms
+        if t + grid_ms > eval_from_ms:
+            for name, interval in syncs.items():
+                if name not in served or (interval is not None and t // interval != served[name][0] // interval):
+                    served[name] = (t, take_snapshot())
+            lo, hi = np.searchsorted(scored_ts, [t, t + grid_ms])
+            if hi > lo:
+                batch = OnlineBatch.from_examples(scored[lo:hi], world.catalog)
+                done: dict[int, np.ndarray] = {}
+                with torch.no_grad():
+                    for name, (_, snap) in served.items():
+                        if id(snap) not in done:
+                            done[id(snap)] = torch.sigmoid(snap(batch)).numpy()
+                        probs[name][lo:hi] = done[id(snap)]
+        if train_until_ms is not None and t >= train_until_ms:
+            continue
+        examples = joiner.push(world.records[start:end])
+        now = joiner.watermark
+        for b in range(0, len(examples), cfg.batch_size):
+            batch = OnlineBatch.from_examples(examples[b:b + cfg.batch_size], world.catalog)
+            loss = ranking_loss(model(batch, now), batch.labels, head_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sparse_step(model, now)
+            step += 1
+        trained += len(examples)
+    return ServedPredictions(examples=scored, probs=probs, trained=trained, seconds=time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Quality of predictions over a set of examples.
+
+    Args:
+        examples: how many.
+        loss: mean over examples of the log loss summed over heads.
+        auc: head -> AUC (None with one class only).
+        hit3: head -> HIT@3 by request (the final score ranks each request's items).
+        hit3_random: head -> HIT@3 of a random order of each request.
+    """
+
+    examples: int
+    loss: float
+    auc: dict[str, float | None]
+    hit3: dict[str, float]
+    hit3_random: dict[str, float]
+
+
+def _log_loss(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(n,) log loss of each example, summed over heads (the trainer's progressive-validation loss)."""
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    y = labels.astype(np.float64)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(axis=1)
+
+
+def _aucs(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
+    out = {h: auc(labels[:, i], probs[:, i]) for i, h in enumerate(HEADS)}
+    return {h: None if np.isnan(a) else float(a) for h, a in out.items()}
+
+
+def quality(examples: np.ndarray, probs: np.ndarray) -> Quality:
+    """AUC, log loss and HIT@3 of ``probs`` (n, H) for joined ``examples``.
+
+    Example::
+
+        >>> from lifelong.monolith.joiner import EXAMPLE_DTYPE
+        >>> ex = np.zeros(4, EXAMPLE_DTYPE); ex["request_id"] = [1, 1, 1, 1]; ex["labels"][:2, 1] = 1
+        >>> q = quality(ex, np.array([[0, .9, 0, 0], [0, .8, 0, 0], [0, .1, 0, 0], [0, .2, 0, 0]]))
+        >>> q.auc["repin"], q.hit3["repin"], q.hit3_random["repin"]
+        (1.0, 2.0, 1.5)
+    """
+    labels = examples["labels"]
+    score = final_score(dict(zip(HEADS, probs.T)))
+    heads = {h: HEADS.index(h) for h in _HIT_HEADS}
+    req, users = examples["request_id"], examples["user_id"]
+    return Quality(examples=len(examples), loss=float(_log_loss(labels, probs).mean()), auc=_aucs(labels, probs),
+                   hit3={h: hit_at_k(req, users, score, labels[:, i]) for h, i in heads.items()},
+                   hit3_random={h: hit_at_k_random(req, users, labels[:, i]) for h, i in heads.items()})
+
+
+def window_metrics(examples: np.ndarray, probs: np.ndarray, window_ms: int = DAY_MS) -> list[WindowMetrics]:
+    """Quality per window of impression time (the trainer's progressive-validation layout)."""
+    bucket = examples["ts_ms"] // window_ms
+    labels = examples["labels"]
+    loss = _log_loss(labels, probs)
+    out = []
+    for b in np.unique(bucket):
+        sel = bucket == b
+        out.append(WindowMetrics(start_ms=int(b) * window_ms, end_ms=(int(b) + 1) * window_ms,
+                                 examples=int(sel.sum()), loss=float(loss[sel].mean()),
+                                 auc=_aucs(labels[sel], probs[sel]),
+                                 positive_rate={h: float(labels[sel, i].mean()) for i, h in enumerate(HEADS)}))
+    return out
+
+
+def _world_info(world: StreamWorld) -> dict[str, Any]:
+    return {"start_ms": world.start_ms, "days": world.days, "users": world.users, "events": len(world.records), "items": len(world.catalog),
+            "drift_day": world.drift_day}
+
+
+def hashing_experiment(world: StreamWorld, fractions: Sequence[float] = (0.1, 0.25, 0.5, 1.0), eval_days: int = 7,
+                       cfg: OnlineConfig | None = None, grid_ms: int = HOUR_MS) -> dict[str, Any]:
+    """Collision-less tables vs modulo-hashed tables with ``fraction`` x distinct ids buckets per slot.
+
+    Every variant trains online on the stream up to the last ``eval_days`` days, then is
+    evaluated frozen on them (AUC, log loss, HIT@3). The distinct ids are counted per slot
+    over the training days; every slot of a modulo variant gets ``round(fraction * distinct)``
+    buckets (at least 1).
+
+    Raises:
+        ConfigError: ``eval_days`` not in ``1..days-1``, or a fraction not in ``(0, 10]``.
+    """
+    cfg = cfg or OnlineConfig()
+    if not 1 <= eval_days < world.days:
+        raise ConfigError(f"eval_days must be in 1..{world.days - 1}, got {eval_days}")
+    if any(not 0 < f <= 10 for f in fractions):
+        raise ConfigError(f"fractions must be in (0, 10], got {list(fractions)}")
+    eval_from = world.day_ms(world.days - eval_days)
+    train = world.records[world.records["ts_ms"] < eval_from]
+    author, topic, _, _ = world.catalog.lookup(train["item_id"])
+    distinct = {"user_id": np.unique(train["user_id"]).size, "item_id": np.unique(train["item_id"]).size,
+                "author_id": np.unique(author).size, "topic_id": np.unique(topic).size}
+    variants: list[tuple[str, float | None, dict[str, int] | None]] = [("collision-less", None, None)]
+    variants += [(f"modulo {f:.0%}", f, {s: max(1, round(f * n)) for s, n in distinct.items()}) for f in fractions]
+    rows = []
+    for name, fraction, buckets in variants:
+        run = serve_and_train(world, cfg, {"frozen": None}, eval_from_ms=eval_from, train_until_ms=eval_from,
+                              buckets=buckets, grid_ms=grid_ms)
+        rows.append({"table": name, "fraction": fraction, "buckets": buckets, "trained": run.trained,
+                     "seconds": run.seconds, "quality": asdict(quality(run.examples, run.probs["frozen"]))})
+    return {"experiment": "hashing", "world": _world_info(world), "eval_days": eval_days, "distinct_ids": distinct,
+            "rows": rows}
+
+
+def drift_experiment(world: StreamWorld, freeze_days_before: int = 5, sync_ms: int = MINUTE_MS,
+                     cfg: OnlineConfig | None = None) -> dict[str, Any]:
+    """Online (synced every ``sync_ms``) vs frozen ``freeze_days_before`` days before the drift: quality per day.
+
+    Both are one trainer's model: the frozen one is its snapshot at the freeze time, i.e. trained
+    on everything before it (one pass in time order), and never updated again.
+
+    Raises:
+        ConfigError: the world has no drift inside its days, or the freeze falls before day 1.
+    """
+    cfg = cfg or OnlineConfig()
+    if world.drift_day is None:
+        raise ConfigError("the drift experiment needs a world simulated with drift.enabled=true "
+                          "(and drift.day inside the days kept)")
+    freeze_day = world.drift_day - freeze_days_before
+    if freeze_day < 1:
+        raise ConfigError(f"the freeze ({freeze_days_before} days before the drift on day {world.drift_day}) "
+                          "must leave at least one day of training")
+    run = serve_and_train(world, cfg, {"online": sync_ms, "frozen": None}, eval_from_ms=world.day_ms(freeze_day),
+                          grid_ms=sync_ms)
+    windows = {name: window_metrics(run.examples, p) for name, p in run.probs.items()}
+    rows = [{"day": (w.start_ms - world.start_ms) / DAY_MS, **{name: asdict(ws[i]) for name, ws in windows.items()}}
+            for i, w in enumerate(windows["online"])]
+    after = run.examples["ts_ms"] >= world.day_ms(world.drift_day)
+    periods = {"before drift": ~after, "after drift": after}
+    overall = {period: {name: asdict(quality(run.examples[sel], p[sel])) for name, p in run.probs.items()}
+               for period, sel in periods.items()}
+    return {"experiment": "drift", "world": _world_info(world), "freeze_day": freeze_day, "sync_ms": sync_ms,
+            "trained": run.trained, "seconds": run.seconds, "overall": overall, "rows": rows}
+
+
+def sync_experiment(world: StreamWorld, eval_from_day: int | None = None,
+                    intervals: Mapping[str, int | None] | None = None, cfg: OnlineConfig | None = None
+                    ) -> dict[str, Any]:
+    """Quality of served models synced from one trainer every interval of ``intervals`` (default :data:`SYNC_INTERVALS`).
+
+    Scored from ``eval_from_day`` (default: 5 days before the drift, or the second half of a
+    world without one); with a drift, the first 3 days after it are also reported apart.
+
+    Raises:
+        ConfigError: ``eval_from_day`` not in ``1..days-1``.
+    """
+    cfg = cfg or OnlineConfig()
+    intervals = dict(SYNC_INTERVALS if intervals is None else intervals)
+    if eval_from_day is None:
+        eval_from_day = world.drift_day - 5 if world.drift_day is not None and world.drift_day > 5 else world.days // 2
+    if not 1 <= eval_from_day < world.days:
+        raise ConfigError(f"eval_from_day must be in 1..{world.days - 1}, got {eval_from_day}")
+    finite = [v for v in intervals.values() if v is not None]
+    grid = int(np.gcd.reduce(finite)) if finite else HOUR_MS
+    run = serve_and_train(world, cfg, intervals, eval_from_ms=world.day_ms(eval_from_day), grid_ms=grid)
+    periods = {"all": np.ones(len(run.examples), bool)}
+    if world.drift_day is not None and world.drift_day >= eval_from_day:
+        ts = run.examples["ts_ms"]
+        periods["3 days after drift"] = (ts >= world.day_ms(world.drift_day)) & (ts < world.day_ms(world.drift_day + 3))
+    rows = [{"sync": name, "interval_ms": interval,
+             **{period: asdict(quality(run.examples[sel], run.probs[name][sel])) for period, sel in periods.items()}}
+            for name, interval in intervals.items()]
+    windows = {name: [asdict(w) for w in window_metrics(run.examples, p)] for name, p in run.probs.items()}
+    return {"experiment": "sync", "world": _world_info(world), "eval_from_day": eval_from_day, "grid_ms": grid,
+            "trained": run.trained, "seconds": run.seconds, "periods": list(periods), "rows": rows,
+            "windows": windows}
+
+
+# -- reports ---------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _quality_cells(q: dict[str, Any]) -> list[str]:
+    return [_fmt(q["auc"]["click"]), _fmt(q["auc"]["repin"]), _fmt(q["loss"]), _fmt(q["hit3"]["repin"]),
+            _fmt(q["hit3"]["hide"]), f"{q['examples']:,}"]
+
+
+_QUALITY_HEADER = "AUC click | AUC repin | log loss | HIT@3 repin | HIT@3 hide | examples"
+
+
+def _world_line(r: dict[str, Any]) -> str:
+    w = r["world"]
+    drift = f", drift on day {w['drift_day']}" if w["drift_day"] is not None else ""
+    return f"World: {w['users']:,} users, {w['items']:,} items, {w['days']} days, {w['events']:,} events{drift}."
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """One experiment's report as markdown."""
+    kind = report["experiment"]
+    lines = [_world_line(report), ""]
+    if kind == "hashing":
+        d = report["distinct_ids"]
+        lines += [f"Trained online on days 0..{report['world']['days'] - report['eval_days'] - 1}, evaluated frozen on "
+                  f"the last {report['eval_days']} days. Distinct ids in training: "
+                  + ", ".join(f"{s} {n:,}" for s, n in d.items()) + ".", "",
+                  f"| table | buckets (user / item / author / topic) | {_QUALITY_HEADER} |", "|---" * 8 + "|"]
+        for r in report["rows"]:
+            b = "one row per id" if r["buckets"] is None else " / ".join(f"{r['buckets'][s]:,}" for s in SLOTS)
+            lines.append(f"| {r['table']} | {b} | " + " | ".join(_quality_cells(r["quality"])) + " |")
+        q = report["rows"][0]["quality"]
+        lines += ["", f"Random order: HIT@3 repin {q['hit3_random']['repin']:.4f}, hide {q['hit3_random']['hide']:.4f}."]
+    elif kind == "drift":
+        lines += [f"Frozen: the trainer's model on day {report['freeze_day']}, never updated again. Online: the same "
+                  f"trainer continuing, served with a {report['sync_ms'] // MINUTE_MS}-minute sync.", "",
+                  f"| period | model | {_QUALITY_HEADER} |", "|---" * 8 + "|"]
+        for period, models in report["overall"].items():
+            for name, q in models.items():
+                lines.append(f"| {period} | {name} | " + " | ".join(_quality_cells(q)) + " |")
+        lines += ["", "| day | AUC click online | AUC click frozen | log loss online | log loss frozen | examples |",
+                  "|---" * 6 + "|"]
+        for r in report["rows"]:
+            on, fr = r["online"], r["frozen"]
+            lines.append(f"| {r['day']:.0f} | {_fmt(on['auc']['click'])} | {_fmt(fr['auc']['click'])} | "
+                         f"{on['loss']:.4f} | {fr['loss']:.4f} | {on['examples']:,} |")
+    else:
+        lines += [f"Scored from day {report['eval_from_day']}; one trainer, one served copy per sync interval.", "",
+                  f"| sync interval | period | {_QUALITY_HEADER} |", "|---" * 8 + "|"]
+        for period in report["periods"]:
+            for r in report["rows"]:
+                lines.append(f"| {r['sync']} | {period} | " + " | ".join(_quality_cells(r[period])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kind = report["experiment"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    if kind == "hashing":
+        rows = report["rows"]
+        base, mod = rows[0]["quality"], [r for r in rows if r["fraction"] is not None]
+        x = [r["fraction"] for r in mod]
+        for ax, (metric, head, label) in zip(axes, (("auc", "click", "AUC click"), ("hit3", "repin", "HIT@3 repin"))):
+            ax.plot(x, [r["quality"][metric][head] for r in mod], "o-", label="modulo-hashed")
+            ax.axhline(base[metric][head], color="#27ae60", linestyle="--", label="collision-less")
+            ax.set_xlabel("buckets per distinct id")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=8)
+        fig.suptitle("Collision-less vs modulo-hashed id tables (held-out tail)", fontsize=11)
+    elif kind == "drift":
+        days = [r["day"] for r in report["rows"]]
+        for ax, (key, label) in zip(axes, ((lambda w: w["auc"]["click"], "AUC click"), (lambda w: w["loss"], "log loss"))):
+            for name in ("online", "frozen"):
+                ax.plot(days, [key(r[name]) if key(r[name]) is not None else np.nan for r in report["rows"]], "o-",
+                        ms=3, label=name)
+            ax.axvline(report["world"]["drift_day"], color="#c0392b", linestyle=":", label="drift")
+            ax.set_xlabel("day")
+            ax.set_ylabel(f"{label} (per day)")
+            ax.legend(fontsize=8)
+        fig.suptitle("Online training vs a frozen model through a concept drift", fontsize=11)
+    else:
+        for name, ws in report["windows"].items():
+            days = [(w["start_ms"] - report["world"]["start_ms"]) / DAY_MS for w in ws]
+            axes[0].plot(days, [w["auc"]["click"] if w["auc"]["click"] is not None else np.nan for w in ws], ms=3,
+                         marker="o", label=name)
+        axes[0].set_xlabel("day")
+        axes[0].set_ylabel("AUC click (per day)")
+        axes[0].legend(fontsize=8)
+        for period in report["periods"]:
+            axes[1].plot([r["sync"] for r in report["rows"]], [r[period]["auc"]["click"] for r in report["rows"]],
+                         "o-", label=period)
+        axes[1].set_xlabel("sync interval")
+        axes[1].set_ylabel("AUC click")
+        axes[1].legend(fontsize=8)
+        fig.suptitle("Sync interval of the served model vs quality", fontsize=11)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``<experiment>.json``, ``.md`` and ``.png`` into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = report["experiment"]
+    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
+    write_json(report, paths[0])
+    paths[1].write_text(render_markdown(report))
+    _plot(report, paths[2])
+    return paths
+
+
+EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
+    "hashing": hashing_experiment, "drift": drift_experiment, "sync": sync_experiment,
+}
+"""Experiment name -> function of a :class:`StreamWorld` returning its report."""
