@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.table import Table
 
 from lifelong.dv365.cli import dv365_app
-from lifelong.dv365.cli import dv365_app
 from lifelong.errors import LifelongError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -203,7 +202,6 @@ store_app = typer.Typer(no_args_is_help=True, help="The serving feature store (L
 app.add_typer(store_app, name="store")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
 app.add_typer(bench_app, name="bench")
-app.add_typer(dv365_app, name="dv365")
 app.add_typer(dv365_app, name="dv365")
 
 STORE_HELP = "lmdb:///PATH (or a plain path) or redis://HOST:PORT/DB."
