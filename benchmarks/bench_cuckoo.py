@@ -35,9 +35,9 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
+from lifelong.bench.machine import cpu_model
 from lifelong.monolith.cuckoo import CuckooIndex
 from lifelong.monolith.table import EmbeddingTable, TableConfig
-from lifelong.bench.machine import cpu_model
 
 DIM = 16
 

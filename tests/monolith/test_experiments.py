@@ -7,14 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lifelong.cli import app
 from lifelong.data.world import load_config, simulate_to
 from lifelong.errors import ConfigError
 from lifelong.monolith.experiments import (
-    DAY_MS,
     HOUR_MS,
     MINUTE_MS,
     build_model,
@@ -32,14 +30,6 @@ from lifelong.monolith.joiner import OnlineJoiner
 from lifelong.monolith.online import OnlineConfig
 
 CFG = OnlineConfig(batch_size=256)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

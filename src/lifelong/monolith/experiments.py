@@ -451,8 +451,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         q = report["rows"][0]["quality"]
         lines += ["", f"Random order: HIT@3 repin {q['hit3_random']['repin']:.4f}, hide {q['hit3_random']['hide']:.4f}."]
     elif kind == "drift":
-        lines += [f"Frozen: the trainer's model on day {report['freeze_day']}, never updated again. Online: the same "
-                  f"trainer continuing, served with a {report['sync_ms'] // MINUTE_MS}-minute sync.", "",
+        lines += [(f"Frozen: the trainer's model on day {report['freeze_day']}, never updated again. Online: the "
+                   f"same trainer continuing, served with a {report['sync_ms'] // MINUTE_MS}-minute sync."), "",
                   f"| period | model | {_QUALITY_HEADER} |", "|---" * 8 + "|"]
         for period, models in report["overall"].items():
             for name, q in models.items():
