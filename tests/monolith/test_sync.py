@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong.bench.serve import free_port
+from lifelong.bench.serve import free_port, serve_in_thread
 from lifelong.data.io import read_table
 from lifelong.data.schema import HEADS, SURFACES
 from lifelong.data.world import load_config, simulate_to
@@ -141,19 +141,8 @@ def test_served_scores_equal_the_trainers_after_every_sync(world, tmp_path):
 
 @pytest.fixture
 def live_online(world):
-    import uvicorn
-
-    app = build_online_service(world.dir, max_wait_ms=5.0)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(build_online_service(world.dir, max_wait_ms=5.0)) as url:
+        yield url
 
 
 def test_syncs_under_load_fail_no_request_and_each_response_has_one_version(world, live_online, tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -15,14 +13,13 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lifelong.bench.serve import eval_requests, free_port
+from lifelong.bench.serve import eval_requests, serve_in_thread
 from lifelong.data.schema import SURFACE_CODES
 from lifelong.data.world import load_config, simulate_to
 from lifelong.errors import ConfigError
 from lifelong.features.rank_data import RankData
 from lifelong.features.training_rows import BuildConfig, build_rows
 from lifelong.models.batch import SequenceLayout
-from lifelong.serving.app import create_app
 from lifelong.serving.batcher import BatchingConfig, DynamicBatcher
 from lifelong.serving.ranker import Ranker, RankRequest, model_version
 from lifelong.serving.service import build_service
@@ -250,19 +247,9 @@ FIELDS = st.fixed_dictionaries({}, optional={"user_id": JSON | st.integers(), "c
 
 @pytest.fixture(scope="module")
 def live_server(served):
-    import uvicorn
-
     app, _ = build_service(served / "transact_v2", str(served / "store"), max_candidates=50)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
