@@ -152,3 +152,56 @@ def test_read_cache_of_a_non_cache_file_is_a_data_error(tmp_path):
     np.savez(tmp_path / "x.npz", a=np.zeros(2))
     with pytest.raises(DataError, match="not a DV365 embedding cache file"):
         read_cache(tmp_path / "x.npz")
+
+
+def test_tower_trainer_trains_and_exports_a_real_tower_each_cycle(world, tmp_path):
+    from lifelong.dv365.fsa import FSAConfig
+    from lifelong.dv365.schedule import TowerTrainer
+    from lifelong.dv365.train import DV365TrainConfig
+
+    cfg = DV365TrainConfig(fsa=FSAConfig(out_cols=16), train_days=2, per_group=8, eval_per_group=8, epochs=1)
+    url = f"lmdb://{tmp_path / 'emb'}"
+    records = run_schedule(world, url, tmp_path / "out", ScheduleConfig(every_ms=DAY_MS, cycles=2),
+                           trainer=TowerTrainer(cfg, log=lambda line: None), clock=SimulatedClock(),
+                           log=lambda line: None)
+    assert [(r.status, r.version) for r in records] == [("ok", 1), ("ok", 2)], [r.error for r in records]
+    for record in records:
+        run = json.loads((tmp_path / "out" / "cycles" / f"{record.cycle:04d}" / "run" / "run.json").read_text())
+        assert run["as_of_ms"] == record.as_of_ms
+    users, emb, meta = read_cache(records[-1].cache)
+    assert emb.shape[:1] == users.shape and emb.shape[2] == 16 and np.isfinite(emb).all()
+    with EmbeddingReader(url) as reader:
+        assert reader.current()["run"] == records[-1].run
+
+
+def test_cli_export_and_schedule(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from lifelong.cli import app
+    from lifelong.dv365.fsa import FSAConfig
+    from lifelong.dv365.schedule import TowerTrainer
+    from lifelong.dv365.train import DV365TrainConfig
+
+    cfg = DV365TrainConfig(fsa=FSAConfig(out_cols=16), train_days=2, per_group=8, eval_per_group=8, epochs=1)
+    run = TowerTrainer(cfg, log=lambda line: None)(world, default_as_of_ms(world), tmp_path / "run")
+    store = f"lmdb://{tmp_path / 'emb'}"
+    cli = CliRunner(env={"COLUMNS": "300", "LIFELONG_QUIET": "1"})
+    res = cli.invoke(app, ["dv365", "export", "--run", str(run), "--store", store])
+    assert res.exit_code == 0, res.output
+    users = active_users(world, default_as_of_ms(world))
+    # (66, 16) rows: 1 code word + 1 scale/offset word = 16 bytes a row for 64 bytes of fp32.
+    assert f"exported version 1 to {store}" in res.output and f"{users.size} users x (66, 16)" in res.output
+    assert "1,056 bytes a user vs 4,224 in fp32: compression 4.00x" in res.output
+
+    res = cli.invoke(app, ["dv365", "schedule", "--every", "6h", "--data", str(world), "--store", store, "--out",
+                           str(tmp_path / "sched"), "--cycles", "3", "--run", str(run), "--no-train", "--simulated-clock"])
+    assert res.exit_code == 0, res.output
+    assert "done: 3 of 3 cycles ok; serving version 4" in res.output
+    with EmbeddingReader(store) as reader:
+        assert reader.current()["as_of_ms"] == default_as_of_ms(world) and reader.current()["history"] == [3]
+
+    for args, error in ((["--every", "6 hours"], "interval '6 hours' is not a positive"),
+                        (["--no-train"], "--no-train reuses a tower: give it with --run")):
+        res = cli.invoke(app, ["dv365", "schedule", "--data", str(world), "--store", store, "--out", str(tmp_path / "x"),
+                               *args])
+        assert isinstance(res.exception, ConfigError) and error in str(res.exception)

@@ -6,8 +6,9 @@ starts); a cycle that overruns makes the next one start at once, late, never twi
 1. **data**: the cycle's as-of time advances by the interval, ``as_of = first_as_of + i * every``
    (world time, not clock time: a simulated world's events span a past year), and the users
    active at it are found (:func:`~lifelong.dv365.export.active_users`);
-2. **train**: a :data:`Trainer` fits a tower on the events before ``as_of`` into
-   ``OUT/cycles/NNNN/run``; without one, every cycle reuses one run;
+2. **train**: a :data:`Trainer` (:class:`TowerTrainer`: the DV365 tower's training) fits a
+   tower on the events before ``as_of`` into ``OUT/cycles/NNNN/run``; without one, every cycle
+   reuses one run;
 3. **export**: the tower embeds the active users and the export switches the store to the new
    version (:func:`~lifelong.dv365.export.export_embeddings`);
 4. **cache**: the served version is read back through an
@@ -37,12 +38,14 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from lifelong.data.protocol import Protocol as DataProtocol
+from lifelong.dv365.examples import World, open_world
 from lifelong.dv365.export import (
     EmbeddingReader,
     EmbeddingTower,
@@ -51,13 +54,15 @@ from lifelong.dv365.export import (
     default_as_of_ms,
     export_embeddings,
 )
-from lifelong.dv365.slices import DURATION_UNITS, parse_duration_ms
+from lifelong.dv365.slices import DURATION_UNITS, SliceSpec, parse_duration_ms
+from lifelong.dv365.tower import load_tower
+from lifelong.dv365.train import DV365TrainConfig, fit, prepare, save_run
 from lifelong.errors import ConfigError, DataError
 from lifelong.features.quantization import dequantize_4bit, from_words_4bit
 
 __all__ = [
     "Clock", "CycleRecord", "ScheduleConfig", "SimulatedClock", "SystemClock", "Trainer", "parse_every",
-    "read_cache", "run_schedule",
+    "TowerTrainer", "read_cache", "run_schedule",
 ]
 
 Trainer = Callable[[Path, int, Path], Path]
@@ -197,15 +202,40 @@ class CycleRecord:
     seconds: float = 0.0
 
 
-def _load_tower(run_dir: Path) -> EmbeddingTower:
-    from lifelong.dv365.tower import load_tower
+class TowerTrainer:
+    """The schedule's :data:`Trainer` of the DV365 tower (:mod:`lifelong.dv365.train`).
 
-    return load_tower(run_dir)
+    Each cycle trains a tower as ``lifelong dv365 train`` does, on the world's protocol moved in
+    time so that its evaluation period ends at the cycle's as-of time: the training impressions
+    are the ``train_days`` before ``as_of - gap - eval``, and nothing at or after ``as_of`` is
+    read. The world is read and indexed once, for every cycle.
+
+    Args:
+        config: the training run's settings.
+        spec: the slices (default: :meth:`~lifelong.dv365.slices.SliceSpec.default`).
+        log: where the training's lines go.
+    """
+
+    def __init__(self, config: DV365TrainConfig, spec: SliceSpec | None = None, log: Callable[[str], None] = print):
+        self.config, self.spec, self.log = config, spec, log
+        self._world: World | None = None
+
+    def __call__(self, world_dir: Path, as_of_ms: int, out_dir: Path) -> Path:
+        if self._world is None or self._world.path != Path(world_dir):
+            self._world = open_world(world_dir)
+        p = self._world.protocol
+        shift = int(as_of_ms) - p.eval_end_ms
+        moved = replace(self._world, protocol=DataProtocol(p.train_start_ms + shift, p.cutoff_ms + shift,
+                                                           p.eval_start_ms + shift, p.eval_end_ms + shift))
+        tower, backbone, meta = fit(prepare(moved, self.config, self.spec, out_dir / "tokens"), self.config, self.log)
+        meta.update(data=str(Path(world_dir).resolve()), as_of_ms=int(as_of_ms))
+        save_run(out_dir, tower, backbone, meta)
+        return out_dir
 
 
 def run_schedule(world_dir: str | os.PathLike[str], store_url: str, out_dir: str | os.PathLike[str],
                  config: ScheduleConfig, trainer: Trainer | None = None, run: str | os.PathLike[str] | None = None,
-                 tower_loader: Callable[[Path], EmbeddingTower] = _load_tower, clock: Clock | None = None,
+                 tower_loader: Callable[[Path], EmbeddingTower] = load_tower, clock: Clock | None = None,
                  log: Callable[[str], None] = print) -> list[CycleRecord]:
     """Run the data -> train -> export -> cache cycle every ``config.every_ms`` (module docstring).
 
