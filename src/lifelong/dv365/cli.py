@@ -131,3 +131,23 @@ def schedule(
     ok = [r for r in records if r.status == "ok"]
     out.print(f"[green]done[/green]: {len(ok)} of {len(records)} cycles ok; serving version "
               f"{records[-1].served_version if records else None}; log {out_dir / 'schedule.jsonl'}")
+
+
+@dv365_app.command("experiment")
+def experiment(
+    data: Annotated[Path, typer.Option("--data", help="A world directory (e.g. worlds/lifelong).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (resumable; tokens/ cached there).")],
+    users: Annotated[int, typer.Option(help="Seeded subset of users.")] = 1000,
+    epochs: Annotated[int, typer.Option()] = 2,
+    train_days: Annotated[int, typer.Option(help="Days of training impressions before the cutoff.")] = 4,
+    per_group: Annotated[int, typer.Option(help="Training impressions per (user, day).")] = 64,
+    seeds: Annotated[int, typer.Option(help="Seeds per row (weights and shuffling).")] = 1,
+) -> None:
+    """Encoder comparison (NE per task, parameters, examples/s), staleness 0/1/3/7 days, with vs without the 24 h gap."""
+    from lifelong.dv365.experiments import ExperimentConfig, render_markdown, run_experiment
+
+    cfg = ExperimentConfig(users=users, epochs=epochs, train_days=train_days, per_group=per_group, seeds=seeds)
+    report = run_experiment(data, out_dir, cfg, log=out.print)
+    out.print(render_markdown(report))
+    out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'encoders.png'}, "
+              f"{out_dir / 'staleness.png'}")
