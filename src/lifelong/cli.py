@@ -181,18 +181,19 @@ def online_experiment(
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory (KIND.json, KIND.md, KIND.png).")],
     days: Annotated[int | None, typer.Option(help="Keep the world's first N days.")] = None,
     users: Annotated[int | None, typer.Option(help="Keep the events of the N smallest user ids.")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the dense weights and the tables.")] = 0,
     threads: Annotated[int, typer.Option(help="torch intra-op threads (the steps are small).")] = 1,
 ) -> None:
     """Monolith experiments on a replayed world: collision-less vs modulo tables, online vs frozen, sync interval."""
     import torch
 
     from lifelong.errors import ConfigError
-    from lifelong.monolith.experiments import EXPERIMENTS, load_stream, render_markdown, write_report
+    from lifelong.monolith.experiments import EXPERIMENTS, load_stream, render_markdown, seeded_config, write_report
 
     if kind not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {kind!r}; choose one of {', '.join(EXPERIMENTS)}")
     torch.set_num_threads(threads)
-    report = EXPERIMENTS[kind](load_stream(data, days=days, users=users))
+    report = EXPERIMENTS[kind](load_stream(data, days=days, users=users), cfg=seeded_config(seed))
     paths = write_report(report, out_dir)
     out.print(render_markdown(report))
     out.print("report: " + ", ".join(str(p) for p in paths))

@@ -140,9 +140,10 @@ def test_sync_rows_per_interval(world):
 
 def test_the_command_writes_the_report(world_dir, tmp_path):
     result = CliRunner().invoke(app, ["online-experiment", "drift", "--data", str(world_dir), "--out",
-                                      str(tmp_path), "--days", "10"])
+                                      str(tmp_path), "--days", "10", "--seed", "2"])
     assert result.exit_code == 0, result.output
     assert "after drift" in result.output and (tmp_path / "drift.png").is_file()
-    assert json.loads((tmp_path / "drift.json").read_text())["world"]["days"] == 10
+    world = json.loads((tmp_path / "drift.json").read_text())["world"]
+    assert (world["seed"], world["days"]) == (2, 10)
     result = CliRunner().invoke(app, ["online-experiment", "nope", "--data", str(world_dir), "--out", str(tmp_path)])
     assert result.exit_code != 0 and "unknown experiment" in str(result.exception)

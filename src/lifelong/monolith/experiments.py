@@ -50,11 +50,11 @@ from lifelong.monolith.hashed import ModuloEmbedding
 from lifelong.monolith.joiner import OnlineJoiner
 from lifelong.monolith.modules import sparse_step
 from lifelong.monolith.online import OnlineConfig, WindowMetrics
-from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRanker
+from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRanker, OnlineRankerConfig, default_table
 from lifelong.monolith.stream import LogStream, replay
 
 __all__ = ["EXPERIMENTS", "Quality", "ServedPredictions", "StreamWorld", "drift_experiment", "hashing_experiment",
-           "load_stream", "quality", "render_markdown", "serve_and_train", "sync_experiment", "window_metrics", "write_report"]
+           "load_stream", "quality", "render_markdown", "seeded_config", "serve_and_train", "sync_experiment", "window_metrics", "write_report"]
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
@@ -140,6 +140,18 @@ class ServedPredictions:
     probs: dict[str, np.ndarray]
     trained: int
     seconds: float
+
+
+def seeded_config(seed: int = 0) -> OnlineConfig:
+    """The default online job with the dense weights and every table (row init, filter) seeded from ``seed``.
+
+    Example::
+
+        >>> seeded_config(0) == OnlineConfig(), seeded_config(1).model.item_id.seed
+        (True, 6)
+    """
+    tables = {slot: default_table(seed=len(SLOTS) * seed + i + 1) for i, slot in enumerate(SLOTS)}
+    return OnlineConfig(model=OnlineRankerConfig(seed=seed, **tables))
 
 
 def build_model(cfg: OnlineConfig, buckets: Mapping[str, int] | None = None) -> OnlineRanker:
@@ -311,8 +323,8 @@ def window_metrics(examples: np.ndarray, probs: np.ndarray, window_ms: int = DAY
     return out
 
 
-def _world_info(world: StreamWorld) -> dict[str, Any]:
-    return {"start_ms": world.start_ms, "days": world.days, "users": world.users, "events": len(world.records), "items": len(world.catalog),
+def _world_info(world: StreamWorld, cfg: OnlineConfig) -> dict[str, Any]:
+    return {"seed": cfg.model.seed, "start_ms": world.start_ms, "days": world.days, "users": world.users, "events": len(world.records), "items": len(world.catalog),
             "drift_day": world.drift_day}
 
 
@@ -346,7 +358,7 @@ def hashing_experiment(world: StreamWorld, fractions: Sequence[float] = (0.1, 0.
                               buckets=buckets, grid_ms=grid_ms)
         rows.append({"table": name, "fraction": fraction, "buckets": buckets, "trained": run.trained,
                      "seconds": run.seconds, "quality": asdict(quality(run.examples, run.probs["frozen"]))})
-    return {"experiment": "hashing", "world": _world_info(world), "eval_days": eval_days, "distinct_ids": distinct,
+    return {"experiment": "hashing", "world": _world_info(world, cfg), "eval_days": eval_days, "distinct_ids": distinct,
             "rows": rows}
 
 
@@ -377,7 +389,7 @@ def drift_experiment(world: StreamWorld, freeze_days_before: int = 5, sync_ms: i
     periods = {"before drift": ~after, "after drift": after}
     overall = {period: {name: asdict(quality(run.examples[sel], p[sel])) for name, p in run.probs.items()}
                for period, sel in periods.items()}
-    return {"experiment": "drift", "world": _world_info(world), "freeze_day": freeze_day, "sync_ms": sync_ms,
+    return {"experiment": "drift", "world": _world_info(world, cfg), "freeze_day": freeze_day, "sync_ms": sync_ms,
             "trained": run.trained, "seconds": run.seconds, "overall": overall, "rows": rows}
 
 
@@ -409,7 +421,7 @@ def sync_experiment(world: StreamWorld, eval_from_day: int | None = None,
              **{period: asdict(quality(run.examples[sel], run.probs[name][sel])) for period, sel in periods.items()}}
             for name, interval in intervals.items()]
     windows = {name: [asdict(w) for w in window_metrics(run.examples, p)] for name, p in run.probs.items()}
-    return {"experiment": "sync", "world": _world_info(world), "eval_from_day": eval_from_day, "grid_ms": grid,
+    return {"experiment": "sync", "world": _world_info(world, cfg), "eval_from_day": eval_from_day, "grid_ms": grid,
             "trained": run.trained, "seconds": run.seconds, "periods": list(periods), "rows": rows,
             "windows": windows}
 
@@ -432,7 +444,8 @@ _QUALITY_HEADER = "AUC click | AUC repin | log loss | HIT@3 repin | HIT@3 hide |
 def _world_line(r: dict[str, Any]) -> str:
     w = r["world"]
     drift = f", drift on day {w['drift_day']}" if w["drift_day"] is not None else ""
-    return f"World: {w['users']:,} users, {w['items']:,} items, {w['days']} days, {w['events']:,} events{drift}."
+    return (f"World: {w['users']:,} users, {w['items']:,} items, {w['days']} days, {w['events']:,} events{drift}; "
+            f"model seed {w['seed']}.")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
