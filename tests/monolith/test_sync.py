@@ -303,3 +303,41 @@ def test_cli_online_trains_and_serves_and_refuses_bad_combinations(world, live_o
                           (("online", "--data", str(tmp_path), "--ckpt", str(tmp_path / "c")), "has no events.parquet")):
         res = run_cli(*args)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_kill_9_of_the_job_mid_replay_loses_and_repeats_nothing(world, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    all_events = world.log.read(0, 10**7)[0]
+    expected = all_events[all_events["ts_ms"] >= all_events["ts_ms"].max() + 1 - 8 * 86_400_000]
+    span = int(expected["ts_ms"][-1] - expected["ts_ms"][0])
+    base = [sys.executable, "-m", "lifelong.cli", "online", "--data", str(world.dir), "--ckpt", str(ckpt),
+            "--last-days", "8"]
+    env = {"LIFELONG_QUIET": "1", "COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    # Paced so that the replay takes ~30 s: the kill lands while the producer is still appending.
+    proc = subprocess.Popen([*base, "--sync-every", "0.2", "--speedup", str(span / 30_000)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while not list(ckpt.glob("ckpt-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with LogStream(ckpt / "stream") as log:
+        partial = stream_records(log)
+    assert 0 < partial < len(expected)
+    res = subprocess.run([*base, "--sync-every", "5"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"({partial:,} already in the stream)" in res.stdout
+    with LogStream(ckpt / "stream") as log:
+        records = log.read(0, 10**7)[0]
+    for name in ("ts_ms", "user_id", "item_id", "action_mask"):
+        np.testing.assert_array_equal(records[name], expected[name])
+    single = ExampleAudit()
+    single.add(OnlineJoiner(CFG.joiner).push(records))
+    with OnlineTrainer(OnlineConfig(), str(ckpt / "stream"), world.catalog, ckpt) as trainer:
+        assert trainer.audit == single and trainer.counters.events == len(expected)
