@@ -76,7 +76,7 @@ def export(
     as_of_ms: Annotated[int | None, typer.Option(help="Embed from the events before this time [default: the data's end].")] = None,
     keep: Annotated[int, typer.Option(help="Versions kept after the switch (the new one included).")] = 2,
     active_days: Annotated[int, typer.Option(help="A user is active with an event in the last N days.")] = 30,
-    batch_users: Annotated[int, typer.Option(help="Users embedded and written per batch.")] = 512,
+    batch_users: Annotated[int, typer.Option(help="Users embedded and written per batch.")] = 4096,
 ) -> None:
     """Embed every active user with the run's tower, 4-bit quantize, write a new version and switch to it."""
     from lifelong.data.protocol import DAY_MS
@@ -86,7 +86,7 @@ def export(
     world = data or _run_data(run)
     as_of = default_as_of_ms(world) if as_of_ms is None else as_of_ms
     cfg = ExportConfig(batch_users=batch_users, keep=keep, active_window_ms=active_days * DAY_MS)
-    s = export_embeddings(load_tower(run), world, store, as_of, cfg, run=str(run.resolve()), progress=True)
+    s = export_embeddings(load_tower(run), world, store, as_of, cfg, run=str(run.resolve()))
     out.print(f"[green]exported[/green] version {s.version} to {s.url} in {s.seconds:.1f} s: {s.users:,} users x "
               f"({s.rows}, {s.dim}), {s.bytes_per_user:,} bytes a user vs {4 * s.rows * s.dim:,} in fp32: "
               f"compression {s.compression_ratio:.2f}x; deleted versions: {list(s.deleted) or 'none'}")
