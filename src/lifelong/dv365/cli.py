@@ -127,7 +127,7 @@ def schedule(
         trainer = TowerTrainer(settings, spec=None if run is None else load_tower(run).spec, log=out.print)
     clock = SimulatedClock(SystemClock().now_ms()) if simulated_clock else SystemClock()
     records = run_schedule(data, store, out_dir, cfg, trainer=trainer, run=run if no_train else None, clock=clock,
-                           log=out.print)
+                           tower_loader=load_tower if trainer is None else trainer.load_tower, log=out.print)
     ok = [r for r in records if r.status == "ok"]
     out.print(f"[green]done[/green]: {len(ok)} of {len(records)} cycles ok; serving version "
               f"{records[-1].served_version if records else None}; log {out_dir / 'schedule.jsonl'}")

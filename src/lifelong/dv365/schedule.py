@@ -54,8 +54,9 @@ from lifelong.dv365.export import (
     default_as_of_ms,
     export_embeddings,
 )
+from lifelong.dv365.featurize import TimelineSource
 from lifelong.dv365.slices import DURATION_UNITS, SliceSpec, parse_duration_ms
-from lifelong.dv365.tower import load_tower
+from lifelong.dv365.tower import DV365Tower, load_tower
 from lifelong.dv365.train import DV365TrainConfig, fit, prepare, save_run
 from lifelong.errors import ConfigError, DataError
 from lifelong.features.quantization import dequantize_4bit, from_words_4bit
@@ -232,6 +233,23 @@ class TowerTrainer:
         save_run(out_dir, tower, backbone, meta)
         return out_dir
 
+    def load_tower(self, run_dir: Path) -> EmbeddingTower:
+        """The tower of ``run_dir``, reading the events this trainer indexed (not indexing them again)."""
+        tower = load_tower(run_dir)
+        return tower if self._world is None else _IndexedWorldTower(tower, self._world.source)
+
+
+class _IndexedWorldTower:
+    """A tower that embeds from an already indexed :class:`TimelineSource`, whatever directory it is given:
+    one index of the world (~5 GB for ``lifelong``) serves both training and export."""
+
+    def __init__(self, tower: DV365Tower, source: TimelineSource):
+        self.tower, self.source = tower, source
+
+    def embed_users(self, world_dir: str | os.PathLike[str], user_ids: np.ndarray, as_of_ms: int,
+                    gap_ms: int | None = None) -> np.ndarray:
+        return self.tower.embed_users(self.source, user_ids, as_of_ms, gap_ms)
+
 
 def run_schedule(world_dir: str | os.PathLike[str], store_url: str, out_dir: str | os.PathLike[str],
                  config: ScheduleConfig, trainer: Trainer | None = None, run: str | os.PathLike[str] | None = None,
@@ -246,7 +264,9 @@ def run_schedule(world_dir: str | os.PathLike[str], store_url: str, out_dir: str
         config: interval, number of cycles, first as-of time, export settings.
         trainer: trains a tower per cycle; None reuses ``run`` in every cycle.
         run: the run directory reused when there is no trainer.
-        tower_loader: loads the tower of a run directory (default: the DV365 tower's).
+        tower_loader: loads the tower of a run directory (default: the DV365 tower's; with a
+            :class:`TowerTrainer`, pass its :meth:`~TowerTrainer.load_tower`). The tower of the
+            last run is kept: reusing one run loads it, and indexes the world, once.
         clock: the schedule's clock (default: the wall clock).
         log: where a line per step goes.
 
@@ -266,12 +286,20 @@ def run_schedule(world_dir: str | os.PathLike[str], store_url: str, out_dir: str
     (out_dir / "cache").mkdir(parents=True, exist_ok=True)
     t0 = clock.now_ms()
     records: list[CycleRecord] = []
+    loaded: dict[Path, EmbeddingTower] = {}
+
+    def load(run_dir: Path) -> EmbeddingTower:
+        if run_dir not in loaded:
+            loaded.clear()
+            loaded[run_dir] = tower_loader(run_dir)
+        return loaded[run_dir]
+
     cycle = 0
     while config.cycles is None or cycle < config.cycles:
         due = t0 + cycle * config.every_ms
         clock.sleep_until(due)
         record = _run_cycle(cycle, due, clock.now_ms(), first_as_of + cycle * config.every_ms, world_dir, store_url,
-                            out_dir, config.export, trainer, run, tower_loader, log)
+                            out_dir, config.export, trainer, run, load, log)
         with open(out_dir / "schedule.jsonl", "a") as f:
             f.write(json.dumps(asdict(record), sort_keys=True) + "\n")
         records.append(record)
