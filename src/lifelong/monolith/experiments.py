@@ -14,7 +14,7 @@ the impressions and scored with the project's metrics (AUC per head, log loss, H
   trained on the stream up to a held-out tail, evaluated frozen on the tail.
 - :func:`drift_experiment`: on a world with the drift switch on, the model kept training and
   synced every minute vs the same model frozen a few days before the drift; quality per day.
-- :func:`sync_experiment`: one trainer, several served copies synced every 1 min .. 6 h or never.
+- :func:`sync_experiment`: one trainer, several served copies synced every 1 min .. 1 day or never.
 
 Time runs on a grid (one minute by default): the events of a grid cell are scored together by
 the snapshots current at the cell's start, then trained on; sync intervals are multiples of the
@@ -50,7 +50,14 @@ from lifelong.monolith.hashed import ModuloEmbedding
 from lifelong.monolith.joiner import OnlineJoiner
 from lifelong.monolith.modules import sparse_step
 from lifelong.monolith.online import OnlineConfig, WindowMetrics
-from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRanker, OnlineRankerConfig, default_table
+from lifelong.monolith.ranker import (
+    SLOTS,
+    ItemCatalog,
+    OnlineBatch,
+    OnlineRanker,
+    OnlineRankerConfig,
+    default_table,
+)
 from lifelong.monolith.stream import LogStream, replay
 
 __all__ = ["EXPERIMENTS", "Quality", "ServedPredictions", "StreamWorld", "drift_experiment", "hashing_experiment",
@@ -60,7 +67,7 @@ DAY_MS = 86_400_000
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 SYNC_INTERVALS: dict[str, int | None] = {"1 min": MINUTE_MS, "10 min": 10 * MINUTE_MS, "1 h": HOUR_MS,
-                                         "6 h": 6 * HOUR_MS, "never": None}
+                                         "6 h": 6 * HOUR_MS, "1 day": DAY_MS, "never": None}
 """The sync intervals of :func:`sync_experiment` (None: the served model never changes)."""
 _HIT_HEADS = ("repin", "hide")  # the heads the project reports HIT@3 for (hide: lower is better)
 
