@@ -24,6 +24,7 @@ from tests.dv365.export_support import (  # noqa: F401 (store_url: a fixture)
     ROWS,
     FakeTower,
     assert_served,
+    bound_4bit,
     fake_embeddings,
     listed_versions,
     rows_left,
@@ -202,3 +203,40 @@ def test_delete_prefix_matches_the_prefix_literally(store_url):
         assert store.delete_prefix(b"a*b:") == 2 and store.delete_prefix(b"a*b:") == 0
         with store.reader() as r:
             assert [v is not None for v in r.values(keys)] == [False, False, True, True, True, True]
+
+
+def test_a_read_straddling_a_switch_and_collection_gets_one_version_whole(store_url, tmp_path):
+    """An export with keep=1 runs between the reader's pointer read and its row read. LMDB reads
+    one snapshot: the old version, whole. Redis finds the rows gone and reads again: the new one."""
+    from contextlib import contextmanager
+
+    from lifelong.dv365.export import POINTER_KEY
+
+    one = ExportConfig(keep=1)
+    export_embeddings(FakeTower(), tmp_path, store_url, T0, one, user_ids=USERS)
+    with open_store(store_url, writable=True) as store:
+        plain_reader = store.reader
+
+        @contextmanager
+        def racing_reader():
+            with plain_reader() as r:
+                plain_values = r.values
+
+                def values(keys):
+                    got = plain_values(keys)
+                    if keys == [POINTER_KEY] and not raced:
+                        raced.append("racing")  # the export's own reads pass through here too
+                        raced.append(export_embeddings(FakeTower(), tmp_path, store, T0 + 1, one, user_ids=USERS))
+                    return got
+
+                r.values = values
+                yield r
+
+        raced = []
+        store.reader = racing_reader
+        emb, version = EmbeddingReader(store).get(USERS)
+    assert raced[1].version == 2 and raced[1].deleted == (1,)
+    as_of = T0 if store_url.startswith("lmdb") else T0 + 1
+    assert version == (1 if store_url.startswith("lmdb") else 2)
+    want = fake_embeddings(USERS, as_of)
+    assert np.all(np.abs(emb.astype(np.float64) - want) <= bound_4bit(want))
