@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from lifelong.errors import ConfigError
 from lifelong.models.registry import build_model
 from lifelong.models.transact import TransAct
-from tests.models.fixtures import _TOPICS, SMALL, SMALL_LAYOUT, fit, random_batch, topic_match_batch
+from tests.models.fixtures import (
+    _TOPICS,
+    SMALL,
+    SMALL_LAYOUT,
+    fit,
+    random_batch,
+    topic_match_batch,
+)
 
 H, R, C = 3, 4, 8
 RT = SMALL_LAYOUT.block_slice("rt")
@@ -40,7 +47,10 @@ def test_every_position_sees_the_user_tokens_and_causality_holds_after_them(seed
     later = torch.zeros_like(batch.seq_valid)
     later[:, t + 1:] = True
     other = random_batch(4, SMALL_LAYOUT, H, seed + 1000, pattern="random")
-    pick = lambda a, b: torch.where(later.unsqueeze(-1) if a.dim() == 3 else later, b, a)  # noqa: E731
+
+    def pick(a, b):
+        return torch.where(later.unsqueeze(-1) if a.dim() == 3 else later, b, a)
+
     later_changed = dataclasses.replace(batch, seq_emb=pick(batch.seq_emb, other.seq_emb),
                                         seq_action=pick(batch.seq_action, other.seq_action),
                                         seq_valid=pick(batch.seq_valid, other.seq_valid))

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lifelong.errors import ConfigError
 from lifelong.dv365.projection import EmbeddingProjection
+from lifelong.errors import ConfigError
 from lifelong.models.layers import MLP, HashedEmbedding
 
 INTERACTIONS = ("dot", "cat")
