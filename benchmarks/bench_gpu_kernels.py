@@ -182,8 +182,8 @@ def render_encoder(rows: list[dict[str, Any]], sweep: str) -> str:
 
 
 def render_nn(rows: list[dict[str, Any]]) -> str:
-    lines = ["| L | N | k | unfused ms | fused ms | latency change | unfused MB | fused MB | same tokens | max abs diff |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|"]
+    lines = ["| L | N | k | unfused ms | fused ms | latency change | unfused MB | fused MB | same tokens "
+             "| max abs diff |", "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|"]
     for r in rows:
         lines.append(f"| {r['L']:,} | {r['N']:,} | {r['k']} | {r['naive_ms']:.3f} | {r['fused_ms']:.3f} | "
                      f"{_change(r['fused_ms'], r['naive_ms'])} | {_mb(r['naive_mb'])} | {_mb(r['fused_mb'])} | "
@@ -194,7 +194,8 @@ def render_nn(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true",
-                        help="tiny shapes on the CPU through the Triton interpreter (a smoke check, not a speed figure)")
+                        help="tiny shapes on the CPU through the Triton interpreter (a smoke check, "
+                             "not a speed figure)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per shape (after one warm-up)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="encoder dtype")
     args = parser.parse_args(argv)

@@ -26,8 +26,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     """16-position tiles: several query blocks and key tiles per row at test sizes."""
-    monkeypatch.setattr(triton_encoder, "BLOCK_M", 16)
-    monkeypatch.setattr(triton_encoder, "BLOCK_N", 16)
+    monkeypatch.setattr(triton_encoder, "TILES", {torch.float16: (16, 16, 4), torch.float32: (16, 16, 4)})
 
 
 def _stack(n_layers: int, heads: int, d: int = 64, ffn: int = 32) -> TransformerEncoder:

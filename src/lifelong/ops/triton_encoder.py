@@ -1,6 +1,6 @@
 """SKUT: a whole post-norm transformer encoder layer in one Triton kernel (TransAct V2 §3.4.2).
 
-One program computes ``BLOCK_M`` query positions of one row:
+One program computes ``BLOCK_M`` query positions of one row (tile sizes: :data:`TILES`):
 
 1. ``q = x W_q^T + b_q`` for its queries;
 2. causal + padding masked attention, tile by tile over ``BLOCK_N`` keys with an online
@@ -15,8 +15,9 @@ Rows are packed: the real tokens of row ``n`` are its first ``lengths[n]`` posit
 Outputs at padding positions are zeros. Heads are unrolled inside the kernel (TransAct V2 uses
 one: d_model 64, FFN 32); the 2-layer encoder is two launches.
 
-fp32 inputs are multiplied in IEEE fp32 (no TF32); fp16 inputs feed fp16 ``tl.dot`` with fp32
-accumulation on a GPU, and are upcast to fp32 in the interpreter. Softmax, layer norms and
+fp32 inputs are multiplied as three TF32 products (``tf32x3``, about fp32's accuracy, not
+single-pass TF32); fp16 inputs feed fp16 ``tl.dot`` with fp32 accumulation on a GPU, and are
+upcast to fp32 in the interpreter. Softmax, layer norms and
 residuals accumulate in fp32 either way; the output has the input's dtype.
 
 The ``triton`` implementation of the ``transact_encode`` op builds the first layer's packed
@@ -36,19 +37,20 @@ from lifelong.models.layers import EncoderLayer
 from lifelong.ops.dispatch import interpreting, kernel_device, register
 from lifelong.ops.encoder import FusedTransActEncoder, _append_padding, pack_rows, unpack_rows
 
-BLOCK_M = 64
-"""Query positions per program, read when a layer runs (tests set smaller tiles for the interpreter)."""
-BLOCK_N = 64
-"""Key positions per attention tile, read likewise."""
+TILES: dict[torch.dtype, tuple[int, int, int]] = {torch.float16: (64, 32, 8), torch.float32: (32, 32, 8)}
+"""(query positions per program, key positions per attention tile, warps) per dtype, read when a
+layer runs. Chosen without a GPU, as the largest tiles whose sm_90 build (``triton.compile``
+ahead of time) spills no or few registers; tests set smaller tiles for the interpreter."""
 
 
 @triton.jit
 def _mm(a, b, FP16: tl.constexpr):
-    """``a @ b`` accumulated in fp32: fp16 operands on fp16 tensor cores, else IEEE fp32."""
+    """``a @ b`` accumulated in fp32: fp16 operands on fp16 tensor cores, else fp32 ones as three
+    TF32 products (``tf32x3``: about fp32's accuracy; plain IEEE fp32 spills registers here)."""
     if FP16:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
 
 
 @triton.jit
@@ -146,8 +148,7 @@ def check_supported(layer: EncoderLayer) -> None:
                           f"got {', '.join(bad) or f'{heads} heads for d_model {d}'}")
 
 
-def skut_layer(x: torch.Tensor, lengths: torch.Tensor, layer: EncoderLayer, block_m: int | None = None,
-               block_n: int | None = None) -> torch.Tensor:
+def skut_layer(x: torch.Tensor, lengths: torch.Tensor, layer: EncoderLayer) -> torch.Tensor:
     """One encoder layer over packed rows, in one kernel launch.
 
     Args:
@@ -155,8 +156,6 @@ def skut_layer(x: torch.Tensor, lengths: torch.Tensor, layer: EncoderLayer, bloc
         lengths: ``(N,)`` real tokens per row (0 allowed).
         layer: the post-norm :class:`~lifelong.models.layers.EncoderLayer` (eval: no dropout);
             its parameters are used in ``x``'s dtype, on ``x``'s device (copied if need be).
-        block_m, block_n: query and key tile sizes (powers of two, at least 16); None:
-            :data:`BLOCK_M`, :data:`BLOCK_N`.
 
     Returns:
         ``(N, S, d)`` in ``x``'s dtype: ``layer(x)`` under the causal + padding mask at real
@@ -178,17 +177,17 @@ def skut_layer(x: torch.Tensor, lengths: torch.Tensor, layer: EncoderLayer, bloc
         attn.in_proj.weight, attn.in_proj.bias, attn.out_proj.weight, attn.out_proj.bias,
         layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
         layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias)]
-    block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
+    block_m, block_n, warps = TILES[x.dtype]
     _skut_layer_kernel[(triton.cdiv(s, block_m), n)](
         x, out, lengths.to(x.device).contiguous(), *weights,
         s, layer.norm1.eps, layer.norm2.eps, (d // attn.n_heads) ** -0.5,
         D=d, H=attn.n_heads, FFN=layer.linear1.out_features, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP16=x.dtype == torch.float16 and not interpreting())
+        FP16=x.dtype == torch.float16 and not interpreting(), num_warps=warps)
     return out
 
 
-def skut_encode(x: torch.Tensor, lengths: torch.Tensor, layers: torch.nn.ModuleList | list[EncoderLayer],
-                block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+def skut_encode(x: torch.Tensor, lengths: torch.Tensor,
+                layers: torch.nn.ModuleList | list[EncoderLayer]) -> torch.Tensor:
     """An encoder stack over packed rows: one :func:`skut_layer` launch per layer.
 
     Example::
@@ -196,7 +195,7 @@ def skut_encode(x: torch.Tensor, lengths: torch.Tensor, layers: torch.nn.ModuleL
         h = skut_encode(x, lengths, model.encoder.layers)  # TransAct V2: two launches
     """
     for layer in layers:
-        x = skut_layer(x, lengths, layer, block_m, block_n)
+        x = skut_layer(x, lengths, layer)
     return x
 
 

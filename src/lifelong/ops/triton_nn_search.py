@@ -4,7 +4,7 @@ Each program takes one block of up to ``BLOCK_C`` candidates of one user and wal
 user's int8 segment in tiles of ``BLOCK_L`` tokens, read straight from the de-duplicated
 ``values`` (the sequence is never copied per candidate). Per tile it dequantizes, L2-normalises
 (float32, as :func:`~lifelong.features.nn_select.l2_normalize`), scores the tile against the
-block with one float64 ``tl.dot`` rounded to float32, and merges the tile into a running
+block in float64 (``D`` outer products) rounded to float32, and merges the tile into a running
 top-``k`` per candidate held in registers. Only the ``(N, k)`` positions and scores are written.
 
 The float64 dot keeps the op's tie contract (:mod:`lifelong.ops.nn_search`): products of
@@ -31,6 +31,9 @@ BLOCK_C = 16
 """Candidates per program (``tl.dot`` needs at least 16 rows on a GPU)."""
 BLOCK_L = 64
 """Tokens per tile, read when the op runs (tests set a smaller one for the interpreter)."""
+NUM_WARPS = 8
+"""Chosen without a GPU: the sm_90 build (``triton.compile`` ahead of time) of 64-token tiles
+then spills no registers up to k = 128 (4 warps spill from k = 128)."""
 
 
 @triton.jit
@@ -46,7 +49,6 @@ def _nn_search_kernel(values_ptr, starts_ptr, lengths_ptr, order_ptr, work_user_
     c_ok = c < count
     rows = tl.load(order_ptr + tl.load(work_first_ptr + work) + c, mask=c_ok, other=0)
     col = tl.arange(0, D)
-    cand = tl.load(cand_ptr + rows[:, None] * D + col[None, :], mask=c_ok[:, None], other=0.0).to(tl.float64)
     slot = tl.arange(0, K_PAD)[None, :]
     best_s = tl.full((BLOCK_C, K_PAD), float("-inf"), tl.float32)
     best_p = tl.full((BLOCK_C, K_PAD), -1, tl.int64)
@@ -54,11 +56,17 @@ def _nn_search_kernel(values_ptr, starts_ptr, lengths_ptr, order_ptr, work_user_
     for t0 in range(0, length, BLOCK_L):
         pos = t0 + tl.arange(0, BLOCK_L)
         ok = pos < length
-        codes = tl.load(values_ptr + (start + pos)[:, None] * D + col[None, :], mask=ok[:, None], other=0)
-        x = codes.to(tl.float32) * step
-        tok = x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]
-        s = tl.dot(cand, tl.trans(tok.to(tl.float64))).to(tl.float32)
-        s = tl.where(ok[None, :], s, float("-inf"))
+        token = values_ptr + (start + pos) * D
+        x = tl.load(token[:, None] + col[None, :], mask=ok[:, None], other=0).to(tl.float32) * step
+        norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
+        # The float64 dot as D outer products, summed in the same order for every token (a
+        # float64 tl.dot of this K does not lower to the GPU's MMA); the columns are L1 hits.
+        acc = tl.zeros((BLOCK_C, BLOCK_L), tl.float64)
+        for d in range(D):
+            tok_d = (tl.load(token + d, mask=ok, other=0).to(tl.float32) * step) / norm
+            cand_d = tl.load(cand_ptr + rows * D + d, mask=c_ok, other=0.0)
+            acc += cand_d.to(tl.float64)[:, None] * tok_d.to(tl.float64)[None, :]
+        s = tl.where(ok[None, :], acc.to(tl.float32), float("-inf"))
         # Ties go to the newer token, and every token of this tile is newer than those kept,
         # so a tile score equal to the k-th still enters.
         if tl.max((tl.max(s, axis=1) >= kth).to(tl.int32), axis=0) > 0:
@@ -123,5 +131,5 @@ def nn_search_triton(values: torch.Tensor, starts: torch.Tensor, lengths: torch.
     _nn_search_kernel[(work_user.numel(),)](
         values, starts, lengths, order, work_user, first, count, cand, positions, scores,
         scale / INT8_LEVELS, k, D=values.shape[1], BLOCK_C=BLOCK_C, BLOCK_L=block_l or BLOCK_L,
-        K_PAD=triton.next_power_of_2(k))
+        K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
     return positions.to(home), scores.to(home)
