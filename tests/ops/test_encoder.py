@@ -56,16 +56,21 @@ def _table(n: int, seq_len: int, n_tokens: int, seed: int):
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(0, 6), n_tokens=st.integers(0, 30), seed=st.integers(0, 2**31))
 def test_fused_cpu_matches_reference(variant, n, n_tokens, seed):
+    assert_backend_matches_reference("cpu", variant, n, n_tokens, seed)
+
+
+def assert_backend_matches_reference(backend: str, variant: str, n: int, n_tokens: int, seed: int) -> None:
+    """``backend``'s encoder output equals the reference's at real tokens; zeros at padding."""
     enc = encoder(variant)
     args = _table(n, enc.model.cfg.seq_len, n_tokens, seed)
     with torch.inference_mode():
         h_ref, valid_ref = enc(*args, backend="reference")
-        h_cpu, valid_cpu = enc(*args, backend="cpu")
-    assert h_cpu.shape == (n, enc.model.cfg.seq_len, enc.model.cfg.d_model)
-    assert torch.equal(valid_cpu, valid_ref) and torch.equal(valid_ref, args[3] >= 0)
+        h, valid = enc(*args, backend=backend)
+    assert h.shape == (n, enc.model.cfg.seq_len, enc.model.cfg.d_model)
+    assert torch.equal(valid, valid_ref) and torch.equal(valid_ref, args[3] >= 0)
     # Outputs at padding positions are meaningless (nothing downstream reads them): real tokens only.
-    torch.testing.assert_close(h_cpu[valid_ref], h_ref[valid_ref], rtol=0, atol=1e-5)
-    assert torch.isfinite(h_cpu).all()  # all-padding rows too
+    torch.testing.assert_close(h[valid_ref], h_ref[valid_ref], rtol=0, atol=1e-5)
+    assert torch.equal(h[~valid], torch.zeros_like(h[~valid]))  # all-padding rows too
 
 
 def _as_table(model: TransAct, batch):

@@ -18,7 +18,7 @@ from lifelong.models.layers import EncoderLayer, TransformerEncoder, causal_atte
 from lifelong.ops import triton_encoder  # noqa: E402
 from lifelong.ops.dispatch import kernel_device  # noqa: E402
 from lifelong.ops.triton_encoder import check_supported, skut_encode, skut_layer  # noqa: E402
-from tests.ops.test_encoder import _table, encoder  # noqa: E402
+from tests.ops.test_encoder import VARIANTS, assert_backend_matches_reference  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 
@@ -71,18 +71,11 @@ def test_one_layer_is_the_layer_over_each_rows_real_tokens():
         assert skut_layer(x[:0], torch.zeros(0, dtype=torch.int64), layer).shape == (0, 50, 64)
 
 
-@pytest.mark.parametrize("variant", ["v2", "v1", "v2_two_heads", "v2_late_fusion"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @settings(max_examples=4, deadline=None)
 @given(n=st.integers(0, 5), n_tokens=st.integers(0, 30), seed=st.integers(0, 2**31))
 def test_transact_encode_on_triton_matches_reference(variant, n, n_tokens, seed):
-    enc = encoder(variant)
-    args = _table(n, enc.model.cfg.seq_len, n_tokens, seed)
-    with torch.inference_mode():
-        h_ref, valid_ref = enc(*args, backend="reference")
-        h, valid = enc(*args, backend="triton")
-    assert torch.equal(valid, valid_ref) and h.shape == h_ref.shape
-    torch.testing.assert_close(h[valid], h_ref[valid], rtol=0, atol=1e-5)
-    assert torch.equal(h[~valid], torch.zeros_like(h[~valid]))
+    assert_backend_matches_reference("triton", variant, n, n_tokens, seed)
 
 
 @pytest.mark.parametrize("d, heads, ffn, message", [
