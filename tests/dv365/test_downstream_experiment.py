@@ -18,6 +18,7 @@ from lifelong.dv365.downstream_data import (
 )
 from lifelong.dv365.downstream_experiment import DownstreamConfig, run_downstream
 from lifelong.errors import ConfigError, DataError
+from tests.test_cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,20 @@ def test_embeddings_of_the_wrong_shape_are_refused(world, tmp_path):
     cfg = DownstreamConfig(data=DownstreamDataConfig(max_train_rows=100, max_eval_rows=100), seeds=(0,))
     with pytest.raises(ConfigError, match="embeddings"):
         run_downstream(world, lambda ids, t: np.zeros((ids.size - 1, 2, 2), np.float32), tmp_path, cfg, log=lambda s: None)
+
+
+@pytest.mark.slow  # two CLI processes: a tower trained, then the experiment (~40 s on two busy cores)
+def test_cli_runs_the_experiment_with_a_trained_tower_through_the_4bit_codec(world, tmp_path):
+    run = tmp_path / "tower"
+    trained = run_cli("dv365", "train", "--data", str(world), "--out", str(run), "--encoders", "lce", "--out-cols", "3",
+                      "--train-days", "2", "--per-group", "4", "--epochs", "1", "--max-users", "0")
+    assert trained.returncode == 0, trained.stderr
+    res = run_cli("dv365", "downstream", "--run", str(run), "--out", str(tmp_path / "down"), "--train-rows", "1500",
+                  "--eval-rows", "500", "--seeds", "1", "--ranker-epochs", "1", "--retrieval-epochs", "1",
+                  "--queries", "100")
+    assert res.returncode == 0, res.stderr
+    assert "| **average** |" in res.stdout and "HitRate@10" in res.stdout
+    results = json.loads((tmp_path / "down" / "results.json").read_text())
+    assert results["quantized_4bit"] is True and results["embedding_shape"] == [33, 3]
+    bad = run_cli("dv365", "downstream", "--run", str(tmp_path), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

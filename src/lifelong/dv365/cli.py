@@ -151,3 +151,38 @@ def experiment(
     out.print(render_markdown(report))
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'encoders.png'}, "
               f"{out_dir / 'staleness.png'}")
+
+
+@dv365_app.command("downstream")
+def downstream(
+    run: Annotated[Path, typer.Option("--run", help="A `lifelong dv365 train` run directory (the tower).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (results.json, results.md, downstream.png).")],
+    data: Annotated[Path | None, typer.Option("--data", help="The world (default: the run's).")] = None,
+    train_days: Annotated[float, typer.Option(help="Days of training impressions before the cutoff.")] = 3.0,
+    train_rows: Annotated[int, typer.Option(help="Seeded subset of training impressions (0: all).")] = 300_000,
+    eval_rows: Annotated[int, typer.Option(help="Seeded subset of evaluation impressions (0: all).")] = 150_000,
+    seeds: Annotated[int, typer.Option(help="Seeds per variant.")] = 2,
+    user_id: Annotated[bool, typer.Option(help="The baselines embed the user id.")] = True,
+    ranker_epochs: Annotated[int, typer.Option()] = 2,
+    retrieval_epochs: Annotated[int, typer.Option()] = 4,
+    queries: Annotated[int, typer.Option(help="Evaluation (user, item) pairs scored for HitRate.")] = 5000,
+    quantize: Annotated[bool, typer.Option(help="Pass the embedding through the export's 4-bit codec.")] = True,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
+) -> None:
+    """Downstream value: DLRM ranker with vs without the frozen embedding, retrieval none/linear/GateNet."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from lifelong.dv365.downstream_data import DownstreamDataConfig
+    from lifelong.dv365.downstream_experiment import DownstreamConfig, render_markdown, run_downstream, tower_embeddings
+
+    world = data or _run_data(run)
+    cfg = DownstreamConfig(data=DownstreamDataConfig(train_days=train_days, max_train_rows=train_rows or None,
+                                                     max_eval_rows=eval_rows or None),
+                           seeds=tuple(range(seeds)), user_id=user_id, ranker_epochs=ranker_epochs,
+                           retrieval_epochs=retrieval_epochs, max_queries=queries)
+    results = run_downstream(world, tower_embeddings(run, world, quantize=quantize), out_dir, cfg, log=out.print,
+                             provenance={"run": str(run.resolve()), "quantized_4bit": quantize})
+    out.print(render_markdown(results))
+    out.print(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'downstream.png'} "
+              f"({results['seconds']:.0f} s)")

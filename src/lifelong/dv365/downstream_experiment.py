@@ -288,7 +288,7 @@ def summarize(ranker: Mapping[str, list[dict]], retrieval: Mapping[str, list[dic
 def run_downstream(world_dir: str | os.PathLike[str], embeddings: EmbeddingFn, out: str | os.PathLike[str],
                    cfg: DownstreamConfig = DownstreamConfig(), log: Callable[[str], None] = print,
                    provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Run the whole experiment; write ``results.json`` and ``downstream.png`` into ``out``.
+    """Run the whole experiment; write ``results.json``, ``results.md`` and ``downstream.png`` into ``out``.
 
     Args:
         world_dir: the world or dataset.
@@ -340,12 +340,40 @@ def run_downstream(world_dir: str | os.PathLike[str], embeddings: EmbeddingFn, o
                    for s in (data.train, data.eval)},
         "per_seed": {"ranker": ranker, "retrieval": {v: [{str(k): r[k] for k in r} for r in runs]
                                                      for v, runs in retrieval.items()}},
-        "summary": summarize(ranker, retrieval), "seconds": round(time.perf_counter() - t0, 1),
+        "corpus": int(data.item_ids.size), "summary": summarize(ranker, retrieval),
+        "seconds": round(time.perf_counter() - t0, 1),
         **dict(provenance or {}),
     }
     write_json(results, out / "results.json")
+    (out / "results.md").write_text(render_markdown(results) + "\n")
     plot_downstream(results, out / "downstream.png")
     return results
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """The two result tables (ranker NE per task, retrieval HitRate) as Markdown."""
+    summary = results["summary"]
+    n = len(results["config"]["seeds"])
+
+    def pm(stat: Mapping[str, float], scale: float = 1.0, digits: int = 4) -> str:
+        return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+    lines = [f"Ranker (DLRM), evaluation day, mean ± std over {n} seeds; NE gain = −relative NE delta.", "",
+             "| task | NE without | NE with | NE gain (%) | AUC without | AUC with |", "|---|---|---|---|---|---|"]
+    for h in HEADS:
+        r = summary["ranker"][h]
+        lines.append(f"| {h} | {pm(r['ne_without'])} | {pm(r['ne_with'])} | {pm(r['relative_ne_delta'], -100, 2)} | "
+                     f"{pm(r['auc_without'])} | {pm(r['auc_with'])} |")
+    lines.append(f"| **average** | | | {pm(summary['ranker']['average_relative_ne_delta'], -100, 2)} | | |")
+    lines += ["", f"Two-tower retrieval over all {results['corpus']:,} items, mean ± std over {n} seeds (%).", "",
+              "| user tower | HitRate@1 | HitRate@10 | HitRate@10 vs none |", "|---|---|---|---|"]
+    base = summary["retrieval"]["none"]["hit@10"]["mean"]
+    names = {"none": "no embedding", "linear": "+ embedding, linear projection", "gatenet": "+ embedding, GateNet"}
+    for v in RETRIEVAL_VARIANTS:
+        r = summary["retrieval"][v]
+        rel = "" if v == "none" or base == 0 else f"{100 * (r['hit@10']['mean'] - base) / base:+.1f}%"
+        lines.append(f"| {names[v]} | {pm(r['hit@1'], 100, 3)} | {pm(r['hit@10'], 100, 3)} | {rel} |")
+    return "\n".join(lines)
 
 
 def plot_downstream(results: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
