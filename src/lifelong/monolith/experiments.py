@@ -178,6 +178,42 @@ def build_model(cfg: OnlineConfig, buckets: Mapping[str, int] | None = None) -> 
     return model
 
 
+class _Trainer:
+    """The trainer of :func:`serve_and_train`: the :class:`~lifelong.monolith.online.OnlineTrainer`'s
+    model, joiner and optimizers, trained on every emitted example once, without checkpoints."""
+
+    def __init__(self, cfg: OnlineConfig, catalog: ItemCatalog, buckets: Mapping[str, int] | None):
+        self.cfg, self.catalog = cfg, catalog
+        self.model = build_model(cfg, buckets)
+        params = self.model.dense.parameters()
+        self.optimizer = (torch.optim.Adagrad(params, lr=cfg.lr) if cfg.optimizer == "adagrad"
+                          else torch.optim.Adam(params, lr=cfg.lr))
+        self.head_weights = torch.tensor(cfg.head_weights)
+        self.joiner = OnlineJoiner(cfg.joiner)
+        self.steps = 0
+        self._snapshot: tuple[int, OnlineRanker] | None = None
+
+    def consume(self, records: np.ndarray) -> int:
+        """Join the events and take one step per ``batch_size`` emitted examples; returns the examples."""
+        examples = self.joiner.push(records)
+        now = self.joiner.watermark
+        for b in range(0, len(examples), self.cfg.batch_size):
+            batch = OnlineBatch.from_examples(examples[b:b + self.cfg.batch_size], self.catalog)
+            loss = ranking_loss(self.model(batch, now), batch.labels, self.head_weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            sparse_step(self.model, now)
+            self.steps += 1
+        return len(examples)
+
+    def snapshot(self) -> OnlineRanker:
+        """A frozen copy of the model in eval mode (one copy per trained state, shared by every sync)."""
+        if self._snapshot is None or self._snapshot[0] != self.steps:
+            self._snapshot = (self.steps, copy.deepcopy(self.model).eval())
+        return self._snapshot[1]
+
+
 def serve_and_train(world: StreamWorld, cfg: OnlineConfig, syncs: Mapping[str, int | None], eval_from_ms: int,
                     train_until_ms: int | None = None, buckets: Mapping[str, int] | None = None,
                     grid_ms: int = MINUTE_MS) -> ServedPredictions:
@@ -201,6 +237,11 @@ def serve_and_train(world: StreamWorld, cfg: OnlineConfig, syncs: Mapping[str, i
 
     Raises:
         ConfigError: no served model, or an interval that is not a positive multiple of ``grid_ms``.
+
+    Example::
+
+        run = serve_and_train(world, OnlineConfig(), {"1 h": HOUR_MS, "never": None}, eval_from_ms=world.day_ms(30))
+        quality(run.examples, run.probs["1 h"]).auc["click"]
     """
     if not syncs:
         raise ConfigError("serve_and_train needs at least one served model")
@@ -208,28 +249,15 @@ def serve_and_train(world: StreamWorld, cfg: OnlineConfig, syncs: Mapping[str, i
         if interval is not None and (interval < grid_ms or interval % grid_ms):
             raise ConfigError(f"sync interval of {name!r} must be a positive multiple of {grid_ms} ms, got {interval}")
     t0 = time.perf_counter()
+    # The labels of every impression, from one join of the whole stream (the joiner's output does
+    # not depend on how the stream is split): predictions are made before they exist.
     reference = OnlineJoiner(cfg.joiner)
     labelled = np.concatenate([reference.push(world.records), reference.flush()])
     labelled = labelled[np.argsort(labelled["ts_ms"], kind="stable")]
     scored = labelled[labelled["ts_ms"] >= eval_from_ms]
-    scored_ts = scored["ts_ms"]
     probs = {name: np.zeros((len(scored), len(HEADS)), np.float32) for name in syncs}
-
-    model = build_model(cfg, buckets)
-    params = model.dense.parameters()
-    optimizer = torch.optim.Adagrad(params, lr=cfg.lr) if cfg.optimizer == "adagrad" else torch.optim.Adam(params, lr=cfg.lr)
-    head_weights = torch.tensor(cfg.head_weights)
-    joiner = OnlineJoiner(cfg.joiner)
-    step = 0  # optimizer steps so far: a snapshot is reused while the trainer has not moved
-    snapshot: tuple[int, OnlineRanker] | None = None
+    trainer = _Trainer(cfg, world.catalog, buckets)
     served: dict[str, tuple[int, OnlineRanker]] = {}  # name -> (time of its snapshot, the snapshot)
-
-    def take_snapshot() -> OnlineRanker:
-        nonlocal snapshot
-        if snapshot is None or snapshot[0] != step:
-            snapshot = (step, copy.deepcopy(model).eval())
-        return snapshot[1]
-
     cell = world.records["ts_ms"] // grid_ms
     starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
     trained = 0
@@ -238,29 +266,18 @@ def serve_and_train(world: StreamWorld, cfg: OnlineConfig, syncs: Mapping[str, i
         if t + grid_ms > eval_from_ms:
             for name, interval in syncs.items():
                 if name not in served or (interval is not None and t // interval != served[name][0] // interval):
-                    served[name] = (t, take_snapshot())
-            lo, hi = np.searchsorted(scored_ts, [t, t + grid_ms])
+                    served[name] = (t, trainer.snapshot())
+            lo, hi = np.searchsorted(scored["ts_ms"], [t, t + grid_ms])
             if hi > lo:
                 batch = OnlineBatch.from_examples(scored[lo:hi], world.catalog)
-                done: dict[int, np.ndarray] = {}
+                by_copy: dict[int, np.ndarray] = {}
                 with torch.no_grad():
                     for name, (_, snap) in served.items():
-                        if id(snap) not in done:
-                            done[id(snap)] = torch.sigmoid(snap(batch)).numpy()
-                        probs[name][lo:hi] = done[id(snap)]
-        if train_until_ms is not None and t >= train_until_ms:
-            continue
-        examples = joiner.push(world.records[start:end])
-        now = joiner.watermark
-        for b in range(0, len(examples), cfg.batch_size):
-            batch = OnlineBatch.from_examples(examples[b:b + cfg.batch_size], world.catalog)
-            loss = ranking_loss(model(batch, now), batch.labels, head_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sparse_step(model, now)
-            step += 1
-        trained += len(examples)
+                        if id(snap) not in by_copy:
+                            by_copy[id(snap)] = torch.sigmoid(snap(batch)).numpy()
+                        probs[name][lo:hi] = by_copy[id(snap)]
+        if train_until_ms is None or t < train_until_ms:
+            trained += trainer.consume(world.records[start:end])
     return ServedPredictions(examples=scored, probs=probs, trained=trained, seconds=time.perf_counter() - t0)
 
 
@@ -344,8 +361,23 @@ def hashing_experiment(world: StreamWorld, fractions: Sequence[float] = (0.1, 0.
     over the training days; every slot of a modulo variant gets ``round(fraction * distinct)``
     buckets (at least 1).
 
+    Args:
+        world: the stream.
+        fractions: buckets per distinct id of each modulo variant.
+        eval_days: the held-out tail.
+        cfg: the trainer (default: :class:`OnlineConfig`'s defaults).
+        grid_ms: the time step (training batches close at its boundaries).
+
+    Returns:
+        The report: one row per table (its buckets, examples trained, seconds, :class:`Quality`).
+
     Raises:
         ConfigError: ``eval_days`` not in ``1..days-1``, or a fraction not in ``(0, 10]``.
+
+    Example::
+
+        report = hashing_experiment(load_stream("worlds/mono_small"), fractions=(0.5, 1.0))
+        [(r["table"], r["quality"]["auc"]["click"]) for r in report["rows"]]
     """
     cfg = cfg or OnlineConfig()
     if not 1 <= eval_days < world.days:
@@ -375,6 +407,16 @@ def drift_experiment(world: StreamWorld, freeze_days_before: int = 5, sync_ms: i
 
     Both are one trainer's model: the frozen one is its snapshot at the freeze time, i.e. trained
     on everything before it (one pass in time order), and never updated again.
+
+    Args:
+        world: a stream with a drift (:attr:`StreamWorld.drift_day`).
+        freeze_days_before: the frozen snapshot is taken this many days before the drift.
+        sync_ms: the online model's sync interval.
+        cfg: the trainer (default: :class:`OnlineConfig`'s defaults).
+
+    Returns:
+        The report: :class:`Quality` of both models before and after the drift, and one row per
+        day from the freeze with each model's :class:`~lifelong.monolith.online.WindowMetrics`.
 
     Raises:
         ConfigError: the world has no drift inside its days, or the freeze falls before day 1.
@@ -407,6 +449,16 @@ def sync_experiment(world: StreamWorld, eval_from_day: int | None = None,
 
     Scored from ``eval_from_day`` (default: 5 days before the drift, or the second half of a
     world without one); with a drift, the first 3 days after it are also reported apart.
+
+    Args:
+        world: the stream.
+        eval_from_day: first day scored.
+        intervals: served model name -> sync interval in ms (None: never synced).
+        cfg: the trainer (default: :class:`OnlineConfig`'s defaults).
+
+    Returns:
+        The report: one row per interval with its :class:`Quality` per period, and every served
+        model's quality per day.
 
     Raises:
         ConfigError: ``eval_from_day`` not in ``1..days-1``.
