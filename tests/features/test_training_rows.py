@@ -34,7 +34,8 @@ def test_nn_topk_equals_brute_force_with_ties_to_the_newer_token(lengths, k, see
     pos, score = nn_topk(Jagged(values, offsets), cand, cand_req, k, budget=rng.integers(1, 200))
     for i, r in enumerate(cand_req):
         seq = values[offsets[r]:offsets[r + 1]]
-        s = seq @ cand[i].numpy()
+        # As nn_topk scores: exact (float64) products rounded once to float32, so near-ties agree.
+        s = (seq.astype(np.float64) @ cand[i].numpy().astype(np.float64)).astype(np.float32)
         order = sorted(range(len(seq)), key=lambda p: (-s[p], -p))[:k]  # ties: newer first
         expected = np.full(k, -1)
         expected[: len(order)] = order
