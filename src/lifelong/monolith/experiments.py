@@ -60,8 +60,9 @@ from lifelong.monolith.ranker import (
 )
 from lifelong.monolith.stream import LogStream, replay
 
-__all__ = ["EXPERIMENTS", "Quality", "ServedPredictions", "StreamWorld", "drift_experiment", "hashing_experiment",
-           "load_stream", "quality", "render_markdown", "seeded_config", "serve_and_train", "sync_experiment", "window_metrics", "write_report"]
+__all__ = ["EXPERIMENTS", "SYNC_INTERVALS", "Quality", "ServedPredictions", "StreamWorld", "build_model",
+           "drift_experiment", "hashing_experiment", "load_stream", "quality", "render_markdown", "seeded_config",
+           "serve_and_train", "sync_experiment", "window_metrics", "write_report"]
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
@@ -102,8 +103,8 @@ def load_stream(world_dir: str | os.PathLike[str], days: int | None = None, user
 
     Args:
         world_dir: a ``lifelong simulate`` output directory.
-        days: keep the first this many days only (None: all).
-        users: keep the events of the this many smallest user ids only (None: all).
+        days: keep the world's first ``days`` days only (None: all).
+        users: keep the events of the ``users`` smallest user ids only (None: all).
 
     Raises:
         ConfigError: ``days`` or ``users`` below 1, or more days than the world has.
