@@ -16,7 +16,11 @@ from lifelong.dv365.downstream_data import (
     DownstreamDataConfig,
     load_downstream_data,
 )
-from lifelong.dv365.downstream_experiment import DownstreamConfig, run_downstream
+from lifelong.dv365.downstream_experiment import (
+    DownstreamConfig,
+    cached_embeddings,
+    run_downstream,
+)
 from lifelong.errors import ConfigError, DataError
 from tests.test_cli import run_cli
 
@@ -122,3 +126,18 @@ def test_cli_runs_the_experiment_with_a_trained_tower_through_the_4bit_codec(wor
     assert results["quantized_4bit"] is True and results["embedding_shape"] == [33, 3]
     bad = run_cli("dv365", "downstream", "--run", str(tmp_path), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_cached_embeddings_compute_once_per_time_and_user_set(tmp_path):
+    calls = []
+
+    def embed(user_ids, as_of_ms):
+        calls.append((tuple(user_ids), as_of_ms))
+        return np.full((len(user_ids), 2, 3), as_of_ms, dtype=np.float32)
+
+    cached = cached_embeddings(embed, tmp_path / "cache")
+    users = np.array([3, 5])
+    first = cached(users, 10)
+    np.testing.assert_array_equal(cached(users, 10), first)
+    assert cached(users, 20)[0, 0, 0] == 20 and cached(users[:1], 10).shape == (1, 2, 3)
+    assert calls == [((3, 5), 10), ((3, 5), 20), ((3,), 10)]

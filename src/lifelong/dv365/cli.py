@@ -165,23 +165,28 @@ def downstream(
     user_id: Annotated[bool, typer.Option(help="The baselines embed the user id.")] = True,
     ranker_epochs: Annotated[int, typer.Option()] = 2,
     retrieval_epochs: Annotated[int, typer.Option()] = 4,
-    queries: Annotated[int, typer.Option(help="Evaluation (user, item) pairs scored for HitRate.")] = 5000,
+    queries: Annotated[int, typer.Option(help="Evaluation (user, item) pairs scored for HitRate (0: all).")] = 0,
     quantize: Annotated[bool, typer.Option(help="Pass the embedding through the export's 4-bit codec.")] = True,
     threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
+    cache: Annotated[Path | None, typer.Option(help="Keep the embeddings here for reruns (one directory per tower).")] = None,
 ) -> None:
     """Downstream value: DLRM ranker with vs without the frozen embedding, retrieval none/linear/GateNet."""
     import torch
 
     torch.set_num_threads(threads)
     from lifelong.dv365.downstream_data import DownstreamDataConfig
-    from lifelong.dv365.downstream_experiment import DownstreamConfig, render_markdown, run_downstream, tower_embeddings
+    from lifelong.dv365.downstream_experiment import (DownstreamConfig, cached_embeddings, render_markdown,
+                                                      run_downstream, tower_embeddings)
 
     world = data or _run_data(run)
     cfg = DownstreamConfig(data=DownstreamDataConfig(train_days=train_days, max_train_rows=train_rows or None,
                                                      max_eval_rows=eval_rows or None),
                            seeds=tuple(range(seeds)), user_id=user_id, ranker_epochs=ranker_epochs,
-                           retrieval_epochs=retrieval_epochs, max_queries=queries)
-    results = run_downstream(world, tower_embeddings(run, world, quantize=quantize), out_dir, cfg, log=out.print,
+                           retrieval_epochs=retrieval_epochs, max_queries=queries or None)
+    embeddings = tower_embeddings(run, world, quantize=quantize)
+    if cache is not None:
+        embeddings = cached_embeddings(embeddings, cache)
+    results = run_downstream(world, embeddings, out_dir, cfg, log=out.print,
                              provenance={"run": str(run.resolve()), "quantized_4bit": quantize})
     out.print(render_markdown(results))
     out.print(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'downstream.png'} "

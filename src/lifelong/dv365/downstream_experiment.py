@@ -23,6 +23,7 @@ square over the training split, so the learning rate suits any tower's output sc
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -71,7 +72,8 @@ class DownstreamConfig:
         ranker_epochs, retrieval_epochs: passes over the training rows / pairs.
         batch_size: rows or pairs per step.
         lr: Adam learning rate.
-        max_queries: evaluation (user, item) pairs scored for HitRate (a seeded subset).
+        max_queries: score a seeded subset of this many evaluation (user, item) pairs for
+            HitRate (None: all of them; the cost is mostly scoring each user once, not the pairs).
 
     Example::
 
@@ -86,12 +88,12 @@ class DownstreamConfig:
     retrieval_epochs: int = 4
     batch_size: int = 1024
     lr: float = 2e-3
-    max_queries: int = 5000
+    max_queries: int | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ConfigError("the downstream experiment needs at least one seed")
-        if min(self.ranker_epochs, self.retrieval_epochs, self.batch_size, self.max_queries) < 1 or self.lr <= 0:
+        if min(self.ranker_epochs, self.retrieval_epochs, self.batch_size, self.max_queries or 1) < 1 or self.lr <= 0:
             raise ConfigError("epochs, batch_size and max_queries must be >= 1 and lr > 0")
 
 
@@ -124,6 +126,30 @@ def tower_embeddings(run_dir: str | os.PathLike[str], world_dir: str | os.PathLi
     def embed(user_ids: np.ndarray, as_of_ms: int) -> np.ndarray:
         emb = np.asarray(tower.embed_users(world_dir, user_ids, as_of_ms), dtype=np.float32)
         return quantized_roundtrip(emb) if quantize else emb
+
+    return embed
+
+
+def cached_embeddings(embeddings: EmbeddingFn, directory: str | os.PathLike[str]) -> EmbeddingFn:
+    """``embeddings`` remembered on disk (``emb_<as_of_ms>_<users hash>.npy``), for reruns.
+
+    A tower embeds the ``lifelong`` world's 2,000 users in minutes; the models here train in
+    seconds. The file name holds the time and a hash of the user ids, not the tower: use one
+    directory per tower.
+    """
+    directory = Path(directory)
+
+    def embed(user_ids: np.ndarray, as_of_ms: int) -> np.ndarray:
+        digest = hashlib.sha1(np.ascontiguousarray(user_ids, dtype=np.int64).tobytes()).hexdigest()[:12]
+        path = directory / f"emb_{int(as_of_ms)}_{digest}.npy"
+        if path.is_file():
+            return np.load(path)
+        emb = np.asarray(embeddings(user_ids, as_of_ms), dtype=np.float32)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+        np.save(tmp, emb)
+        os.replace(tmp, path)
+        return emb
 
     return embed
 
@@ -356,7 +382,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     n = len(results["config"]["seeds"])
 
     def pm(stat: Mapping[str, float], scale: float = 1.0, digits: int = 4) -> str:
-        return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+        return f"{scale * stat['mean']:.{digits}f} ± {abs(scale) * stat['std']:.{digits}f}"
 
     lines = [f"Ranker (DLRM), evaluation day, mean ± std over {n} seeds; NE gain = −relative NE delta.", "",
              "| task | NE without | NE with | NE gain (%) | AUC without | AUC with |", "|---|---|---|---|---|---|"]
