@@ -53,7 +53,9 @@ class BackboneConfig:
 
     Args:
         emb_dim: width of every embedding vector that enters the interaction.
-        hash_buckets: rows of the item, author and topic tables (``id mod buckets``).
+        hash_buckets: rows of the item, author and topic tables (``id mod buckets``). Few by
+            default: trained on ~200k examples over 200k items, 32k rows memorised item ids
+            and the evaluation NE rose with every epoch; 1,024 rows keep the 256 topics apart.
         user_vectors: vectors the flattened tower output is projected to; 0 leaves the user
             tower out (the no-user-embedding baseline).
         bottom_dims: hidden widths of the dense features' bottom MLP (its output is emb_dim).
@@ -69,7 +71,7 @@ class BackboneConfig:
     """
 
     emb_dim: int = 16
-    hash_buckets: int = 2**16
+    hash_buckets: int = 2**10
     user_vectors: int = 4
     bottom_dims: tuple[int, ...] = (64,)
     top_dims: tuple[int, ...] = (128, 64)

@@ -30,12 +30,16 @@ def train(
     train_days: Annotated[int, typer.Option(help="Days of impressions before the protocol cutoff to train on.")] = 4,
     per_group: Annotated[int, typer.Option(help="Training impressions kept per (user, day).")] = 64,
     max_users: Annotated[int | None, typer.Option(help="Seeded subset of users (0: all).")] = 1000,
-    epochs: Annotated[int, typer.Option()] = 2,
+    epochs: Annotated[int, typer.Option()] = 4,
     lr: Annotated[float, typer.Option()] = 2e-3,
     seed: Annotated[int, typer.Option()] = 0,
     slices: Annotated[Path | None, typer.Option(help="Slice spec YAML [default: the packaged 207-slice spec].")] = None,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads (steps are small; more threads only "
+                                              "contend on a busy machine).")] = 1,
 ) -> None:
     """Train the user tower in the backbone simulation network; prints NE per task on the evaluation day."""
+    import torch
+
     from lifelong.dv365.backbone import BackboneConfig
     from lifelong.dv365.fsa import FSAConfig
     from lifelong.dv365.slices import SliceSpec
@@ -46,6 +50,7 @@ def train(
                            backbone=BackboneConfig(), gap_ms=round(gap_hours * HOUR_MS), train_days=train_days,
                            per_group=per_group, max_users=max_users or None, epochs=epochs, lr=lr, seed=seed)
     spec = SliceSpec.from_yaml(slices) if slices is not None else None
+    torch.set_num_threads(threads)
     meta = train_dv365(data, out_dir, cfg, log=out.print, spec=spec)
     ne = "  ".join(f"{t} {v:.4f}" for t, v in meta["eval"]["ne"].items())
     out.print(f"[green]wrote[/green] {out_dir}  (tower output {tuple(meta['tower_out_shape'])}, "
@@ -138,12 +143,16 @@ def experiment(
     data: Annotated[Path, typer.Option("--data", help="A world directory (e.g. worlds/lifelong).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory (resumable; tokens/ cached there).")],
     users: Annotated[int, typer.Option(help="Seeded subset of users.")] = 1000,
-    epochs: Annotated[int, typer.Option()] = 2,
+    epochs: Annotated[int, typer.Option()] = 4,
     train_days: Annotated[int, typer.Option(help="Days of training impressions before the cutoff.")] = 4,
     per_group: Annotated[int, typer.Option(help="Training impressions per (user, day).")] = 64,
     seeds: Annotated[int, typer.Option(help="Seeds per row (weights and shuffling).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
 ) -> None:
     """Encoder comparison (NE per task, parameters, examples/s), staleness 0/1/3/7 days, with vs without the 24 h gap."""
+    import torch
+
+    torch.set_num_threads(threads)
     from lifelong.dv365.experiments import ExperimentConfig, render_markdown, run_experiment
 
     cfg = ExperimentConfig(users=users, epochs=epochs, train_days=train_days, per_group=per_group, seeds=seeds)

@@ -14,7 +14,8 @@ token cache (``OUT/tokens``) across every run:
 
 Every run is evaluated once and its result kept in ``OUT/results.json``, so an interrupted
 experiment resumes where it stopped. ``OUT/report.md`` holds the tables and ``OUT/*.png``
-the plots.
+the plots; the FSA's runs with and without the gap are kept as run directories
+(``OUT/runs/fsa_seed<k>``, ``OUT/runs/fsa_no_gap_seed<k>``) for export and downstream use.
 
 Example::
 
@@ -37,7 +38,7 @@ from lifelong.data.protocol import DAY_MS
 from lifelong.dv365.backbone import TASKS, BackboneConfig
 from lifelong.dv365.examples import open_world
 from lifelong.dv365.fsa import FSAConfig
-from lifelong.dv365.train import DV365TrainConfig, Prepared, evaluate, fit, prepare
+from lifelong.dv365.train import DV365TrainConfig, Prepared, evaluate, fit, prepare, save_run
 from lifelong.errors import ConfigError
 
 STALENESS_DAYS = (0, 1, 3, 7)
@@ -58,7 +59,7 @@ class ExperimentConfig:
     """
 
     users: int = 1000
-    epochs: int = 2
+    epochs: int = 4
     train_days: int = 4
     per_group: int = 64
     out_cols: int = 32
@@ -122,11 +123,13 @@ def run_experiment(data_dir: str | os.PathLike[str], out: str | os.PathLike[str]
                      "out_shape": meta["tower_out_shape"]}
             if label == FSA_ROW:
                 entry["staleness"] = _staleness(prepared, tower, backbone, row.gap_ms)
+                save_run(out / "runs" / f"fsa_seed{seed}", tower, backbone, {**meta, "data": str(world.path.resolve())})
             record(key, entry)
             log(f"{label} (seed {seed}): mean NE {_ne_summary(entry['ne']):.4f}")
         key = f"FSA without the gap|seed{seed}"
         if key not in results:
             tower, backbone, meta = fit(prepared, replace(no_gap, seed=seed), log=log)
+            save_run(out / "runs" / f"fsa_no_gap_seed{seed}", tower, backbone, {**meta, "data": str(world.path.resolve())})
             record(key, {"ne": meta["eval"]["ne"], "staleness": _staleness(prepared, tower, backbone, 0)})
     report = summarise(results, rows, cfg, prepared)
     write_json(report, out / "report.json")

@@ -74,7 +74,7 @@ class DV365TrainConfig:
     per_group: int = 64
     eval_per_group: int = 256
     max_users: int | None = 1000
-    epochs: int = 2
+    epochs: int = 4
     groups_per_batch: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-5
