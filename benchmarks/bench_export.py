@@ -73,7 +73,7 @@ def bench(url: str, emb: np.ndarray, repeats: int, batch_users: int) -> dict[str
         for batch in (1, 64, 512):
             n_requests = max(20, 2_000 // batch)
             requests = [rng.choice(users, batch, replace=False) for _ in range(n_requests)]
-            seconds = best(lambda: [reader.get(r) for r in requests], repeats)
+            seconds = best(lambda requests=requests: [reader.get(r) for r in requests], repeats)
             result[f"read {batch}"] = n_requests / seconds
     return result
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from lifelong.data.protocol import DAY_MS
 from lifelong.dv365.export import REGISTRY_KEY, EmbeddingReader, version_prefix
@@ -56,14 +55,3 @@ def rows_left(url, version) -> int:
     """Rows of ``version`` still stored (deletes them: call it on versions that should be gone)."""
     with open_store(url, writable=True) as store:
         return store.delete_prefix(version_prefix(version))
-
-
-@pytest.fixture(params=["lmdb", "redis"])
-def store_url(request, tmp_path):
-    """An empty store of each backend."""
-    if request.param == "lmdb":
-        return f"lmdb://{tmp_path / 'emb'}"
-    url = request.getfixturevalue("redis_url")
-    with open_store(url) as store:  # the server lives for the whole session
-        store.clear()
-    return url

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,18 @@ import pytest
 
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.world import load_config, simulate_to
-from lifelong.dv365.export import EmbeddingReader, ExportConfig, active_users, default_as_of_ms, export_embeddings
+from lifelong.dv365.export import (
+    POINTER_KEY,
+    EmbeddingReader,
+    ExportConfig,
+    active_users,
+    default_as_of_ms,
+    export_embeddings,
+    version_prefix,
+)
 from lifelong.errors import ConfigError, DataError
-from lifelong.serving.store import open_store
-from tests.dv365.export_support import (  # noqa: F401 (store_url: a fixture)
+from lifelong.serving.store import open_store, user_key
+from tests.dv365.export_support import (
     DIM,
     ROWS,
     FakeTower,
@@ -28,8 +37,8 @@ from tests.dv365.export_support import (  # noqa: F401 (store_url: a fixture)
     fake_embeddings,
     listed_versions,
     rows_left,
-    store_url,
 )
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -56,7 +65,6 @@ def test_paper_shape_compression_ratio(store_url, tmp_path):
     summary = export_embeddings(FakeTower(200, 256), tmp_path, store_url, T0, user_ids=USERS[:2])
     # 200 rows x 17 int64 words (16 of codes, 1 of scale and offset) = 27,200 bytes for 204,800 of fp32.
     assert summary.bytes_per_user == 200 * 17 * 8 and summary.compression_ratio == pytest.approx(7.529, abs=1e-3)
-    assert summary.to_dict()["fp32_bytes_per_user"] == 204_800
     assert_served(store_url, USERS[:2], T0, 1, 200, 256)
 
 
@@ -79,9 +87,9 @@ def test_missing_users_raise_or_take_the_default(store_url, tmp_path):
     with pytest.raises(DataError, match="no DV365 embeddings exported here yet"), EmbeddingReader(store_url) as reader:
         reader.get([2])
     export_embeddings(FakeTower(), tmp_path, store_url, T0, user_ids=USERS[:3])
-    with EmbeddingReader(store_url) as reader:
-        with pytest.raises(DataError, match=r"2 of 4 users have no embedding in version 1 .* e.g. user 99"):
-            reader.get([2, 99, 3, 100])
+    with EmbeddingReader(store_url) as reader, \
+            pytest.raises(DataError, match=r"2 of 4 users have no embedding in version 1 .* e.g. user 99"):
+        reader.get([2, 99, 3, 100])
     with EmbeddingReader(store_url, default=0.0) as reader:
         emb, _ = reader.get([99, 2])
     assert np.all(emb[0] == 0) and np.abs(emb[1] - fake_embeddings(np.array([2]), T0)[0]).max() < 0.2
@@ -208,10 +216,6 @@ def test_delete_prefix_matches_the_prefix_literally(store_url):
 def test_a_read_straddling_a_switch_and_collection_gets_one_version_whole(store_url, tmp_path):
     """An export with keep=1 runs between the reader's pointer read and its row read. LMDB reads
     one snapshot: the old version, whole. Redis finds the rows gone and reads again: the new one."""
-    from contextlib import contextmanager
-
-    from lifelong.dv365.export import POINTER_KEY
-
     one = ExportConfig(keep=1)
     export_embeddings(FakeTower(), tmp_path, store_url, T0, one, user_ids=USERS)
     with open_store(store_url, writable=True) as store:
@@ -240,3 +244,11 @@ def test_a_read_straddling_a_switch_and_collection_gets_one_version_whole(store_
     assert version == (1 if store_url.startswith("lmdb") else 2)
     want = fake_embeddings(USERS, as_of)
     assert np.all(np.abs(emb.astype(np.float64) - want) <= bound_4bit(want))
+
+
+def test_a_corrupt_record_is_a_data_error(store_url, tmp_path):
+    export_embeddings(FakeTower(), tmp_path, store_url, T0, user_ids=USERS)
+    with open_store(store_url, writable=True) as store:
+        store.put([(version_prefix(1) + user_key(5), b"12345678")])
+    with EmbeddingReader(store_url) as reader, pytest.raises(DataError, match="a record of version 1 is not 96 bytes"):
+        reader.get([2, 5])

@@ -9,17 +9,27 @@ import pytest
 
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.world import load_config, simulate_to
-from lifelong.dv365.export import EmbeddingReader, ExportConfig, active_users, default_as_of_ms
-from lifelong.dv365.schedule import ScheduleConfig, SimulatedClock, parse_every, read_cache, run_schedule
+from lifelong.dv365.export import (
+    EmbeddingReader,
+    ExportConfig,
+    active_users,
+    default_as_of_ms,
+)
+from lifelong.dv365.schedule import (
+    ScheduleConfig,
+    SimulatedClock,
+    parse_every,
+    read_cache,
+    run_schedule,
+)
 from lifelong.dv365.tower import load_tower
 from lifelong.errors import ConfigError, DataError
-from tests.dv365.export_support import (  # noqa: F401 (store_url: a fixture)
+from tests.dv365.export_support import (
     FakeTower,
     assert_served,
     bound_4bit,
     fake_embeddings,
     listed_versions,
-    store_url,
 )
 
 HOUR = 3_600_000

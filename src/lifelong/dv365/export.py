@@ -53,7 +53,13 @@ from lifelong.data.io import read_meta
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.protocol import Protocol as DataProtocol
 from lifelong.errors import ConfigError, DataError
-from lifelong.features.quantization import dequantize_4bit, from_words_4bit, quantize_4bit, to_words_4bit, words_per_row_4bit
+from lifelong.features.quantization import (
+    dequantize_4bit,
+    from_words_4bit,
+    quantize_4bit,
+    to_words_4bit,
+    words_per_row_4bit,
+)
 from lifelong.serving.store import FeatureStore, LMDBStore, open_store, user_key
 
 __all__ = [
@@ -145,13 +151,6 @@ class ExportSummary:
     def compression_ratio(self) -> float:
         """fp32 bytes of a user's embedding over the bytes stored for it."""
         return 4 * self.rows * self.dim / self.bytes_per_user
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "version": self.version, "users": self.users, "rows": self.rows, "dim": self.dim,
-                "as_of_ms": self.as_of_ms, "bytes_written": self.bytes_written, "bytes_per_user": self.bytes_per_user,
-                "fp32_bytes_per_user": 4 * self.rows * self.dim,
-                "compression_ratio": round(self.compression_ratio, 4), "deleted": list(self.deleted),
-                "seconds": self.seconds}
 
 
 def default_as_of_ms(world_dir: str | os.PathLike[str]) -> int:

@@ -38,7 +38,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,8 +62,8 @@ from lifelong.errors import ConfigError, DataError
 from lifelong.features.quantization import dequantize_4bit, from_words_4bit
 
 __all__ = [
-    "Clock", "CycleRecord", "ScheduleConfig", "SimulatedClock", "SystemClock", "Trainer", "parse_every",
-    "TowerTrainer", "read_cache", "run_schedule",
+    "Clock", "CycleRecord", "ScheduleConfig", "SimulatedClock", "SystemClock", "TowerTrainer", "Trainer",
+    "parse_every", "read_cache", "run_schedule",
 ]
 
 Trainer = Callable[[Path, int, Path], Path]
@@ -159,7 +159,7 @@ class ScheduleConfig:
     every_ms: int
     cycles: int | None = None
     first_as_of_ms: int | None = None
-    export: ExportConfig = ExportConfig()
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.every_ms, int) or self.every_ms <= 0:
@@ -334,7 +334,7 @@ def _run_cycle(cycle: int, due_ms: int, started_ms: int, as_of_ms: int, world_di
         done["cache"] = str(_cache(store_url, users, out_dir / "cache", summary.version))
         log(f"cycle {cycle}: cached {done['cache']}")
         status, error, step = "ok", None, None
-    except Exception as exc:  # a recurring job outlives a bad cycle; the record keeps the error
+    except Exception as exc:  # noqa: BLE001 (a recurring job outlives a bad cycle; the record keeps the error)
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log(f"cycle {cycle}: FAILED at {step}: {error}")
         if not isinstance(exc, (ConfigError, DataError)):

@@ -38,8 +38,8 @@ import contextlib
 import json
 import os
 import re
-import threading
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
