@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from lifelong.dv365.export import (
 from lifelong.dv365.schedule import (
     ScheduleConfig,
     SimulatedClock,
+    SystemClock,
     parse_every,
     read_cache,
     run_schedule,
@@ -56,6 +58,16 @@ class FakeTrainer:
             raise RuntimeError("the trainer ran out of memory")
         out_dir.mkdir(parents=True)
         return out_dir
+
+
+def test_the_system_clock_sleeps_until_the_time():
+    clock = SystemClock()
+    start = clock.now_ms()
+    assert abs(start - time.time() * 1000) < 50
+    clock.sleep_until(start + 30)
+    assert clock.now_ms() >= start + 30
+    clock.sleep_until(start)  # passed: returns at once
+    assert clock.now_ms() - start < 1_000
 
 
 @pytest.mark.parametrize("text, ms", [("6h", 6 * HOUR), ("30m", 1_800_000), ("1d", DAY_MS), ("45s", 45_000)])
@@ -214,6 +226,8 @@ def test_cli_export_and_schedule(world, tmp_path):
     with EmbeddingReader(store) as reader:
         assert reader.current()["as_of_ms"] == default_as_of_ms(world) and reader.current()["history"] == [3]
 
+    res = cli.invoke(app, ["dv365", "export", "--run", str(tmp_path / "nothing"), "--store", store])
+    assert isinstance(res.exception, DataError) and "no run.json naming its data" in str(res.exception)
     for args, error in ((["--every", "6 hours"], "interval '6 hours' is not a positive"),
                         (["--no-train"], "--no-train reuses a tower: give it with --run")):
         res = cli.invoke(app, ["dv365", "schedule", "--data", str(world), "--store", store, "--out", str(tmp_path / "x"),
