@@ -5,12 +5,15 @@ user's int8 segment in tiles of ``BLOCK_L`` tokens, read straight from the de-du
 ``values`` (the sequence is never copied per candidate). Per tile it dequantizes, L2-normalises
 (float32, as :func:`~lifelong.features.nn_select.l2_normalize`), scores the tile against the
 block in float64 (``D`` outer products) rounded to float32, and merges the tile into a running
-top-``k`` per candidate held in registers. Only the ``(N, k)`` positions and scores are written.
+top-``k`` per candidate held in registers: a bitonic top-k over int64 keys ordered like
+``(score, position)``, the keys the CPU paths break ties with
+(:func:`~lifelong.features.nn_select.tie_break_keys`). Only the ``(N, k)`` positions and
+scores are written.
 
 The float64 dot keeps the op's tie contract (:mod:`lifelong.ops.nn_search`): products of
 float32s are exact in float64, so equal tokens score equally whatever the summation order, and
-the merge ranks equal scores by position, newer first. A tile whose best score cannot reach
-any candidate's current k-th is skipped.
+the keys rank equal scores by position, newer first. A tile whose best key cannot beat any
+candidate's current k-th is skipped.
 
 The kernel imports :mod:`triton`; :func:`lifelong.ops.dispatch.implementation` imports this
 module the first time the ``triton`` backend is asked for. With ``TRITON_INTERPRET=1`` (set
@@ -23,7 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.standard import _indicator, _log2
 
+from lifelong.features.nn_select import _POS_BITS
 from lifelong.features.quantization import INT8_LEVELS
 from lifelong.ops.dispatch import kernel_device, register
 
@@ -33,7 +38,63 @@ BLOCK_L = 64
 """Tokens per tile, read when the op runs (tests set a smaller one for the interpreter)."""
 NUM_WARPS = 8
 """Chosen without a GPU: the sm_90 build (``triton.compile`` ahead of time) of 64-token tiles
-then spills no registers up to k = 128 (4 warps spill from k = 128)."""
+then keeps at most 24 bytes of stack for k <= 128 (72 with 4 warps at k = 64)."""
+
+
+POS_BITS = tl.constexpr(_POS_BITS)
+"""Bits of a position in a key, as the CPU paths' keys: segments up to 16M tokens."""
+_POS_MASK = tl.constexpr((1 << _POS_BITS) - 1)
+_EMPTY = tl.constexpr(-(1 << 62))
+"""The key of no token: below every (score, position) key."""
+_KEY_MAX = tl.constexpr(1 << 62)
+"""Above every key."""
+
+
+@triton.jit
+def _tie_break_keys(s, pos):
+    """int64 keys ordered like ``(score, position)``, as :func:`~lifelong.features.nn_select.tie_break_keys`."""
+    bits = (s + 0.0).to(tl.int32, bitcast=True).to(tl.int64)  # + 0.0 turns -0.0 into 0.0
+    return (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) << POS_BITS) | pos
+
+
+@triton.jit
+def _compare_and_swap(h, flip, i: tl.constexpr):
+    """One bitonic step on the ``i``-th innermost axis of a hypercube ``[2] * n`` of int64 keys.
+
+    Triton's ``tl.sort`` step, but the pair's XOR comes from its max and min: Triton's
+    interpreter runs the ``xor_sum`` it uses element by element in Python (seconds per tile),
+    while max and min are numpy calls. Compiled, both are one exchange between lanes.
+    """
+    n_dims: tl.constexpr = _log2(h.numel)
+    axis: tl.constexpr = n_dims - 1 - i
+    partner = h ^ tl.max(h, axis, keep_dims=True) ^ tl.min(h, axis, keep_dims=True)
+    return tl.where((h > partner) != (flip ^ _indicator(n_dims, i)), partner, h)
+
+
+@triton.jit
+def _bitonic_merge(h, stage: tl.constexpr, order: tl.constexpr):
+    """``stage`` compare-and-swap rounds: ascending (0), descending (1) or alternating (2) runs."""
+    if order == 2:
+        flip = _indicator(_log2(h.numel), stage)
+    else:
+        flip = order
+    for i in tl.static_range(stage):
+        h = _compare_and_swap(h, flip, stage - 1 - i)
+    return h
+
+
+@triton.jit
+def _top_keys(x, K: tl.constexpr):
+    """The ``K`` largest keys of each row of ``x`` (R, W), descending (bitonic top-k, as ``tl.topk``)."""
+    log_n: tl.constexpr = _log2(x.shape[1])
+    log_k: tl.constexpr = _log2(K)
+    h = tl.reshape(x, [2] * _log2(x.numel))
+    for i in tl.static_range(1, log_k + 1):
+        h = _bitonic_merge(h, i, 2 if i < log_n else 1)
+    for i in tl.static_range(log_k + 1, log_n + 1):
+        h = tl.max(h, axis=(_log2(h.numel) - 1 - log_k))
+        h = _bitonic_merge(h, log_k, 2 if i < log_n else 1)
+    return tl.reshape(h, [x.shape[0], K])
 
 
 @triton.jit
@@ -50,9 +111,9 @@ def _nn_search_kernel(values_ptr, starts_ptr, lengths_ptr, order_ptr, work_user_
     rows = tl.load(order_ptr + tl.load(work_first_ptr + work) + c, mask=c_ok, other=0)
     col = tl.arange(0, D)
     slot = tl.arange(0, K_PAD)[None, :]
-    best_s = tl.full((BLOCK_C, K_PAD), float("-inf"), tl.float32)
-    best_p = tl.full((BLOCK_C, K_PAD), -1, tl.int64)
-    kth = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+    # The running top-k as (score, position) keys, descending; only the first k count.
+    best = tl.full((BLOCK_C, K_PAD), _EMPTY, tl.int64)
+    kth = tl.full((BLOCK_C,), _EMPTY, tl.int64)
     for t0 in range(0, length, BLOCK_L):
         pos = t0 + tl.arange(0, BLOCK_L)
         ok = pos < length
@@ -66,28 +127,23 @@ def _nn_search_kernel(values_ptr, starts_ptr, lengths_ptr, order_ptr, work_user_
             tok_d = (tl.load(token + d, mask=ok, other=0).to(tl.float32) * step) / norm
             cand_d = tl.load(cand_ptr + rows * D + d, mask=c_ok, other=0.0)
             acc += cand_d.to(tl.float64)[:, None] * tok_d.to(tl.float64)[None, :]
-        s = tl.where(ok[None, :], acc.to(tl.float32), float("-inf"))
-        # Ties go to the newer token, and every token of this tile is newer than those kept,
-        # so a tile score equal to the k-th still enters.
-        if tl.max((tl.max(s, axis=1) >= kth).to(tl.int32), axis=0) > 0:
-            new_s = best_s
-            new_p = best_p
-            for j in range(k):
-                m = tl.maximum(tl.max(best_s, axis=1), tl.max(s, axis=1))
-                p = tl.maximum(tl.max(tl.where(best_s == m[:, None], best_p, -1), axis=1),
-                               tl.max(tl.where(s == m[:, None], pos[None, :].to(tl.int64), -1), axis=1))
-                p = tl.where(m == float("-inf"), -1, p)
-                new_s = tl.where(slot == j, m[:, None], new_s)
-                new_p = tl.where(slot == j, p[:, None], new_p)
-                best_s = tl.where(best_p == p[:, None], float("-inf"), best_s)
-                s = tl.where(pos[None, :].to(tl.int64) == p[:, None], float("-inf"), s)
-            best_s = new_s
-            best_p = new_p
-            kth = tl.min(tl.where(slot < k, best_s, float("inf")), axis=1)
+        keys = tl.where(ok[None, :], _tie_break_keys(acc.to(tl.float32), pos[None, :].to(tl.int64)), _EMPTY)
+        # Keys are unique, and every token of this tile is newer than those kept: a tile score
+        # equal to the k-th has the larger key and enters.
+        if tl.max((tl.max(keys, axis=1) > kth).to(tl.int32), axis=0) > 0:
+            if BLOCK_L > K_PAD:
+                tile = _top_keys(keys, K_PAD)
+            else:
+                tile = keys
+            best = _top_keys(tl.reshape(tl.join(best, tile), (BLOCK_C, 2 * K_PAD)), K_PAD)
+            kth = tl.min(tl.where(slot < k, best, _KEY_MAX), axis=1)
+    ordered = best >> POS_BITS
+    score = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    empty = best == _EMPTY
     out = rows[:, None] * k + slot
     keep = c_ok[:, None] & (slot < k)
-    tl.store(out_pos_ptr + out, best_p, mask=keep)
-    tl.store(out_score_ptr + out, best_s, mask=keep)
+    tl.store(out_pos_ptr + out, tl.where(empty, -1, best & _POS_MASK), mask=keep)
+    tl.store(out_score_ptr + out, tl.where(empty, float("-inf"), score), mask=keep)
 
 
 def _work_items(cand_user: torch.Tensor, block_c: int) -> tuple[torch.Tensor, ...]:
@@ -111,7 +167,8 @@ def nn_search_triton(values: torch.Tensor, starts: torch.Tensor, lengths: torch.
     Args:
         values, starts, lengths, cand_user, cand, k, scale: as :func:`~lifelong.ops.nn_search.nn_search`
             (``k >= 1``, at least one candidate).
-        block_l: tokens per tile (a power of two, at least 16); None: :data:`BLOCK_L`.
+        block_l: tokens per tile (a power of two, at least 16; raised to k's next power of two);
+            None: :data:`BLOCK_L`.
 
     Returns:
         ``positions`` int64 ``(N, k)`` and ``scores`` float32 ``(N, k)``, on the inputs' device.
@@ -121,6 +178,8 @@ def nn_search_triton(values: torch.Tensor, starts: torch.Tensor, lengths: torch.
         from lifelong.ops import nn_search
         pos, scores = nn_search(values, starts, lengths, cand_user, cand, k=8, backend="triton")
     """
+    if int(lengths.max()) >= 1 << _POS_BITS:
+        raise ValueError(f"the triton NN search takes segments of fewer than {1 << _POS_BITS} tokens")
     home = cand.device
     device = kernel_device()
     values, starts, lengths, cand_user, cand = (t.to(device).contiguous()
@@ -128,8 +187,9 @@ def nn_search_triton(values: torch.Tensor, starts: torch.Tensor, lengths: torch.
     order, work_user, first, count = _work_items(cand_user, BLOCK_C)
     positions = torch.empty(cand.shape[0], k, dtype=torch.int64, device=device)
     scores = torch.empty(cand.shape[0], k, dtype=torch.float32, device=device)
+    k_pad = triton.next_power_of_2(k)
     _nn_search_kernel[(work_user.numel(),)](
         values, starts, lengths, order, work_user, first, count, cand, positions, scores,
-        scale / INT8_LEVELS, k, D=values.shape[1], BLOCK_C=BLOCK_C, BLOCK_L=block_l or BLOCK_L,
-        K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
+        scale / INT8_LEVELS, k, D=values.shape[1], BLOCK_C=BLOCK_C, BLOCK_L=max(block_l or BLOCK_L, k_pad),
+        K_PAD=k_pad, num_warps=NUM_WARPS)
     return positions.to(home), scores.to(home)
