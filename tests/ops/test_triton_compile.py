@@ -31,7 +31,7 @@ def build(fn, types, constexprs, num_warps):
     print(fn.__name__, constexprs, "ok")
 
 nn = triton_nn_search._nn_search_kernel
-build(nn, ["*i8"] + ["*i64"] * 6 + ["*fp32", "*i64", "*fp32", "fp32", "i32"],
+build(nn, ["*i8"] + ["*i64"] * 6 + ["*fp32", "*i64", "fp32", "i32", "i32", "i32"],
       {"D": 32, "BLOCK_C": triton_nn_search.BLOCK_C, "BLOCK_L": triton_nn_search.BLOCK_L, "K_PAD": 64},
       triton_nn_search.NUM_WARPS)
 for dtype, name in ((torch.float16, "fp16"), (torch.float32, "fp32")):

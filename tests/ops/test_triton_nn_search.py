@@ -21,8 +21,10 @@ from tests.ops.test_nn_search import D, _assert_same, _batch, _brute_force  # no
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """16-token tiles: several per segment at test sizes, and the interpreter stays quick."""
+    """16-token tiles in 32-token chunks: several of each per segment at test sizes, and the
+    interpreter stays quick."""
     monkeypatch.setattr(triton_nn_search, "BLOCK_L", 16)
+    monkeypatch.setattr(triton_nn_search, "CHUNK_L", 32)
 
 
 def test_the_dispatcher_finds_the_kernel():

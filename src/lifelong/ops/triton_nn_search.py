@@ -1,14 +1,16 @@
-"""The ``triton`` backend of :func:`~lifelong.ops.nn_search.nn_search`: one fused kernel.
+"""The ``triton`` backend of :func:`~lifelong.ops.nn_search.nn_search`: one fused kernel, one small top-k.
 
-Each program takes one block of up to ``BLOCK_C`` candidates of one user and walks that
-user's int8 segment in tiles of ``BLOCK_L`` tokens, read straight from the de-duplicated
-``values`` (the sequence is never copied per candidate). Per tile it dequantizes, L2-normalises
+Each program takes one block of up to ``BLOCK_C`` candidates of one user and one chunk of
+``CHUNK_L`` tokens of that user's int8 segment, and walks the chunk in tiles of ``BLOCK_L``
+tokens, read straight from the de-duplicated ``values`` (the sequence is never copied per
+candidate). Per tile it dequantizes, L2-normalises
 (float32, as :func:`~lifelong.features.nn_select.l2_normalize`), scores the tile against the
 block in float64 (``D`` outer products) rounded to float32, and merges the tile into a running
 top-``k`` per candidate held in registers: a bitonic top-k over int64 keys ordered like
 ``(score, position)``, the keys the CPU paths break ties with
-(:func:`~lifelong.features.nn_select.tie_break_keys`). Only the ``(N, k)`` positions and
-scores are written.
+(:func:`~lifelong.features.nn_select.tie_break_keys`). Each program writes its candidates'
+top-k keys, ``(N, chunks, k)`` in all; one ``topk`` over them gives the ``(N, k)`` positions
+and scores. Chunks let a long segment with few candidates fill the GPU.
 
 The float64 dot keeps the op's tie contract (:mod:`lifelong.ops.nn_search`): products of
 float32s are exact in float64, so equal tokens score equally whatever the summation order, and
@@ -36,6 +38,9 @@ BLOCK_C = 16
 """Candidates per program (``tl.dot`` needs at least 16 rows on a GPU)."""
 BLOCK_L = 64
 """Tokens per tile, read when the op runs (tests set a smaller one for the interpreter)."""
+CHUNK_L = 1024
+"""Tokens of a segment per program (rounded up to whole tiles): long segments are split over
+programs, whose top-k lists a final ``topk`` over the keys merges. Read when the op runs."""
 NUM_WARPS = 8
 """Chosen without a GPU: the sm_90 build (``triton.compile`` ahead of time) of 64-token tiles
 then keeps at most 24 bytes of stack for k <= 128 (72 with 4 warps at k = 64)."""
@@ -43,9 +48,9 @@ then keeps at most 24 bytes of stack for k <= 128 (72 with 4 warps at k = 64).""
 
 POS_BITS = tl.constexpr(_POS_BITS)
 """Bits of a position in a key, as the CPU paths' keys: segments up to 16M tokens."""
-_POS_MASK = tl.constexpr((1 << _POS_BITS) - 1)
-_EMPTY = tl.constexpr(-(1 << 62))
+_EMPTY_KEY = -(1 << 62)
 """The key of no token: below every (score, position) key."""
+_EMPTY = tl.constexpr(_EMPTY_KEY)
 _KEY_MAX = tl.constexpr(1 << 62)
 """Above every key."""
 
@@ -99,9 +104,10 @@ def _top_keys(x, K: tl.constexpr):
 
 @triton.jit
 def _nn_search_kernel(values_ptr, starts_ptr, lengths_ptr, order_ptr, work_user_ptr, work_first_ptr,
-                      work_count_ptr, cand_ptr, out_pos_ptr, out_score_ptr, step, k,
+                      work_count_ptr, cand_ptr, keys_ptr, step, k, chunk_len, n_chunks,
                       D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, K_PAD: tl.constexpr):
     work = tl.program_id(0)
+    chunk = tl.program_id(1)
     user = tl.load(work_user_ptr + work)
     count = tl.load(work_count_ptr + work)
     start = tl.load(starts_ptr + user)
@@ -114,7 +120,7 @@ def _nn_search_kernel(values_ptr, starts_ptr, lengths_ptr, order_ptr, work_user_
     # The running top-k as (score, position) keys, descending; only the first k count.
     best = tl.full((BLOCK_C, K_PAD), _EMPTY, tl.int64)
     kth = tl.full((BLOCK_C,), _EMPTY, tl.int64)
-    for t0 in range(0, length, BLOCK_L):
+    for t0 in range(chunk * chunk_len, tl.minimum((chunk + 1) * chunk_len, length), BLOCK_L):
         pos = t0 + tl.arange(0, BLOCK_L)
         ok = pos < length
         token = values_ptr + (start + pos) * D
@@ -137,13 +143,15 @@ def _nn_search_kernel(values_ptr, starts_ptr, lengths_ptr, order_ptr, work_user_
                 tile = keys
             best = _top_keys(tl.reshape(tl.join(best, tile), (BLOCK_C, 2 * K_PAD)), K_PAD)
             kth = tl.min(tl.where(slot < k, best, _KEY_MAX), axis=1)
-    ordered = best >> POS_BITS
-    score = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-    empty = best == _EMPTY
-    out = rows[:, None] * k + slot
-    keep = c_ok[:, None] & (slot < k)
-    tl.store(out_pos_ptr + out, tl.where(empty, -1, best & _POS_MASK), mask=keep)
-    tl.store(out_score_ptr + out, tl.where(empty, float("-inf"), score), mask=keep)
+    tl.store(keys_ptr + (rows[:, None] * n_chunks + chunk) * K_PAD + slot, best, mask=c_ok[:, None])
+
+
+def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (-1 = none) and float32 scores (-inf = none) of :func:`_tie_break_keys` keys."""
+    ordered = keys >> _POS_BITS
+    scores = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).to(torch.int32).view(torch.float32)
+    empty = keys == _EMPTY_KEY
+    return (keys & ((1 << _POS_BITS) - 1)).masked_fill(empty, -1), scores.masked_fill(empty, float("-inf"))
 
 
 def _work_items(cand_user: torch.Tensor, block_c: int) -> tuple[torch.Tensor, ...]:
@@ -185,11 +193,15 @@ def nn_search_triton(values: torch.Tensor, starts: torch.Tensor, lengths: torch.
     values, starts, lengths, cand_user, cand = (t.to(device).contiguous()
                                                 for t in (values, starts, lengths, cand_user, cand))
     order, work_user, first, count = _work_items(cand_user, BLOCK_C)
-    positions = torch.empty(cand.shape[0], k, dtype=torch.int64, device=device)
-    scores = torch.empty(cand.shape[0], k, dtype=torch.float32, device=device)
     k_pad = triton.next_power_of_2(k)
-    _nn_search_kernel[(work_user.numel(),)](
-        values, starts, lengths, order, work_user, first, count, cand, positions, scores,
-        scale / INT8_LEVELS, k, D=values.shape[1], BLOCK_C=BLOCK_C, BLOCK_L=max(block_l or BLOCK_L, k_pad),
+    block_l = max(block_l or BLOCK_L, k_pad)
+    chunk_len = triton.cdiv(CHUNK_L, block_l) * block_l
+    n_chunks = max(triton.cdiv(int(lengths[work_user].max()), chunk_len), 1)
+    keys = torch.empty(cand.shape[0], n_chunks, k_pad, dtype=torch.int64, device=device)
+    _nn_search_kernel[(work_user.numel(), n_chunks)](
+        values, starts, lengths, order, work_user, first, count, cand, keys,
+        scale / INT8_LEVELS, k, chunk_len, n_chunks, D=values.shape[1], BLOCK_C=BLOCK_C, BLOCK_L=block_l,
         K_PAD=k_pad, num_warps=NUM_WARPS)
+    # Each chunk's list holds its exact top k first; the rest are real tokens' keys, below them.
+    positions, scores = _decode_keys(keys.view(cand.shape[0], -1).topk(k, dim=1).values)
     return positions.to(home), scores.to(home)
