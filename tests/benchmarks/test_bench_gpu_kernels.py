@@ -27,7 +27,7 @@ def test_dry_run_prints_every_grid_and_the_kernels_agree():
     assert [t.splitlines()[0] for t in tables] == [
         "SKUT vs PyTorch encoder (default (CPU) SDPA), sequence length at B = 3",
         "SKUT vs PyTorch encoder, batch at L = 24",
-        "NN search: fused (triton) vs unfused (naive)"]
+        "NN search: fused (triton) vs unfused"]
     rows = [line.split("|")[1:-1] for t in tables for line in t.splitlines() if line.startswith("| ") and
             line[2].isdigit()]
     assert len(rows) == 6
