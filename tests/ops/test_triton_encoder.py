@@ -83,3 +83,11 @@ def test_transact_encode_on_triton_matches_reference(variant, n, n_tokens, seed)
 def test_unsupported_widths_are_config_errors(d, heads, ffn, message):
     with pytest.raises(ConfigError, match=message):
         check_supported(EncoderLayer(d, heads, ffn, 0.0))
+
+
+def test_other_layer_kinds_are_config_errors():
+    class PreNormLayer(EncoderLayer):
+        pass
+
+    with pytest.raises(ConfigError, match="post-norm EncoderLayers, got PreNormLayer"):
+        check_supported(PreNormLayer(64, 1, 32, 0.0))

@@ -17,8 +17,8 @@ one: d_model 64, FFN 32); the 2-layer encoder is two launches.
 
 fp32 inputs are multiplied as three TF32 products (``tf32x3``, about fp32's accuracy, not
 single-pass TF32); fp16 inputs feed fp16 ``tl.dot`` with fp32 accumulation on a GPU, and are
-upcast to fp32 in the interpreter. Softmax, layer norms and
-residuals accumulate in fp32 either way; the output has the input's dtype.
+upcast to fp32 in the interpreter. Softmax, layer norms and residuals accumulate in fp32
+either way; the output has the input's dtype.
 
 The ``triton`` implementation of the ``transact_encode`` op builds the first layer's packed
 input from the token table, runs :func:`skut_encode`, and scatters back to the rows' slots.
@@ -136,9 +136,12 @@ def _is_pow2(n: int) -> bool:
 def check_supported(layer: EncoderLayer) -> None:
     """Raise :class:`~lifelong.errors.ConfigError` unless SKUT can run ``layer``.
 
-    The kernel tiles d_model, the head width and the FFN width whole: each must be a power of
-    two of at least 16 (``tl.dot``'s smallest tile).
+    The kernel is the post-norm, ReLU :class:`~lifelong.models.layers.EncoderLayer`, and it
+    tiles d_model, the head width and the FFN width whole: each must be a power of two of at
+    least 16 (``tl.dot``'s smallest tile).
     """
+    if type(layer) is not EncoderLayer:
+        raise ConfigError(f"the triton encoder runs post-norm EncoderLayers, got {type(layer).__name__}")
     d, heads = layer.norm1.normalized_shape[0], layer.self_attn.n_heads
     ffn = layer.linear1.out_features
     widths = {"d_model": d, "head width": d // heads, "ffn_dim": ffn}
@@ -213,7 +216,7 @@ def _encode_triton(enc: FusedTransActEncoder, tok_emb: torch.Tensor, tok_action:
     for layer in model.encoder.layers:
         check_supported(layer)
     device = kernel_device()
-    n, s = tok_index.shape
+    s = tok_index.shape[1]
     d = model.cfg.d_model
     emb, action, surface, index = _append_padding(tok_emb, tok_action, tok_surface, tok_index)
     valid, lengths, slot = pack_rows(tok_index)
