@@ -35,7 +35,7 @@ from lifelong.features.quantization import INT8_LEVELS
 from lifelong.ops.dispatch import kernel_device, register
 
 BLOCK_C = 16
-"""Candidates per program (``tl.dot`` needs at least 16 rows on a GPU)."""
+"""Candidates per program: a tile's scores are ``(BLOCK_C, BLOCK_L)``."""
 BLOCK_L = 64
 """Tokens per tile, read when the op runs (tests set a smaller one for the interpreter)."""
 CHUNK_L = 1024
@@ -44,7 +44,6 @@ programs, whose top-k lists a final ``topk`` over the keys merges. Read when the
 NUM_WARPS = 8
 """Chosen without a GPU: the sm_90 build (``triton.compile`` ahead of time) of 64-token tiles
 then keeps at most 24 bytes of stack for k <= 128 (72 with 4 warps at k = 64)."""
-
 
 POS_BITS = tl.constexpr(_POS_BITS)
 """Bits of a position in a key, as the CPU paths' keys: segments up to 16M tokens."""
@@ -170,7 +169,7 @@ def _work_items(cand_user: torch.Tensor, block_c: int) -> tuple[torch.Tensor, ..
 def nn_search_triton(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, cand_user: torch.Tensor,
                      cand: torch.Tensor, k: int, scale: float,
                      block_l: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~lifelong.ops.nn_search.nn_search` in one Triton kernel (inputs already checked by it).
+    """:func:`~lifelong.ops.nn_search.nn_search` as one Triton kernel and one ``topk`` (inputs checked by it).
 
     Args:
         values, starts, lengths, cand_user, cand, k, scale: as :func:`~lifelong.ops.nn_search.nn_search`
