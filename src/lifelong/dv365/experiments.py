@@ -201,7 +201,8 @@ def render_markdown(report: dict) -> str:
 
 
 def plot_report(report: dict, out: Path) -> list[Path]:
-    """``encoders.png`` (mean Δ NE vs no tower per row) and ``staleness.png`` (mean NE vs age, per gap)."""
+    """``encoders.png`` (mean Δ NE vs no tower per row, ± its std over seeds) and ``staleness.png``
+    (mean NE vs embedding age, per gap)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +214,10 @@ def plot_report(report: dict, out: Path) -> list[Path]:
     deltas = [np.mean(list(r["delta_pct"].values())) for r in rows]
     colors = ["#999999" if "no user" in lab else "#1f77b4" if lab.startswith("token") else "#ff7f0e"
               if lab.startswith("dim") else "#2ca02c" for lab in labels]
-    ax.barh(labels[::-1], deltas[::-1], color=colors[::-1])
+    # The spread over seeds of the mean NE, in % of the baseline's mean NE (0 with one seed).
+    base_mean = np.mean(list(report["baseline_ne"].values()))
+    spread = [100 * r["mean_ne"][1] / base_mean for r in rows]
+    ax.barh(labels[::-1], deltas[::-1], xerr=spread[::-1], color=colors[::-1], capsize=3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("mean NE change over the 4 tasks vs no user tower (%; lower is better)")
     ax.set_title("DV365 encoder comparison (lifelong world)")
@@ -223,11 +227,10 @@ def plot_report(report: dict, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    base = np.mean(list(report["baseline_ne"].values()))
     for name, by_age in report["staleness"].items():
         ages = [int(a) for a in by_age]
         ax.plot(ages, [np.mean([ne[t][0] for t in TASKS]) for ne in by_age.values()], marker="o", label=name)
-    ax.axhline(base, color="#999999", linestyle="--", label="no user tower")
+    ax.axhline(base_mean, color="#999999", linestyle="--", label="no user tower")
     ax.set_xlabel("embedding age (days)")
     ax.set_ylabel("mean NE over the 4 tasks (lower is better)")
     ax.set_title("DV365: NE vs embedding staleness")
