@@ -67,7 +67,8 @@ def _compare_and_swap(h, flip, i: tl.constexpr):
 
     Triton's ``tl.sort`` step, but the pair's XOR comes from its max and min: Triton's
     interpreter runs the ``xor_sum`` it uses element by element in Python (seconds per tile),
-    while max and min are numpy calls. Compiled, both are one exchange between lanes.
+    while max and min are numpy calls. Compiled, both are one exchange between lanes. It uses
+    ``tl.sort``'s own helpers (``_indicator``, ``_log2``), private to the pinned triton 3.7.1.
     """
     n_dims: tl.constexpr = _log2(h.numel)
     axis: tl.constexpr = n_dims - 1 - i
