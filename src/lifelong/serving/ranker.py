@@ -161,6 +161,9 @@ class Ranker:
         if model_layout is not None and model_layout != self.layout:
             raise ConfigError(f"the model was trained on layout {model_layout}, the store holds {self.layout}; "
                               "load the store from the model's dataset")
+        if getattr(getattr(model, "cfg", None), "user_tokens", None) is not None:
+            raise ConfigError("the model prepends DV365 user-embedding tokens, which the ranking service does not "
+                              "fetch yet: serve a model trained without user_tokens")
         self.heads: tuple[str, ...] = tuple(meta["heads"])
         n_heads = getattr(getattr(model, "cfg", None), "n_heads", len(self.heads))
         if n_heads != len(self.heads):
