@@ -50,7 +50,7 @@ from lifelong.dv365.retrieval import (
     in_batch_softmax_loss,
 )
 from lifelong.errors import ConfigError
-from lifelong.eval.metrics import auc, normalized_entropy
+from lifelong.eval.metrics import auc, mean_std, normalized_entropy
 from lifelong.features.quantization import dequantize_4bit, quantize_4bit
 from lifelong.models.heads import ranking_loss
 
@@ -286,7 +286,8 @@ def retrieval_metrics(data: DownstreamData, emb_train: np.ndarray | None, emb_ev
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std}
 
 
 def summarize(ranker: Mapping[str, list[dict]], retrieval: Mapping[str, list[dict]]) -> dict[str, Any]:

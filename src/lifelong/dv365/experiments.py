@@ -40,6 +40,7 @@ from lifelong.dv365.examples import open_world
 from lifelong.dv365.fsa import FSAConfig
 from lifelong.dv365.train import DV365TrainConfig, Prepared, evaluate, fit, prepare, save_run
 from lifelong.errors import ConfigError
+from lifelong.eval.metrics import mean_std
 
 STALENESS_DAYS = (0, 1, 3, 7)
 
@@ -145,11 +146,6 @@ def _staleness(prepared: Prepared, tower, backbone, gap_ms: int) -> dict[str, di
         ev.group_user, ev.group_anchor_ms - age * DAY_MS - gap_ms))["ne"] for age in STALENESS_DAYS}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
-
-
 def summarise(results: dict, rows: dict[str, DV365TrainConfig], cfg: ExperimentConfig, prepared: Prepared) -> dict:
     """Mean ± std over seeds per row; NE deltas relative to the backbone without a user tower."""
     seeds = range(cfg.seeds)
@@ -157,16 +153,16 @@ def summarise(results: dict, rows: dict[str, DV365TrainConfig], cfg: ExperimentC
     table = []
     for label in rows:
         runs = [results[f"{label}|seed{s}"] for s in seeds]
-        ne = {t: _mean_std([r["ne"][t] for r in runs]) for t in TASKS}
+        ne = {t: mean_std([r["ne"][t] for r in runs]) for t in TASKS}
         table.append({"label": label, "ne": ne,
                       "delta_pct": {t: 100 * (ne[t][0] - base[t]) / base[t] for t in TASKS},
-                      "mean_ne": _mean_std([_ne_summary(r["ne"]) for r in runs]),
+                      "mean_ne": mean_std([_ne_summary(r["ne"]) for r in runs]),
                       "parameters": runs[0]["fsa_parameters"], "out_shape": runs[0]["out_shape"],
                       "examples_per_s": float(np.mean([r["examples_per_s"] for r in runs]))})
     staleness = {}
     for name, key in (("24 h gap", FSA_ROW), ("no gap", "FSA without the gap")):
         runs = [results[f"{key}|seed{s}"]["staleness"] for s in seeds]
-        staleness[name] = {age: {t: _mean_std([r[age][t] for r in runs]) for t in TASKS}
+        staleness[name] = {age: {t: mean_std([r[age][t] for r in runs]) for t in TASKS}
                            for age in map(str, STALENESS_DAYS)}
     return {"config": asdict(cfg), "users": int(prepared.users.size), "train_examples": len(prepared.train),
             "train_groups": prepared.train.n_groups, "eval_examples": len(prepared.eval),

@@ -38,6 +38,7 @@ from lifelong.dv365.tower import DV365Tower, content_tables
 from lifelong.errors import ConfigError
 from lifelong.eval.metrics import auc, normalized_entropy
 from lifelong.progress import progress
+from lifelong.train.trainer import save_atomic
 
 
 @dataclass(frozen=True)
@@ -206,17 +207,11 @@ def fit(prepared: Prepared, cfg: DV365TrainConfig, log: Callable[[str], None] = 
     return tower.eval(), backbone.eval(), meta
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_run(out: str | os.PathLike[str], tower: DV365Tower, backbone: BackboneSimulation, meta: dict) -> None:
     """Write ``model.pt`` and ``run.json`` of a run, each atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _save_atomic({"kind": "dv365", "tower": tower.save_state(),
+    save_atomic({"kind": "dv365", "tower": tower.save_state(),
                   "backbone": {"config": backbone.cfg, "user_shape": tower.out_shape,
                                "state_dict": backbone.state_dict()}, "train": meta["train"]}, out / "model.pt")
     write_json(meta, out / "run.json")

@@ -21,6 +21,7 @@ import numpy as np
 from lifelong.data.io import write_json
 from lifelong.errors import ConfigError
 from lifelong.eval.evaluate import evaluate_run
+from lifelong.eval.metrics import mean_std
 from lifelong.features.rank_data import RankData
 from lifelong.train.trainer import TrainConfig, train
 
@@ -62,11 +63,6 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("BCE", {**_V2, "nal_loss": "bce"}),
     ]),
 }
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -146,13 +142,13 @@ def summarise(table: str, title: str, rows: list[Row], results: dict[str, list[d
             hits = [r["per_head"][head]["hit@3"] for r in res]
             base_hits = [b["per_head"][head]["hit@3"] for b in base]
             rel = [(h - b) / b if b else float("nan") for h, b in zip(hits, base_hits)]  # no base hit: undefined
-            entry[f"hit_{head}"] = _mean_std(hits)
-            entry[f"rel_{head}"] = _mean_std(rel)
-            entry[f"ne_{head}"] = _mean_std([r["per_head"][head]["ne"] for r in res])
-            entry[f"auc_{head}"] = _mean_std([r["per_head"][head]["auc"] for r in res])
+            entry[f"hit_{head}"] = mean_std(hits)
+            entry[f"rel_{head}"] = mean_std(rel)
+            entry[f"ne_{head}"] = mean_std([r["per_head"][head]["ne"] for r in res])
+            entry[f"auc_{head}"] = mean_std([r["per_head"][head]["auc"] for r in res])
         if has_oracle:
-            entry["lift_repin"] = _mean_std([r["lift_fraction"]["repin"] for r in res])
-        entry["examples_per_s"] = _mean_std([r["examples_per_s"] for r in res])
+            entry["lift_repin"] = mean_std([r["lift_fraction"]["repin"] for r in res])
+        entry["examples_per_s"] = mean_std([r["examples_per_s"] for r in res])
         out_rows.append(entry)
     summary = {"table": table, "title": title, "rows": out_rows}
     if has_oracle:

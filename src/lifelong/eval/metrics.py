@@ -149,3 +149,15 @@ def gauc(users: np.ndarray, labels: np.ndarray, score: np.ndarray) -> float:
     """Group AUC: per-user AUC weighted by the user's rows, over users with both classes."""
     _, aucs, counts = group_auc(users, labels, score)
     return float(np.average(aucs, weights=counts)) if aucs.size else float("nan")
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of per-seed figures.
+
+    Example::
+
+        >>> mean_std([1.0, 3.0]), mean_std([2.0])
+        ((2.0, 1.4142135623730951), (2.0, 0.0))
+    """
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0

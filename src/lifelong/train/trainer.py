@@ -78,7 +78,8 @@ class TrainConfig:
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -157,13 +158,13 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
         record = {k: v / max(steps, 1) for k, v in totals.items()}
         record.update(epoch=epoch + 1, seconds=round(seconds, 2), examples_per_s=round(len(order) / seconds, 1))
         meta["epochs"].append(record)
-        _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                       "epochs": meta["epochs"], "train": asdict(cfg), "rng": rng.bit_generator.state, "gen": gen},
                      ckpt_path)
         log(f"{cfg.model} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, nal {record['nal']:.4f}), "
             f"{record['examples_per_s']:,.0f} examples/s")
     meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
-    _save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
+    save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
                   "state_dict": model.state_dict()}, out / "model.pt")
     write_json(meta, out / "run.json")
     return meta
