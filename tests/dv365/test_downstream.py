@@ -30,7 +30,8 @@ def test_gatenet_scales_each_feature_by_a_gate_in_0_2(seed):
     torch.nn.init.normal_(gate.gate.weight, std=3.0)
     x = torch.randn(8, 6) + 0.1
     ratio = gate(x) / x
-    assert ((ratio > 0) & (ratio < 2)).all()
+    # Open interval in exact arithmetic; float32 sigmoid saturates to 0 or 1 for large logits.
+    assert ((ratio >= 0) & (ratio <= 2)).all()
     assert ratio.std() > 0.05, "trained gates differ per feature"
 
 
