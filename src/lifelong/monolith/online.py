@@ -459,18 +459,31 @@ class ParameterReplica:
             self.dense = {k: v.copy() for k, v in delta.dense.items()}
         self.version, self.lineage = delta.version, delta.lineage
 
+    def _positions(self, slot: str, ids: object) -> tuple[np.ndarray, np.ndarray]:
+        want = np.asarray(ids, dtype=np.int64)
+        have = self.ids[slot]
+        if not len(have):
+            return np.zeros(want.shape, np.int64), np.zeros(want.shape, bool)
+        pos = np.minimum(np.searchsorted(have, want), len(have) - 1)
+        return pos, have[pos] == want
+
+    def has_rows(self, slot: str, ids: object) -> np.ndarray:
+        """Which ``ids`` have a row of their own (the others read the default).
+
+        Raises:
+            KeyError: no delta has carried ``slot``.
+        """
+        return self._positions(slot, ids)[1]
+
     def vectors(self, slot: str, ids: object) -> np.ndarray:
         """(n, dim) float32 rows of ``ids``; ids without a row read the table's default.
 
         Raises:
             KeyError: no delta has carried ``slot``.
         """
-        want = np.asarray(ids, dtype=np.int64)
-        have = self.ids[slot]
-        if not len(have):
-            return np.tile(self.defaults[slot], (len(want), 1))
-        pos = np.minimum(np.searchsorted(have, want), len(have) - 1)
-        hit = have[pos] == want
+        pos, hit = self._positions(slot, ids)
+        if not len(self.ids[slot]):
+            return np.tile(self.defaults[slot], (len(hit), 1))
         return np.where(hit[:, None], self.values[slot][pos], self.defaults[slot])
 
 

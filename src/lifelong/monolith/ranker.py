@@ -191,11 +191,16 @@ class ItemCatalog:
         return cls.from_table(read_table(Path(directory) / "items.parquet", "items",
                                          columns=["item_id", "embedding", "author_id", "topic_id"]))
 
+    def index_of(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(catalog rows, known mask) of each item id; the row of an unknown id is meaningless."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
+        return pos, self.item_ids[pos] == ids
+
     def lookup(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(author ids, topic ids, (n, 32) float32 embeddings, known mask) of each item id."""
         ids = np.asarray(item_ids, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
-        known = self.item_ids[pos] == ids
+        pos, known = self.index_of(ids)
         author = np.where(known, self.author_ids[pos], UNKNOWN_ID)
         topic = np.where(known, self.topic_ids[pos], UNKNOWN_ID)
         emb = np.zeros((ids.size, EMBED_DIM), dtype=np.float32)

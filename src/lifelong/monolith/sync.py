@@ -37,11 +37,18 @@ from lifelong.monolith.ranker import SLOTS, OnlineRankerConfig
 if TYPE_CHECKING:
     from lifelong.monolith.online import OnlineTrainer
 
-__all__ = ["SYNC_PATH", "SyncReply", "Syncer", "decode_delta", "encode_delta"]
+__all__ = ["SYNC_PATH", "MalformedDelta", "SyncReply", "Syncer", "decode_delta", "encode_delta"]
 
 SYNC_PATH = "/admin/sync"
 WIRE_FORMAT = "lifelong.monolith.sync/1"
 _TABLE_FIELDS = ("ids", "values", "removed", "default")
+
+
+class MalformedDelta(DataError):
+    """A sync body that is not a delta of this format (the service answers 422, not 409)."""
+
+    def __init__(self, message: str):
+        super().__init__("sync payload", message)
 
 
 def encode_delta(delta: Delta, model: OnlineRankerConfig) -> bytes:
@@ -73,40 +80,39 @@ def decode_delta(payload: bytes) -> tuple[Delta, OnlineRankerConfig]:
     """Inverse of :func:`encode_delta`.
 
     Raises:
-        DataError: the payload is not a delta of this format (truncated, foreign, inconsistent).
+        MalformedDelta: the payload is not a delta of this format (truncated, foreign, inconsistent).
     """
-    where = "sync payload"
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(arrays.pop("meta").tobytes())
     except Exception as exc:  # noqa: BLE001 - numpy/zipfile/json raise many types for a bad body
-        raise DataError(where, f"not a delta ({type(exc).__name__}: {exc})") from None
+        raise MalformedDelta(f"not a delta ({type(exc).__name__}: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != WIRE_FORMAT:
-        raise DataError(where, f"format {meta.get('format') if isinstance(meta, dict) else meta!r} is not "
+        raise MalformedDelta(f"format {meta.get('format') if isinstance(meta, dict) else meta!r} is not "
                                f"{WIRE_FORMAT!r}")
     try:
         model = OnlineRankerConfig.from_dict(meta["model"])
         tables = {}
         for slot in meta["tables"]:
             if slot not in SLOTS:
-                raise DataError(where, f"unknown id slot {slot!r}")
+                raise MalformedDelta(f"unknown id slot {slot!r}")
             t = TableDelta(**{name: arrays[f"table.{slot}.{name}"] for name in _TABLE_FIELDS})
             dim = model.tables[slot].dim
             if t.ids.ndim != 1 or t.values.shape != (len(t.ids), dim) or t.default.shape != (dim,):
-                raise DataError(where, f"table {slot}: {t.ids.shape} ids, values {t.values.shape} and default "
+                raise MalformedDelta(f"table {slot}: {t.ids.shape} ids, values {t.values.shape} and default "
                                        f"{t.default.shape} do not fit rows of width {dim}")
             tables[slot] = t
         dense = None if meta["dense"] is None else {key: arrays[f"dense.{key}"] for key in meta["dense"]}
         delta = Delta(version=int(meta["version"]), base_version=meta["base_version"],
                       watermark_ms=meta["watermark_ms"], offset=meta["offset"], tables=tables, dense=dense,
                       lineage=str(meta["lineage"]))
-    except DataError:
+    except MalformedDelta:
         raise
     except Exception as exc:  # noqa: BLE001 - a missing key or a bad config: the payload is wrong
-        raise DataError(where, f"inconsistent delta ({type(exc).__name__}: {exc})") from None
+        raise MalformedDelta(f"inconsistent delta ({type(exc).__name__}: {exc})") from None
     if delta.full and (set(tables) != set(SLOTS) or dense is None):
-        raise DataError(where, f"full snapshot {delta.version} must carry every table and the dense weights")
+        raise MalformedDelta(f"full snapshot {delta.version} must carry every table and the dense weights")
     return delta, model
 
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lifelong.data.schema import SURFACE_CODES, SURFACES
 from lifelong.errors import DataError
 from lifelong.serving.batcher import BatchingConfig, DynamicBatcher, QueueFull
-from lifelong.monolith.sync import SYNC_PATH
+from lifelong.monolith.sync import SYNC_PATH, MalformedDelta
 from lifelong.serving.metrics import ServiceMetrics
 from lifelong.serving.online import OnlineServingRanker
 from lifelong.serving.ranker import Ranker, RankRequest, RankResult
@@ -160,8 +160,8 @@ def create_app(ranker: Ranker | OnlineServingRanker, version: str, batching: Bat
             try:
                 # Off the event loop: decoding a full snapshot takes a while, requests keep flowing.
                 applied = await asyncio.to_thread(ranker.apply_sync, payload)
-            except DataError as exc:
-                status = 422 if exc.path == "sync payload" else 409
+            except DataError as exc:  # a malformed body, or a delta that does not follow the held version
+                status = 422 if isinstance(exc, MalformedDelta) else 409
                 metrics.sync(ok=False)
                 return JSONResponse(status_code=status, content={"detail": str(exc), "model_version": ranker.version})
             metrics.sync(ok=True)

@@ -122,10 +122,8 @@ class OnlineServingRanker:
     def item_rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Catalog rows of ``item_ids`` and the ids the catalog does not know."""
         ids = np.asarray(item_ids, dtype=np.int64)
-        known = self.catalog.item_ids
-        pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
-        hit = known[pos] == ids
-        return pos, ids[~hit]
+        pos, known = self.catalog.index_of(ids)
+        return pos, ids[~known]
 
     @torch.inference_mode()
     def rank(self, requests: list[RankRequest]) -> list[RankResult]:
@@ -141,7 +139,8 @@ class OnlineServingRanker:
             return []
         counts = [len(r.items) for r in requests]
         rows = np.concatenate([r.items for r in requests])
-        users = np.repeat(np.array([r.user_id for r in requests], dtype=np.int64), counts)
+        request_users = np.array([r.user_id for r in requests], dtype=np.int64)
+        users = np.repeat(request_users, counts)
         ids = {"user_id": users, "item_id": self.catalog.item_ids[rows], "author_id": self.catalog.author_ids[rows],
                "topic_id": self.catalog.topic_ids[rows]}
         id_rows = [torch.from_numpy(snap.replica.vectors(slot, ids[slot])) for slot in SLOTS]
@@ -149,12 +148,7 @@ class OnlineServingRanker:
         logits = dense_logits(snap.dense, id_rows, surface, torch.from_numpy(self.catalog.embeddings[rows]))
         probs = torch.sigmoid(logits).numpy()
         scores = probs @ self.weights
-        user_ids = snap.replica.ids["user_id"]
+        cold = ~snap.replica.has_rows("user_id", request_users)
         version = online_version(snap.version)
-        out, start = [], 0
-        for r, n in zip(requests, counts):
-            pos = min(int(np.searchsorted(user_ids, r.user_id)), max(len(user_ids) - 1, 0))
-            cold = not len(user_ids) or user_ids[pos] != r.user_id
-            out.append(RankResult(probs[start:start + n], scores[start:start + n], bool(cold), version))
-            start += n
-        return out
+        bounds = np.cumsum([0, *counts])
+        return [RankResult(probs[a:b], scores[a:b], bool(c), version) for a, b, c in zip(bounds[:-1], bounds[1:], cold)]
