@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from lifelong.console import err, out
 from lifelong.dv365.cli import dv365_app
 from lifelong.errors import LifelongError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lifelong: recommendation with lifelong user action sequences.")
-out = Console()
-err = Console(stderr=True)
 
 
 @app.command()

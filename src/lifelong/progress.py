@@ -18,10 +18,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-_console = Console(stderr=True)
+from lifelong.console import err
+
 
 
 def _enabled() -> bool:
@@ -36,6 +36,6 @@ def progress(description: str, total: float | None = None) -> Iterator[Callable[
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=_console, transient=False) as bar:
+    with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)

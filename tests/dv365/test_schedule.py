@@ -213,7 +213,7 @@ def test_cli_export_and_schedule(world, tmp_path):
     cli = CliRunner(env={"LIFELONG_QUIET": "1"})
     res = cli.invoke(app, ["dv365", "export", "--run", str(run), "--store", store])
     assert res.exit_code == 0, res.output
-    printed = " ".join(res.output.split())  # rich wraps at the console's width
+    printed = res.output
     users = active_users(world, default_as_of_ms(world))
     # (66, 16) rows: 1 code word + 1 scale/offset word = 16 bytes a row for 64 bytes of fp32.
     assert f"exported version 1 to {store}" in printed and f"{users.size} users x (66, 16)" in printed
@@ -222,7 +222,7 @@ def test_cli_export_and_schedule(world, tmp_path):
     res = cli.invoke(app, ["dv365", "schedule", "--every", "6h", "--data", str(world), "--store", store, "--out",
                            str(tmp_path / "sched"), "--cycles", "3", "--run", str(run), "--no-train", "--simulated-clock"])
     assert res.exit_code == 0, res.output
-    assert "done: 3 of 3 cycles ok; serving version 4" in " ".join(res.output.split())
+    assert "done: 3 of 3 cycles ok; serving version 4" in res.output
     with EmbeddingReader(store) as reader:
         assert reader.current()["as_of_ms"] == default_as_of_ms(world) and reader.current()["history"] == [3]
 

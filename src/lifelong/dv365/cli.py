@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+
+from lifelong.console import out
 
 dv365_app = typer.Typer(no_args_is_help=True, help="DV365 foundation user embedding: train, experiments.")
-out = Console()
 
 HOUR_MS = 3_600_000
 
