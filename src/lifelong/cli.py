@@ -119,13 +119,15 @@ def train(
     lr: Annotated[float, typer.Option()] = 2e-3,
     seed: Annotated[int, typer.Option()] = 0,
     max_rows: Annotated[int | None, typer.Option(help="Train on a seeded subset of this many rows.")] = None,
+    user_emb: Annotated[str | None, typer.Option(help="A `lifelong dv365 export` store: prepend each row's frozen user "
+                                                      "embedding as tokens (transact models).")] = None,
 ) -> None:
     """Train a ranker (L = L_CE + w_NAL * L_NAL); prints losses and examples/s."""
     from lifelong.train.trainer import TrainConfig
     from lifelong.train.trainer import train as run_train
 
     cfg = TrainConfig(model=model, nal=nal, nal_loss=nal_loss, w_nal=w_nal, epochs=epochs, batch_size=batch_size,
-                      lr=lr, seed=seed, max_rows=max_rows)
+                      lr=lr, seed=seed, max_rows=max_rows, user_emb=user_emb)
     meta = run_train(data, out_dir, cfg, log=out.print)
     out.print(f"[green]wrote[/green] {out_dir}  ({meta['parameters']:,} parameters, "
               f"{meta['examples_per_s']:,.0f} examples/s)")
@@ -135,11 +137,13 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Option("--run", help="Run directory (lifelong train).")],
     data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong build).")],
+    user_emb: Annotated[str | None, typer.Option(help="For a run trained with --user-emb: the store to read the "
+                                                      "users' embeddings from [default: the run's].")] = None,
 ) -> None:
     """HIT@3, NE, AUC and GAUC per head; on simulated worlds the oracle and the lift fraction."""
     from lifelong.eval.evaluate import evaluate_run
 
-    ev = evaluate_run(run, data)
+    ev = evaluate_run(run, data, user_emb=user_emb)
     table = Table(title=f"{run} on {data}: {ev.rows:,} rows, {ev.requests:,} requests, {ev.users:,} users")
     cols = ["head", "HIT@3", "NE", "AUC", "GAUC"] + (["oracle HIT@3", "random HIT@3", "oracle lift"] if ev.oracle_hit else [])
     for col in cols:

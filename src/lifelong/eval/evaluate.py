@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lifelong.errors import ConfigError
 from lifelong.eval.metrics import (DEFAULT_HEAD_WEIGHTS, auc, final_score, gauc, hit_at_k, hit_at_k_random,
                                    normalized_entropy, oracle_lift_fraction)
 from lifelong.features.rank_data import RankData
@@ -69,10 +70,19 @@ def evaluate_predictions(data: RankData, probs: np.ndarray, k: int = 3,
     return result
 
 
-def evaluate_run(run: str | os.PathLike[str], data_dir: str | os.PathLike[str], split: str = "eval") -> Evaluation:
-    """Load a run's model, predict the split and evaluate it."""
+def evaluate_run(run: str | os.PathLike[str], data_dir: str | os.PathLike[str], split: str = "eval",
+                 user_emb: str | os.PathLike[str] | None = None) -> Evaluation:
+    """Load a run's model, predict the split and evaluate it.
+
+    Args:
+        user_emb: for a model trained with ``--user-emb``, the DV365 store to read the split's
+            user embeddings from [default: the store it was trained with, its served version now].
+    """
     from lifelong.train.trainer import load_model, predict
 
-    model, _ = load_model(run)
-    data = RankData(data_dir, split)
+    model, meta = load_model(run)
+    trained_with = meta.get("train", {}).get("user_emb")
+    if user_emb is not None and trained_with is None:
+        raise ConfigError(f"{run} was trained without a user embedding; drop --user-emb")
+    data = RankData(data_dir, split, user_emb=user_emb or trained_with)
     return evaluate_predictions(data, predict(model, data))

@@ -2,7 +2,9 @@
 
 The rows directory written by :func:`lifelong.features.training_rows.build_rows` is memory
 mapped; a batch gathers its rows' logged tokens, concatenates the S_all blocks, and dequantizes
-token and candidate embeddings from the int8 item table.
+token and candidate embeddings from the int8 item table. With ``user_emb`` (a DV365 export's
+store), every batch also carries each row's user embedding, read once from the store's served
+version and frozen (``RankBatch.user_emb``), for models that prepend it as tokens.
 """
 
 from __future__ import annotations
@@ -25,14 +27,19 @@ class RankData:
     Args:
         directory: the rows directory (``lifelong build --out``).
         split: ``train`` or ``eval``.
+        user_emb: a store holding a ``lifelong dv365 export`` (URL or path). Its served version
+            is read for the split's users when the data is opened; a user it lacks (not active
+            at the export's time) reads zeros. None: batches carry no user embedding.
 
     Example::
 
         data = RankData("datasets/small", "train")
         batch = data.batch(np.arange(512))
+        with_emb = RankData("datasets/small", "train", user_emb="lmdb:///tmp/dv365")
+        with_emb.batch(np.arange(4)).user_emb.shape  # (4, rows, dim) of the export
     """
 
-    def __init__(self, directory: str | os.PathLike[str], split: str):
+    def __init__(self, directory: str | os.PathLike[str], split: str, user_emb: str | os.PathLike[str] | None = None):
         self.directory = Path(directory)
         meta_path = self.directory / "build.json"
         if not meta_path.is_file():
@@ -56,6 +63,27 @@ class RankData:
         missing = {"user_id", "item", "labels", "request"} - set(self.arrays)
         if missing:
             raise DataError(d, f"missing arrays {sorted(missing)}")
+        self.user_emb_info: dict | None = None
+        self._users: np.ndarray | None = None
+        self._user_emb: torch.Tensor | None = None
+        if user_emb is not None:
+            self._attach_user_embeddings(user_emb)
+
+    def _attach_user_embeddings(self, store: str | os.PathLike[str]) -> None:
+        from lifelong.dv365.export import EmbeddingReader
+
+        users = np.unique(np.asarray(self.arrays["user_id"]))
+        with EmbeddingReader(store, default=0.0) as reader:
+            emb, found, pointer = reader.lookup(users)
+        self._users, self._user_emb = users, torch.from_numpy(emb)
+        self.user_emb_info = {"store": str(store), "version": int(pointer["version"]),
+                              "shape": [int(pointer["rows"]), int(pointer["dim"])], "as_of_ms": pointer.get("as_of_ms"),
+                              "users": int(users.size), "users_found": int(found.sum())}
+
+    @property
+    def user_tokens(self) -> tuple[int, int] | None:
+        """``(rows, dim)`` of the attached user embedding, None without one."""
+        return None if self.user_emb_info is None else tuple(self.user_emb_info["shape"])
 
     def __len__(self) -> int:
         return int(self.arrays["user_id"].shape[0])
@@ -84,8 +112,9 @@ class RankData:
         item = torch.from_numpy(np.asarray(a["item"][rows]).astype(np.int64))
         pos_item = torch.from_numpy(np.asarray(a["nal_pos_item"][req]).astype(np.int64))
         neg_item = torch.from_numpy(np.asarray(a["nal_neg_item"][req]).astype(np.int64))
+        user = np.asarray(a["user_id"][rows]).astype(np.int64)
         return RankBatch(
-            user_id=torch.from_numpy(np.asarray(a["user_id"][rows]).astype(np.int64)),
+            user_id=torch.from_numpy(user),
             item_id=self.item_id[item],
             author_id=self.item_author[item],
             topic_id=self.item_topic[item],
@@ -104,5 +133,6 @@ class RankData:
             nal_neg_valid=neg_item >= 0,
             labels=torch.from_numpy(np.asarray(a["labels"][rows]).astype(np.float32)),
             request_id=torch.from_numpy(np.asarray(a["req_id"][req]).astype(np.int64)),
+            user_emb=None if self._user_emb is None else self._user_emb[np.searchsorted(self._users, user)],
         )
 

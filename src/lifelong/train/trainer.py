@@ -45,6 +45,10 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         seed: seeds weights, shuffling and in-batch negative sampling.
         max_rows: train on a seeded random subset of this many rows (None: all).
+        user_emb: a store holding a ``lifelong dv365 export``: each row's frozen user embedding
+            is prepended as tokens (``TransActConfig.user_tokens``; transact models only). The
+            export should predate the training rows (``--as-of-ms``), or its embedding has seen
+            their labels.
 
     Example::
 
@@ -64,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     max_rows: int | None = None
     model_overrides: dict = field(default_factory=dict)
+    user_emb: str | None = None
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -74,6 +79,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --nal-loss {self.nal_loss!r}; choose one of {', '.join(NAL_LOSSES)}")
         if self.nal != "none" and self.model in ("wide_deep", "bst"):
             raise ConfigError(f"the Next Action Loss needs a causal sequence model; {self.model} has none (use --nal none)")
+        if self.user_emb is not None and self.model not in ("transact", "transact_v2"):
+            raise ConfigError(f"--user-emb prepends user tokens to a transact model's sequence; {self.model} has none")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
 
@@ -86,7 +93,8 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def make_model(cfg: TrainConfig, data: RankData) -> torch.nn.Module:
-    return build_model(cfg.model, layout=data.layout, n_heads=len(data.heads), **cfg.model_overrides)
+    tokens = {} if data.user_tokens is None else {"user_tokens": data.user_tokens}
+    return build_model(cfg.model, layout=data.layout, n_heads=len(data.heads), **cfg.model_overrides, **tokens)
 
 
 def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: TrainConfig,
@@ -100,7 +108,11 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
         meta = train("datasets/small", "runs/v2", TrainConfig(model="transact_v2"))
     """
     out = Path(out)
-    data = RankData(data_dir, "train")
+    data = RankData(data_dir, "train", user_emb=cfg.user_emb)
+    if data.user_emb_info is not None:
+        info = data.user_emb_info
+        log(f"user embedding: version {info['version']} of {info['store']}, {tuple(info['shape'])} a user, "
+            f"{info['users_found']:,} of {info['users']:,} training users found (the rest read zeros)")
     if len(cfg.head_weights) != len(data.heads):
         raise ConfigError(f"{len(cfg.head_weights)} head weights for heads {data.heads}")
     torch.manual_seed(cfg.seed)
@@ -116,7 +128,8 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
     out.mkdir(parents=True, exist_ok=True)
     meta = {"kind": "run", "data": str(Path(data_dir).resolve()), "train": asdict(cfg), "heads": list(data.heads),
             "layout": asdict(data.layout), "rows": int(len(rows)), "epochs": [],
-            "parameters": int(sum(p.numel() for p in model.parameters())), "lifelong_version": lifelong.__version__}
+            "parameters": int(sum(p.numel() for p in model.parameters())), "lifelong_version": lifelong.__version__,
+            "user_emb": data.user_emb_info}
     start_epoch = 0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
@@ -165,7 +178,7 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
             f"{record['examples_per_s']:,.0f} examples/s")
     meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
     save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
-                  "state_dict": model.state_dict()}, out / "model.pt")
+                  "user_tokens": data.user_tokens, "state_dict": model.state_dict()}, out / "model.pt")
     write_json(meta, out / "run.json")
     return meta
 
@@ -179,8 +192,9 @@ def load_model(run: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
     from lifelong.models.batch import SequenceLayout
 
     cfg = TrainConfig(**{**saved["train"], "head_weights": tuple(saved["train"]["head_weights"])})
+    tokens = {} if saved.get("user_tokens") is None else {"user_tokens": tuple(saved["user_tokens"])}
     model = build_model(saved["name"], layout=SequenceLayout(**saved["layout"]), n_heads=saved["n_heads"],
-                        **cfg.model_overrides)
+                        **cfg.model_overrides, **tokens)
     model.load_state_dict(saved["state_dict"])
     model.eval()
     meta = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
