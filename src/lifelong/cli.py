@@ -158,7 +158,7 @@ def evaluate(
 
 @app.command()
 def experiment(
-    table: Annotated[str, typer.Argument(help="table2 | table4 | table6 | table7")],
+    table: Annotated[str, typer.Argument(help="quickstart | table2 | table4 | table6 | table7 | dv365")],
     data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong build).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory (resumable).")],
     seeds: Annotated[int, typer.Option()] = 3,
@@ -166,12 +166,16 @@ def experiment(
     max_rows: Annotated[int | None, typer.Option(help="Train each run on a seeded subset.")] = None,
     runs: Annotated[Path | None, typer.Option(
         help="Run directory shared across tables (rows with equal configurations train once) [default: OUT/runs].")] = None,
+    user_emb: Annotated[str | None, typer.Option(help="dv365 table: the DV365 export the user-token rows train "
+                                                      "with (exported before the training split).")] = None,
+    eval_user_emb: Annotated[str | None, typer.Option(help="dv365 table: the export they are evaluated with "
+                                                           "[default: --user-emb].")] = None,
 ) -> None:
-    """Reproduce one of the TransAct V2 paper's tables: markdown, JSON and a bar chart."""
+    """Reproduce one of the TransAct V2 paper's tables (or the dv365 one): markdown, JSON and a bar chart."""
     from lifelong.eval.experiments import render_markdown, run_experiment
 
     summary = run_experiment(table, data, out_dir, seeds=seeds, epochs=epochs, max_rows=max_rows, log=out.print,
-                             runs=runs)
+                             runs=runs, user_emb=user_emb, eval_user_emb=eval_user_emb)
     out.print(render_markdown(summary))
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'report.png'}")
 

@@ -226,6 +226,23 @@ def test_cli_export_and_schedule(world, tmp_path):
     with EmbeddingReader(store) as reader:
         assert reader.current()["as_of_ms"] == default_as_of_ms(world) and reader.current()["history"] == [3]
 
+    # As of a rows split's start (the rows directory only lends its protocol).
+    start = default_as_of_ms(world) - 2 * DAY_MS
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "build.json").write_text(json.dumps({"protocol": {
+        "train_start_ms": start, "cutoff_ms": start + DAY_MS, "eval_start_ms": start + DAY_MS, "eval_end_ms": start + 2 * DAY_MS}}))
+    early = f"lmdb://{tmp_path / 'emb_early'}"
+    res = cli.invoke(app, ["dv365", "export", "--run", str(run), "--store", early, "--before-split", f"{tmp_path / 'rows'}:train"])
+    assert res.exit_code == 0, res.output
+    assert time.strftime("(as of %Y-%m-%d %H:%M UTC)", time.gmtime(start / 1000)) in res.output
+    with EmbeddingReader(early) as reader:
+        assert reader.current()["as_of_ms"] == start
+    for bad, error in ((["--before-split", "rows-without-split"], "--before-split takes ROWS:SPLIT"),
+                       (["--before-split", f"{tmp_path / 'rows'}:test"], "no split 'test'"),
+                       (["--before-split", f"{tmp_path}:train"], "not a rows directory")):
+        res = cli.invoke(app, ["dv365", "export", "--run", str(run), "--store", early, *bad])
+        assert res.exception is not None and error in str(res.exception), res.output
+
     res = cli.invoke(app, ["dv365", "export", "--run", str(tmp_path / "nothing"), "--store", store])
     assert isinstance(res.exception, DataError) and "no run.json naming its data" in str(res.exception)
     for args, error in ((["--every", "6 hours"], "interval '6 hours' is not a positive"),

@@ -86,3 +86,29 @@ def test_bad_user_embedding_settings_are_refused(rows, tmp_path):
           log=lambda s: None)
     with pytest.raises(ConfigError, match="trained without a user embedding"):
         evaluate_run(tmp_path / "plain", rows / "rows", user_emb=f"lmdb://{tmp_path / 'empty'}")
+
+
+def test_dv365_table_trains_with_one_export_and_evaluates_with_the_other(rows, tmp_path):
+    from lifelong.eval.experiments import run_experiment
+
+    before, fresh = _export(rows, "emb_before", T0), _export(rows, "emb_fresh", T0 + DAY_MS)
+    with pytest.raises(ConfigError, match="give --user-emb"):
+        run_experiment("dv365", rows / "rows", tmp_path / "rep", seeds=1)
+    kw = dict(seeds=1, epochs=1, max_rows=200, batch_size=64, user_emb=before, eval_user_emb=fresh, log=lambda s: None)
+    summary = run_experiment("dv365", rows / "rows", tmp_path / "rep", **kw)
+    base, tokens = summary["rows"]
+    assert tokens["label"] == "TransAct V2 + DV365 user tokens" and set(tokens["ne_gain"]) == set(base["ne"])
+    assert base["ne_gain"]["click"] == (0.0, 0.0)
+    evaluations = sorted((tmp_path / "rep" / "runs").glob("*/seed0/evaluation.json"))
+    [ev_base] = [p for p in evaluations if json.loads(p.read_text())["train"]["user_emb"] is None]
+    [ev_tok] = [p for p in evaluations if p != ev_base]
+    tok = json.loads(ev_tok.read_text())
+    assert tok["train"]["user_emb"] == before and tok["eval_user_emb"] == fresh
+    assert json.loads(ev_base.read_text())["eval_user_emb"] is None
+    assert "NE per head" in (tmp_path / "rep" / "report.md").read_text()
+    # Evaluated runs are reused; another evaluation store re-runs only the token row.
+    stamp = {p: p.stat().st_mtime_ns for p in (ev_base, ev_tok)}
+    run_experiment("dv365", rows / "rows", tmp_path / "rep", **kw)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    run_experiment("dv365", rows / "rows", tmp_path / "rep", **{**kw, "eval_user_emb": before})
+    assert ev_base.stat().st_mtime_ns == stamp[ev_base] and json.loads(ev_tok.read_text())["eval_user_emb"] == before

@@ -7,6 +7,7 @@ them as one line.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -79,6 +80,8 @@ def export(
     store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
     data: Annotated[Path | None, typer.Option("--data", help="The world to embed [default: the run's].")] = None,
     as_of_ms: Annotated[int | None, typer.Option(help="Embed from the events before this time [default: the data's end].")] = None,
+    before_split: Annotated[str | None, typer.Option(help="ROWS:SPLIT: embed as of the start of a `lifelong build` "
+                                                          "split (train or eval), for a ranker trained with --user-emb.")] = None,
     keep: Annotated[int, typer.Option(help="Versions kept after the switch (the new one included).")] = 2,
     active_days: Annotated[int, typer.Option(help="A user is active with an event in the last N days.")] = 30,
     batch_users: Annotated[int, typer.Option(help="Users embedded and written per batch.")] = 4096,
@@ -89,10 +92,19 @@ def export(
     from lifelong.dv365.tower import load_tower
 
     world = data or _run_data(run)
+    if before_split is not None:
+        from lifelong.errors import ConfigError
+        from lifelong.features.rank_data import split_window_ms
+
+        rows, sep, split = before_split.rpartition(":")
+        if not sep or as_of_ms is not None:
+            raise ConfigError("--before-split takes ROWS:SPLIT (e.g. datasets/small:train), and not with --as-of-ms")
+        as_of_ms = split_window_ms(rows, split)[0]
     as_of = default_as_of_ms(world) if as_of_ms is None else as_of_ms
     cfg = ExportConfig(batch_users=batch_users, keep=keep, active_window_ms=active_days * DAY_MS)
     s = export_embeddings(load_tower(run), world, store, as_of, cfg, run=str(run.resolve()))
-    out.print(f"[green]exported[/green] version {s.version} to {s.url} in {s.seconds:.1f} s: {s.users:,} users x "
+    as_of_utc = datetime.fromtimestamp(s.as_of_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out.print(f"[green]exported[/green] version {s.version} to {s.url} (as of {as_of_utc}) in {s.seconds:.1f} s: {s.users:,} users x "
               f"({s.rows}, {s.dim}), {s.bytes_per_user:,} bytes a user vs {4 * s.rows * s.dim:,} in fp32: "
               f"compression {s.compression_ratio:.2f}x; deleted versions: {list(s.deleted) or 'none'}")
 

@@ -28,10 +28,12 @@ from lifelong.train.trainer import TrainConfig, train
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a table: a label and the TrainConfig fields it sets."""
+    """One row of a table: a label, the TrainConfig fields it sets, and whether it reads the
+    experiment's DV365 user embedding (``run_experiment(user_emb=...)``)."""
 
     label: str
     config: dict = field(default_factory=dict)
+    user_emb: bool = False
 
 
 _V2 = {"model": "transact_v2", "nal": "impression"}
@@ -62,6 +64,10 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("sampled softmax", _V2),
         Row("BCE", {**_V2, "nal_loss": "bce"}),
     ]),
+    "dv365": ("DV365 user embedding prepended to TransAct V2 (relative to without)", [
+        Row("TransAct V2", _V2),
+        Row("TransAct V2 + DV365 user tokens", _V2, user_emb=True),
+    ]),
 }
 
 
@@ -79,13 +85,19 @@ def run_name(cfg: TrainConfig) -> str:
 
 def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.PathLike[str], seeds: int = 3,
                    epochs: int = 2, max_rows: int | None = None, log=print,
-                   runs: str | os.PathLike[str] | None = None, **train_overrides) -> dict:
+                   runs: str | os.PathLike[str] | None = None, user_emb: str | None = None,
+                   eval_user_emb: str | None = None, **train_overrides) -> dict:
     """Train and evaluate every row of ``table`` for ``seeds`` seeds; write the report to ``out``.
 
     ``train_overrides`` are TrainConfig fields applied to every row (e.g. ``batch_size``). Runs
     live in ``runs`` (default ``out/runs``), one directory per configuration and seed; a run
     already evaluated is reused, so tables pointed at one ``runs`` directory share their common
     rows (TransAct V2 with impression NAL is a row of tables 2, 4, 6 and 7).
+
+    Rows that read a DV365 user embedding (the ``dv365`` table) train with the export in the
+    store ``user_emb`` and are evaluated with the one in ``eval_user_emb`` (default: the
+    same). Export the first as of the training split's start, so that no training row's
+    embedding has seen its label (``lifelong dv365 export --before-split DS:train``).
 
     Returns the summary written to ``out/report.json`` (also ``report.md`` and ``report.png``).
 
@@ -98,6 +110,9 @@ def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.P
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
     title, rows = TABLES[table]
+    if any(row.user_emb for row in rows) and user_emb is None:
+        raise ConfigError(f"the {table} table trains with a DV365 user embedding: give --user-emb "
+                          "(a `lifelong dv365 export` store)")
     out = Path(out)
     runs_dir = Path(runs) if runs is not None else out / "runs"
     data = RankData(data_dir, "eval")  # fails early on a bad rows directory
@@ -105,20 +120,24 @@ def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.P
     for row in rows:
         results[row.label] = []
         for seed in range(seeds):
-            cfg = TrainConfig(**{**row.config, "seed": seed, "epochs": epochs, "max_rows": max_rows, **train_overrides})
+            emb = {"user_emb": user_emb} if row.user_emb else {}
+            cfg = TrainConfig(**{**row.config, "seed": seed, "epochs": epochs, "max_rows": max_rows, **train_overrides,
+                                 **emb})
+            eval_emb = (eval_user_emb or user_emb) if row.user_emb else None
             run = runs_dir / run_name(cfg) / f"seed{seed}"
             done = run / "evaluation.json"
             if done.exists():
                 previous = json.loads(done.read_text())
-                if previous.get("train") == json.loads(json.dumps(asdict(cfg))):
+                if previous.get("train") == json.loads(json.dumps(asdict(cfg))) and previous.get("eval_user_emb") == eval_emb:
                     results[row.label].append(previous)
                     continue
                 shutil.rmtree(run)  # a hash collision or a hand-edited run: redo it
             meta = train(data_dir, run, cfg, log=lambda s: None)
-            ev = evaluate_run(run, data_dir).to_dict()
+            ev = evaluate_run(run, data_dir, user_emb=eval_emb).to_dict()
             ev["examples_per_s"] = meta["examples_per_s"]
             ev["parameters"] = meta["parameters"]
             ev["train"] = json.loads(json.dumps(asdict(cfg)))
+            ev["eval_user_emb"] = eval_emb
             write_json(ev, done)
             results[row.label].append(ev)
             log(f"{row.label} seed {seed}: HIT@3 repin {ev['per_head']['repin']['hit@3']:.4f}, "
@@ -146,6 +165,10 @@ def summarise(table: str, title: str, rows: list[Row], results: dict[str, list[d
             entry[f"rel_{head}"] = mean_std(rel)
             entry[f"ne_{head}"] = mean_std([r["per_head"][head]["ne"] for r in res])
             entry[f"auc_{head}"] = mean_std([r["per_head"][head]["auc"] for r in res])
+        # NE of every head, and its gain over the base row per seed (DV365's figure: positive helps).
+        entry["ne"] = {h: mean_std([r["per_head"][h]["ne"] for r in res]) for h in res[0]["per_head"]}
+        entry["ne_gain"] = {h: mean_std([(b["per_head"][h]["ne"] - r["per_head"][h]["ne"]) / b["per_head"][h]["ne"]
+                                         for r, b in zip(res, base)]) for h in res[0]["per_head"]}
         if has_oracle:
             entry["lift_repin"] = mean_std([r["lift_fraction"]["repin"] for r in res])
         entry["examples_per_s"] = mean_std([r["examples_per_s"] for r in res])
@@ -166,9 +189,9 @@ def render_markdown(summary: dict) -> str:
              + (" oracle lift (repin) |" if oracle else "") + " train ex/s |",
              "|---|---|---|---|---|---|---|" + ("---|" if oracle else "") + "---|"]
 
-    def ms(pair, pct=False, digits=4):
+    def ms(pair, pct=False, digits=4, pct_digits=1):
         m, s = pair
-        return f"{100 * m:+.1f}% ± {100 * s:.1f}" if pct else f"{m:.{digits}f} ± {s:.{digits}f}"
+        return f"{100 * m:+.{pct_digits}f}% ± {100 * s:.{pct_digits}f}" if pct else f"{m:.{digits}f} ± {s:.{digits}f}"
 
     for r in summary["rows"]:
         cells = [r["label"], ms(r["hit_repin"]), ms(r["rel_repin"], True), ms(r["hit_hide"]), ms(r["rel_hide"], True),
@@ -182,6 +205,14 @@ def render_markdown(summary: dict) -> str:
                      " 1.000 | |")
         lines.append(f"| random order | {summary['random']['repin']:.4f} | | {summary['random']['hide']:.4f} | | | |"
                      " 0.000 | |")
+    heads = list(summary["rows"][0].get("ne", {}))
+    if heads:
+        lines += ["", "NE per head, and its gain over the first row (−ΔNE / NE_base; positive is better):", "",
+                  "| row | " + " | ".join(f"NE/{h}" for h in heads) + " | " + " | ".join(f"gain {h}" for h in heads) + " |",
+                  "|---|" + "---|" * (2 * len(heads))]
+        for r in summary["rows"]:
+            lines.append("| " + " | ".join([r["label"], *(ms(r["ne"][h]) for h in heads),
+                                            *(ms(r["ne_gain"][h], True, pct_digits=2) for h in heads)]) + " |")
     lines.append("")
     n = summary["rows"][0]["seeds"]
     lines.append(f"{n} seed{'s' if n > 1 else ''} per row; ± is the standard deviation over seeds.")

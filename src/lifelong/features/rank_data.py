@@ -21,6 +21,25 @@ from lifelong.features.quantization import dequantize_int8
 from lifelong.models.batch import RankBatch, SequenceLayout
 
 
+def split_window_ms(directory: str | os.PathLike[str], split: str) -> tuple[int, int]:
+    """``[start, end)`` in ms of a rows directory's split, from the protocol it was built with.
+
+    Example::
+
+        start, _ = split_window_ms("datasets/small", "train")  # export an embedding as of ``start``
+    """
+    meta_path = Path(directory) / "build.json"
+    try:
+        protocol = json.loads(meta_path.read_text())["protocol"]
+    except (OSError, ValueError, KeyError):
+        raise DataError(directory, "not a rows directory (no build.json with a protocol); run `lifelong build` first") from None
+    windows = {"train": ("train_start_ms", "cutoff_ms"), "eval": ("eval_start_ms", "eval_end_ms")}
+    if split not in windows:
+        raise DataError(directory, f"no split {split!r}; choose train or eval")
+    lo, hi = windows[split]
+    return int(protocol[lo]), int(protocol[hi])
+
+
 class RankData:
     """One split (``train`` or ``eval``) of a rows directory.
 
