@@ -71,6 +71,26 @@ def test_one_layer_is_the_layer_over_each_rows_real_tokens():
         assert skut_layer(x[:0], torch.zeros(0, dtype=torch.int64), layer).shape == (0, 50, 64)
 
 
+def test_weights_are_converted_once_and_again_after_a_change():
+    layer = _stack(1, 1).layers[0]
+    dev = kernel_device()
+    first = triton_encoder.kernel_weights(layer, dev, torch.float16)
+    assert first[0].dtype == torch.float16 and first[0].device.type == torch.device(dev).type
+    assert triton_encoder.kernel_weights(layer, dev, torch.float16) is first  # no copy on the next call
+    x = torch.randn(2, 20, 64)
+    lengths = torch.tensor([20, 7], device=dev)
+    with torch.inference_mode():
+        before = skut_layer(x.to(dev), lengths, layer).cpu()
+    with torch.no_grad():
+        layer.linear2.weight.mul_(3.0)  # an in-place update (an optimizer step, load_state_dict)
+    assert triton_encoder.kernel_weights(layer, dev, torch.float16) is not first
+    with torch.inference_mode():
+        after = skut_layer(x.to(dev), lengths, layer).cpu()
+        expected = layer(x[:1], None, is_causal=True)[0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after[0], expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @settings(max_examples=4, deadline=None)
 @given(n=st.integers(0, 5), n_tokens=st.integers(0, 30), seed=st.integers(0, 2**31))

@@ -26,6 +26,8 @@ input from the token table, runs :func:`skut_encode`, and scatters back to the r
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -151,6 +153,29 @@ def check_supported(layer: EncoderLayer) -> None:
                           f"got {', '.join(bad) or f'{heads} heads for d_model {d}'}")
 
 
+_WEIGHTS: weakref.WeakKeyDictionary[EncoderLayer, tuple[tuple, list[torch.Tensor]]] = weakref.WeakKeyDictionary()
+
+
+def kernel_weights(layer: EncoderLayer, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The layer's 12 parameters in the kernel's order, on ``device`` in ``dtype``, contiguous.
+
+    A model served from the CPU (or in fp32 under fp16 inputs) would otherwise copy its
+    weights to the GPU on every call. The copies are kept per layer, and made again only when
+    a parameter is replaced or changed in place (its storage or version counter moves), so a
+    model that is trained or loaded anew is never scored with stale weights.
+    """
+    attn = layer.self_attn
+    params = (attn.in_proj.weight, attn.in_proj.bias, attn.out_proj.weight, attn.out_proj.bias,
+              layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+              layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias)
+    key = (torch.device(device), dtype, tuple((p.data_ptr(), p._version) for p in params))
+    cached = _WEIGHTS.get(layer)
+    if cached is None or cached[0] != key:
+        cached = (key, [p.detach().to(device, dtype).contiguous() for p in params])
+        _WEIGHTS[layer] = cached
+    return cached[1]
+
+
 def skut_layer(x: torch.Tensor, lengths: torch.Tensor, layer: EncoderLayer) -> torch.Tensor:
     """One encoder layer over packed rows, in one kernel launch.
 
@@ -175,11 +200,7 @@ def skut_layer(x: torch.Tensor, lengths: torch.Tensor, layer: EncoderLayer) -> t
     if n == 0 or s == 0:
         return out
     attn = layer.self_attn
-    # Copies only where the layer lives elsewhere or in another dtype: the kernel reads x's.
-    weights = [p.detach().to(x.device, x.dtype).contiguous() for p in (
-        attn.in_proj.weight, attn.in_proj.bias, attn.out_proj.weight, attn.out_proj.bias,
-        layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
-        layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias)]
+    weights = kernel_weights(layer, x.device, x.dtype)
     block_m, block_n, warps = TILES[x.dtype]
     _skut_layer_kernel[(triton.cdiv(s, block_m), n)](
         x, out, lengths.to(x.device).contiguous(), *weights,
