@@ -329,15 +329,6 @@ class EmbeddingReader:
             DataError: nothing exported yet, a corrupt record, or (``default=None``) a user the
                 version lacks.
         """
-        out, _, pointer = self.lookup(user_ids)
-        return out, int(pointer["version"])
-
-    def lookup(self, user_ids: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Like :meth:`get`, also saying which users the version has, and the version's pointer.
-
-        Returns:
-            float32 ``(U, rows, dim)``, bool ``(U,)`` of the users found, and the pointer.
-        """
         words, found, pointer = self.get_words(user_ids)
         if not found.all() and self.default is None:
             missing = np.asarray(user_ids, dtype=np.int64).reshape(-1)[~found]
@@ -345,7 +336,7 @@ class EmbeddingReader:
                                              f"{pointer['version']} (not active at its time), e.g. user {int(missing[0])}")
         out = dequantize_4bit(from_words_4bit(words, int(pointer["dim"])))
         out[~found] = self.default
-        return out, found, pointer
+        return out, int(pointer["version"])
 
     def get_words(self, user_ids: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """The served records of ``user_ids``, still quantized, from one version.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lifelong.errors import DataError
-from lifelong.features.quantization import dequantize_int8
+from lifelong.features.quantization import dequantize_4bit, dequantize_int8, from_words_4bit
 from lifelong.models.batch import RankBatch, SequenceLayout
 
 
@@ -83,8 +83,7 @@ class RankData:
         if missing:
             raise DataError(d, f"missing arrays {sorted(missing)}")
         self.user_emb_info: dict | None = None
-        self._users: np.ndarray | None = None
-        self._user_emb: torch.Tensor | None = None
+        self._users = self._user_words = self._user_found = None
         if user_emb is not None:
             self._attach_user_embeddings(user_emb)
 
@@ -92,12 +91,20 @@ class RankData:
         from lifelong.dv365.export import EmbeddingReader
 
         users = np.unique(np.asarray(self.arrays["user_id"]))
-        with EmbeddingReader(store, default=0.0) as reader:
-            emb, found, pointer = reader.lookup(users)
-        self._users, self._user_emb = users, torch.from_numpy(emb)
+        with EmbeddingReader(store) as reader:
+            # Kept as the export's 4-bit words (5x smaller than float32), decoded per batch.
+            words, found, pointer = reader.get_words(users)
+        self._users, self._user_words, self._user_found = users, words, found
         self.user_emb_info = {"store": str(store), "version": int(pointer["version"]),
                               "shape": [int(pointer["rows"]), int(pointer["dim"])], "as_of_ms": pointer.get("as_of_ms"),
                               "users": int(users.size), "users_found": int(found.sum())}
+
+    def _user_embedding(self, user: np.ndarray) -> torch.Tensor:
+        """(B, rows, dim) float32 embeddings of the users ``user``, zeros for those the export lacks."""
+        k = np.searchsorted(self._users, user)
+        emb = dequantize_4bit(from_words_4bit(self._user_words[k], self.user_emb_info["shape"][1]))
+        emb[~self._user_found[k]] = 0.0
+        return torch.from_numpy(emb)
 
     @property
     def user_tokens(self) -> tuple[int, int] | None:
@@ -152,6 +159,6 @@ class RankData:
             nal_neg_valid=neg_item >= 0,
             labels=torch.from_numpy(np.asarray(a["labels"][rows]).astype(np.float32)),
             request_id=torch.from_numpy(np.asarray(a["req_id"][req]).astype(np.int64)),
-            user_emb=None if self._user_emb is None else self._user_emb[np.searchsorted(self._users, user)],
+            user_emb=None if self._users is None else self._user_embedding(user),
         )
 
