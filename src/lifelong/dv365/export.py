@@ -63,7 +63,7 @@ from lifelong.features.quantization import (
 from lifelong.serving.store import FeatureStore, LMDBStore, open_store, user_key
 
 __all__ = [
-    "EmbeddingReader", "EmbeddingTower", "ExportConfig", "ExportSummary", "active_users", "default_as_of_ms",
+    "EmbeddingReader", "EmbeddingTower", "decode_records", "ExportConfig", "ExportSummary", "active_users", "default_as_of_ms",
     "export_embeddings", "version_prefix",
 ]
 
@@ -284,6 +284,14 @@ def _collect_garbage(store: FeatureStore, keep: set[int]) -> tuple[int, ...]:
     return doomed
 
 
+def decode_records(words: np.ndarray, found: np.ndarray, dim: int, fill: float | None) -> np.ndarray:
+    """float32 ``(U, rows, dim)`` of records read by :meth:`EmbeddingReader.get_words`, ``fill``
+    for the users not found."""
+    out = dequantize_4bit(from_words_4bit(words, dim))
+    out[~found] = fill
+    return out
+
+
 class EmbeddingReader:
     """Reads the served version of exported embeddings, dequantized.
 
@@ -334,9 +342,7 @@ class EmbeddingReader:
             missing = np.asarray(user_ids, dtype=np.int64).reshape(-1)[~found]
             raise DataError(self._store.url, f"{missing.size} of {found.size} users have no embedding in version "
                                              f"{pointer['version']} (not active at its time), e.g. user {int(missing[0])}")
-        out = dequantize_4bit(from_words_4bit(words, int(pointer["dim"])))
-        out[~found] = self.default
-        return out, int(pointer["version"])
+        return decode_records(words, found, int(pointer["dim"]), self.default), int(pointer["version"])
 
     def get_words(self, user_ids: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """The served records of ``user_ids``, still quantized, from one version.

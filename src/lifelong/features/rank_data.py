@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lifelong.dv365.export import EmbeddingReader, decode_records
 from lifelong.errors import DataError
-from lifelong.features.quantization import dequantize_4bit, dequantize_int8, from_words_4bit
+from lifelong.features.quantization import dequantize_int8
 from lifelong.models.batch import RankBatch, SequenceLayout
 
 
@@ -88,8 +89,6 @@ class RankData:
             self._attach_user_embeddings(user_emb)
 
     def _attach_user_embeddings(self, store: str | os.PathLike[str]) -> None:
-        from lifelong.dv365.export import EmbeddingReader
-
         users = np.unique(np.asarray(self.arrays["user_id"]))
         with EmbeddingReader(store) as reader:
             # Kept as the export's 4-bit words (5x smaller than float32), decoded per batch.
@@ -102,9 +101,7 @@ class RankData:
     def _user_embedding(self, user: np.ndarray) -> torch.Tensor:
         """(B, rows, dim) float32 embeddings of the users ``user``, zeros for those the export lacks."""
         k = np.searchsorted(self._users, user)
-        emb = dequantize_4bit(from_words_4bit(self._user_words[k], self.user_emb_info["shape"][1]))
-        emb[~self._user_found[k]] = 0.0
-        return torch.from_numpy(emb)
+        return torch.from_numpy(decode_records(self._user_words[k], self._user_found[k], self.user_emb_info["shape"][1], 0.0))
 
     @property
     def user_tokens(self) -> tuple[int, int] | None:

@@ -82,6 +82,7 @@ from lifelong.monolith.modules import sparse_step
 from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRanker, OnlineRankerConfig
 from lifelong.monolith.stream import EventStream, Offset, open_stream
 from lifelong.monolith.table import EmbeddingTable
+from lifelong.sorted_index import positions_in
 
 __all__ = [
     "Delta", "ExampleAudit", "OnlineConfig", "OnlineCounters", "OnlineTrainer", "ParameterReplica", "RunStats",
@@ -326,12 +327,10 @@ class ExampleAudit:
 
     def counts(self, item_ids: object) -> np.ndarray:
         """Examples applied per item id (0 for ids never seen)."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        have, counts = self.item_ids, self.item_counts
-        if not len(have):
-            return np.zeros(ids.shape, np.int64)
-        pos = np.minimum(np.searchsorted(have, ids), len(have) - 1)
-        return np.where(have[pos] == ids, counts[pos], 0)
+        pos, found = positions_in(self.item_ids, np.asarray(item_ids, dtype=np.int64))
+        if not len(self.item_ids):
+            return np.zeros(found.shape, np.int64)
+        return np.where(found, self.item_counts[pos], 0)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ExampleAudit):
@@ -460,12 +459,7 @@ class ParameterReplica:
         self.version, self.lineage = delta.version, delta.lineage
 
     def _positions(self, slot: str, ids: object) -> tuple[np.ndarray, np.ndarray]:
-        want = np.asarray(ids, dtype=np.int64)
-        have = self.ids[slot]
-        if not len(have):
-            return np.zeros(want.shape, np.int64), np.zeros(want.shape, bool)
-        pos = np.minimum(np.searchsorted(have, want), len(have) - 1)
-        return pos, have[pos] == want
+        return positions_in(self.ids[slot], np.asarray(ids, dtype=np.int64))
 
     def has_rows(self, slot: str, ids: object) -> np.ndarray:
         """Which ``ids`` have a row of their own (the others read the default).

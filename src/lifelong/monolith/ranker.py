@@ -36,6 +36,7 @@ from lifelong.data.schema import EMBED_DIM, HEADS, SURFACES
 from lifelong.errors import ConfigError
 from lifelong.models.layers import CrossHead, HashedEmbedding
 from lifelong.monolith.filters import FilterConfig
+from lifelong.sorted_index import positions_in
 from lifelong.monolith.modules import CollisionlessEmbedding
 from lifelong.monolith.table import OptimizerConfig, TableConfig
 
@@ -193,9 +194,7 @@ class ItemCatalog:
 
     def index_of(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(catalog rows, known mask) of each item id; the row of an unknown id is meaningless."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
-        return pos, self.item_ids[pos] == ids
+        return positions_in(self.item_ids, np.asarray(item_ids, dtype=np.int64))
 
     def lookup(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(author ids, topic ids, (n, 32) float32 embeddings, known mask) of each item id."""

@@ -33,6 +33,7 @@ from lifelong.data.users import sort_events, users_from_events
 from lifelong.data.validate import require_file, validate_table
 from lifelong.errors import DataError
 from lifelong.features.item_embeddings import METHOD, learn_item_embeddings
+from lifelong.sorted_index import positions_in
 
 TS_MAX_MS = 4_102_444_800_000
 """2100-01-01 UTC: no source we read logs later; a larger timestamp is corrupt."""
@@ -308,8 +309,8 @@ def lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarra
     """
     if keys.size == 0:
         return np.zeros(query.size, values.dtype)
-    pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
-    return np.where(keys[pos] == query, values[pos], 0).astype(values.dtype)
+    pos, found = positions_in(keys, query)
+    return np.where(found, values[pos], 0).astype(values.dtype)
 
 
 @dataclass
