@@ -8,7 +8,7 @@ WORLD   ?= worlds/small
 ROWS    ?= datasets/small
 export LIFELONG_QUIET ?=
 
-.PHONY: venv quickstart test test-slow clean
+.PHONY: venv quickstart lint test test-slow clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -21,11 +21,16 @@ venv: $(STAMP)
 quickstart: venv
 	$(VENV)/bin/lifelong simulate --preset small --out $(WORLD)
 	$(VENV)/bin/lifelong inspect $(WORLD)
-	$(VENV)/bin/lifelong build --data $(WORLD) --out $(ROWS) --neg-rate 0.15
-	$(VENV)/bin/lifelong experiment quickstart --data $(ROWS) --seeds 1 --epochs 2 --out reports/quickstart
+	$(VENV)/bin/lifelong transact build --data $(WORLD) --out $(ROWS) --neg-rate 0.15
+	$(VENV)/bin/lifelong transact experiment quickstart --data $(ROWS) --seeds 1 --epochs 2 --out reports/quickstart
 
-# Default run: everything but tests marked slow. Tests marked realdata run when ../shared/data exists.
-test: venv
+# The layers (import-linter contracts in pyproject.toml) and ruff's lint + import order.
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks conftest.py
+	$(VENV)/bin/lint-imports
+
+# Default run: lint, then everything but tests marked slow. Tests marked realdata run when ../shared/data exists.
+test: venv lint
 	$(VENV)/bin/pytest -n 2 -m "not slow"
 
 test-slow: venv

@@ -20,7 +20,7 @@ from lifelong.data.io import load_dataset
 from lifelong.data.protocol import Protocol
 from lifelong.data.schema import Action
 from lifelong.data.timelines import EventIndex, TimelineConfig, build_timelines
-from lifelong.features.training_rows import BuildConfig, ItemTable, select_tokens
+from lifelong.transact.training_rows import BuildConfig, ItemTable, select_tokens
 
 
 def naive_row(index, emb, item_idx, user, t, cand_item, cfg) -> dict[str, np.ndarray]:

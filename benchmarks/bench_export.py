@@ -28,8 +28,8 @@ import numpy as np
 
 from lifelong.bench.machine import cpu_model
 from lifelong.bench.serve import free_port, stop_process
+from lifelong.core.quantization import compression_ratio
 from lifelong.dv365.export import EmbeddingReader, ExportConfig, export_embeddings
-from lifelong.features.quantization import compression_ratio
 
 
 class PrecomputedTower:

@@ -3,7 +3,7 @@
 1. **SKUT vs PyTorch's encoder**: TransAct V2's 2-layer encoder (d_model 64, one head, FFN 32,
    random weights, eval) over ``(B, L, 64)`` fp16 rows with ragged lengths (uniform in
    ``[1, L]``, real tokens first) under the causal + padding mask. PyTorch runs
-   :class:`~lifelong.models.layers.TransformerEncoder` (an additive ``(B, 1, L, L)`` mask) with
+   :class:`~lifelong.modules.layers.TransformerEncoder` (an additive ``(B, 1, L, L)`` mask) with
    SDPA restricted to its memory-efficient kernel; SKUT runs
    :func:`~lifelong.ops.triton_encoder.skut_encode` (two launches). Grids: L = 64..2048 at
    B = 256, and B = 16..2048 at L = 192. Columns: median latency and the peak memory the call
@@ -45,10 +45,10 @@ from typing import Any
 import torch
 
 from lifelong.bench.machine import cpu_model
+from lifelong.core.quantization import dequantize_int8
 from lifelong.data.schema import EMBED_DIM
-from lifelong.features.nn_select import l2_normalize
-from lifelong.features.quantization import dequantize_int8
-from lifelong.models.layers import TransformerEncoder, causal_attention_mask
+from lifelong.modules.layers import TransformerEncoder, causal_attention_mask
+from lifelong.ops.nn_select import l2_normalize
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Online training with live parameter sync under request load: failures, versions, latency.
 
-Starts ``lifelong serve --online`` and ``lifelong online --serve`` as two processes on
+Starts ``lifelong serve --online`` and ``lifelong monolith online --serve`` as two processes on
 127.0.0.1, and keeps ``--clients`` closed-loop clients posting ``/rank`` requests (random users,
 ``--candidates`` random catalog items) from the first push to the job's end. Prints what the
 trainer did (examples/s, pushes, rows and bytes per push, push latency), what the clients saw
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         watcher.start()
         while httpx.get(f"{url}/healthz").json()["model_version"] is None:
             if job.poll() is not None:
-                raise SystemExit(f"lifelong online exited with {job.returncode} before its first push: "
+                raise SystemExit(f"lifelong monolith online exited with {job.returncode} before its first push: "
                                  f"{[line for _, line in lines][-5:]}")
             time.sleep(0.05)
         running = threading.Event()
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         watcher.join(timeout=10)
         summary = job.stdout.read()
         if job.returncode != 0:
-            raise SystemExit(f"lifelong online failed ({job.returncode}): {[line for _, line in lines][-5:]}")
+            raise SystemExit(f"lifelong monolith online failed ({job.returncode}): {[line for _, line in lines][-5:]}")
     finally:
         if job is not None and job.poll() is None:
             stop_process(job)

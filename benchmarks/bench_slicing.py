@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Callable
 
@@ -31,10 +30,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from lifelong.bench.machine import cpu_model
 from lifelong.data.schema import Action
 from lifelong.dv365.featurize import SliceFeaturizer, TimelineSource, UserTimelines, pool_slices
 from lifelong.dv365.slices import SliceSpec
-from lifelong.bench.machine import cpu_model
 
 DAY_MS = 86_400_000
 T_MS = 1_700_000_000_000

@@ -1,7 +1,7 @@
 """Training throughput of every ranker, side by side, on one synthetic batch shape.
 
 Forward + backward + AdamW step at batch 512 with the default layout (|S_all| = 192), the
-Next Action Loss added for the causal sequence models, as ``lifelong train`` does. Prints
+Next Action Loss added for the causal sequence models, as ``lifelong transact train`` does. Prints
 examples/s (best and median of the timed steps) and the ratio to wide&deep.
 
     LIFELONG_QUIET=1 .venv/bin/python benchmarks/bench_train.py [--threads N] [--steps 8]
@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.models.fixtures import random_batch  # noqa: E402
-
-from lifelong.models.heads import ranking_loss  # noqa: E402
-from lifelong.models.nal import next_action_loss  # noqa: E402
-from lifelong.models.registry import MODEL_NAMES, build_model  # noqa: E402
+from lifelong.modules.heads import ranking_loss  # noqa: E402
+from lifelong.transact.nal import next_action_loss  # noqa: E402
+from lifelong.transact.registry import MODEL_NAMES, build_model  # noqa: E402
+from tests.transact.fixtures import random_batch  # noqa: E402
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 import redis
+import torch
 
 from lifelong.bench.serve import free_port, stop_process
 from lifelong.data.schema import EMBED_DIM, ITEMS_SCHEMA, Action

@@ -68,6 +68,22 @@ def test_simulate_twice_gives_identical_bytes(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
+def test_simulate_seed_flag_is_the_seed_key(tmp_path):
+    for name, args in (("flag", ("--seed", "3")), ("key", ("--set", "seed=3")), ("other", ("--seed", "4"))):
+        res = run_cli("simulate", "--preset", "tiny", "--out", str(tmp_path / name), "--set", "users.n_users=20", *args)
+        assert res.returncode == 0, res.stderr
+    events = {name: (tmp_path / name / "events.parquet").read_bytes() for name in ("flag", "key", "other")}
+    assert events["flag"] == events["key"] != events["other"]
+
+
+@pytest.mark.parametrize(("old", "new"), [(("train",), "transact train"), (("online-experiment", "drift"), "monolith experiment")])
+def test_old_spellings_say_where_the_command_moved(tmp_path, old, new):
+    res = run_cli(*old, "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
+                  *(("--model", "bst") if old == ("train",) else ()))
+    assert f"moved to `lifelong {new}`" in " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
 def test_simulate_bad_override_is_a_clear_error(tmp_path):
     res = run_cli("simulate", "--preset", "tiny", "--out", str(tmp_path / "w"), "--set", "users.n_userz=3")
     assert res.returncode == 2
@@ -87,7 +103,7 @@ def tiny_rows(tmp_path_factory):
     d = tmp_path_factory.mktemp("loop")
     res = run_cli("simulate", "--preset", "tiny", "--out", str(d / "w"), "--set", "users.n_users=20")
     assert res.returncode == 0, res.stderr
-    res = run_cli("build", "--data", str(d / "w"), "--out", str(d / "rows"), "--neg-rate", "0.5", "--ll-cap", "300")
+    res = run_cli("transact", "build", "--data", str(d / "w"), "--out", str(d / "rows"), "--neg-rate", "0.5", "--ll-cap", "300")
     assert res.returncode == 0, res.stderr
     assert "train" in res.stdout and "eval" in res.stdout
     return d
@@ -95,14 +111,14 @@ def tiny_rows(tmp_path_factory):
 
 def test_train_evaluate_and_experiment(tiny_rows):
     d = tiny_rows
-    res = run_cli("train", "--data", str(d / "rows"), "--model", "transact_v2", "--nal", "impression",
+    res = run_cli("transact", "train", "--data", str(d / "rows"), "--model", "transact_v2", "--nal", "impression",
                   "--out", str(d / "run"), "--epochs", "1", "--max-rows", "600")
     assert res.returncode == 0, res.stderr
     assert "examples/s" in res.stdout and (d / "run" / "model.pt").exists()
-    res = run_cli("evaluate", "--run", str(d / "run"), "--data", str(d / "rows"))
+    res = run_cli("transact", "evaluate", "--run", str(d / "run"), "--data", str(d / "rows"))
     assert res.returncode == 0, res.stderr
     assert "repin" in res.stdout and "oracle" in res.stdout
-    res = run_cli("experiment", "quickstart", "--data", str(d / "rows"), "--out", str(d / "rep"), "--seeds", "2",
+    res = run_cli("transact", "experiment", "quickstart", "--data", str(d / "rows"), "--out", str(d / "rep"), "--seeds", "2",
                   "--epochs", "1", "--max-rows", "300")
     assert res.returncode == 0, res.stderr
     report = (d / "rep" / "report.md").read_text()
@@ -113,10 +129,10 @@ def test_train_evaluate_and_experiment(tiny_rows):
 def test_tables_share_runs_of_equal_configurations(tiny_rows, tmp_path):
     common = ("--data", str(tiny_rows / "rows"), "--seeds", "1", "--epochs", "1", "--max-rows", "200",
               "--runs", str(tmp_path / "runs"))
-    assert run_cli("experiment", "table7", "--out", str(tmp_path / "t7"), *common).returncode == 0
+    assert run_cli("transact", "experiment", "table7", "--out", str(tmp_path / "t7"), *common).returncode == 0
     first = {p.parent.parent.name for p in (tmp_path / "runs").glob("*/seed0/evaluation.json")}
     assert len(first) == 2  # softmax and BCE
-    res = run_cli("experiment", "table4", "--out", str(tmp_path / "t4"), *common)
+    res = run_cli("transact", "experiment", "table4", "--out", str(tmp_path / "t4"), *common)
     assert res.returncode == 0, res.stderr
     runs = {p.parent.parent.name for p in (tmp_path / "runs").glob("*/seed0/evaluation.json")}
     # table 4's impression-NAL row is table 7's softmax row: trained once, two new runs.
@@ -136,15 +152,15 @@ def test_store_load_and_serve_user_errors(tiny_rows, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("train", "--data", "{rows}", "--model", "gpt", "--out", "{tmp}/r"), "unknown model 'gpt'"),
-        (("train", "--data", "{tmp}/nothing", "--model", "bst", "--out", "{tmp}/r"), "not a rows directory"),
-        (("train", "--data", "{rows}", "--model", "bst", "--nal", "impression", "--out", "{tmp}/r"), "needs a causal"),
-        (("train", "--data", "{rows}", "--model", "wide_deep", "--user-emb", "lmdb://{tmp}/e", "--out", "{tmp}/r"),
+        (("transact", "train", "--data", "{rows}", "--model", "gpt", "--out", "{tmp}/r"), "unknown model 'gpt'"),
+        (("transact", "train", "--data", "{tmp}/nothing", "--model", "bst", "--out", "{tmp}/r"), "not a rows directory"),
+        (("transact", "train", "--data", "{rows}", "--model", "bst", "--nal", "impression", "--out", "{tmp}/r"), "needs a causal"),
+        (("transact", "train", "--data", "{rows}", "--model", "wide_deep", "--user-emb", "lmdb://{tmp}/e", "--out", "{tmp}/r"),
          "wide_deep has none"),
-        (("train", "--data", "{rows}", "--model", "transact_v2", "--user-emb", "lmdb://{tmp}/e", "--out", "{tmp}/r"),
+        (("transact", "train", "--data", "{rows}", "--model", "transact_v2", "--user-emb", "lmdb://{tmp}/e", "--out", "{tmp}/r"),
          "no LMDB feature store"),
-        (("build", "--data", "{tmp}/nothing", "--out", "{tmp}/rows2"), "dataset directory not found"),
-        (("experiment", "table9", "--data", "{rows}", "--out", "{tmp}/rep"), "unknown experiment"),
+        (("transact", "build", "--data", "{tmp}/nothing", "--out", "{tmp}/rows2"), "dataset directory not found"),
+        (("transact", "experiment", "table9", "--data", "{rows}", "--out", "{tmp}/rep"), "unknown experiment"),
     ],
 )
 def test_training_user_errors(tiny_rows, tmp_path, args, message):
@@ -160,6 +176,6 @@ def test_build_with_missing_file_leaves_no_output(tiny_rows, tmp_path):
     world = tmp_path / "w"
     shutil.copytree(tiny_rows / "w", world)
     (world / "items.parquet").unlink()
-    res = run_cli("build", "--data", str(world), "--out", str(tmp_path / "rows"))
+    res = run_cli("transact", "build", "--data", str(world), "--out", str(tmp_path / "rows"))
     assert res.returncode == 2 and "items.parquet: file not found" in res.stderr
     assert not (tmp_path / "rows").exists()

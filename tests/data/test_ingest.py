@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lifelong.core.errors import DataError, LifelongError
 from lifelong.data.ingest import SOURCES, ingest
 from lifelong.data.ingest.common import dense_ids, vocabulary_codes
 from lifelong.data.io import load_dataset
 from lifelong.data.schema import Action
-from lifelong.errors import DataError, LifelongError
 
 IMP, CLICK, REPIN, LIKE, HIDE = (int(a) for a in (Action.IMPRESSION, Action.CLICK, Action.REPIN, Action.LIKE,
                                                   Action.HIDE))
@@ -196,9 +196,9 @@ def _movielens(src: Path) -> Path:
         f"2,99,0.5,{ML_T0 + 7}",       # line 6: HIDE, a movie missing from movies.csv
         f"2,11,6.0,{ML_T0}",           # line 7: rating out of range
         f"2,21,3.3,{ML_T0}",           # line 8: not a half star
-        f"2,1,4.0,yesterday",          # line 9: unparseable timestamp
+        "2,1,4.0,yesterday",          # line 9: unparseable timestamp
         f"2,1,,{ML_T0}",               # line 10: missing rating
-        f"2,1,4.0,-5",                 # line 11: negative timestamp
+        "2,1,4.0,-5",                 # line 11: negative timestamp
     ])
 
 
@@ -295,11 +295,11 @@ def _taobao(src: Path) -> Path:
         f"1,101,5000,fav,{TB_T0 + 4000}",      # next hour -> new request
         f"2,102,7000,buy,{TB_T0}",
         f"2,103,6000,like,{TB_T0}",             # line 5: unknown behaviour
-        f"2,104,6000,pv,1505117799",            # line 6: September 2017, outside the window
-        f"2,105,6000,pv,1511539199",            # line 7: one second before the window opens
-        f"2,106,6000,pv,1512316800",            # line 8: the second after the window closes
-        f"2,107,6000,pv,1512316799",            # line 9: last second of the window: kept
-        f"2,108,6000,pv,noon",                  # line 10: unparseable
+        "2,104,6000,pv,1505117799",            # line 6: September 2017, outside the window
+        "2,105,6000,pv,1511539199",            # line 7: one second before the window opens
+        "2,106,6000,pv,1512316800",            # line 8: the second after the window closes
+        "2,107,6000,pv,1512316799",            # line 9: last second of the window: kept
+        "2,108,6000,pv,noon",                  # line 10: unparseable
         "2,109,6000,pv",                        # line 11: wrong field count
     ])
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.schema import EVENTS_SCHEMA, EXPLICIT_BITS, KNOWN_ACTION_BITS, Action
 from lifelong.data.timelines import EventIndex, Jagged, TimelineConfig, Timelines, build_timelines
-from lifelong.errors import ConfigError, DataError
 
 IMP = int(Action.IMPRESSION)
 CLICK = int(Action.CLICK)

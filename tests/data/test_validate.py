@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lifelong.core.errors import DataError
 from lifelong.data.io import atomic_output_dir, load_dataset, read_table, write_parquet
 from lifelong.data.schema import EMBED_DIM
 from lifelong.data.validate import validate_table
-from lifelong.errors import DataError
 from tests.conftest import make_events, make_items
 
 

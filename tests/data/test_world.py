@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 
+from lifelong.core.errors import ConfigError
 from lifelong.data.io import load_dataset
 from lifelong.data.protocol import DAY_MS, Protocol
 from lifelong.data.schema import HEAD_BITS, HEADS, POSITIVE_BITS, SURFACES, Action
 from lifelong.data.users import sort_events
 from lifelong.data.world import load_config, simulate, simulate_to, write_world
-from lifelong.errors import ConfigError
 
 FILES = ("items.parquet", "events.parquet", "users.parquet", "oracle.parquet", "world.json")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lifelong.serving.store import open_store
+from lifelong.store.feature_store import open_store
 
 
 @pytest.fixture(params=["lmdb", "redis"])

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 
+from lifelong.core.quantization import quantize_4bit
 from lifelong.data.protocol import DAY_MS
 from lifelong.dv365.export import REGISTRY_KEY, EmbeddingReader, version_prefix
-from lifelong.features.quantization import quantize_4bit
-from lifelong.serving.store import open_store
+from lifelong.store.feature_store import open_store
 
 ROWS, DIM = 3, 40  # 40 values a row: 3 code words (the last one part-filled) + 1 scale/offset word
 

@@ -6,9 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lifelong.dv365.backbone import (N_DENSE, TASKS, BackboneConfig, BackboneOutput, BackboneSimulation,
-                                     ExampleFeatures, backbone_loss)
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
+from lifelong.dv365.backbone import (
+    N_DENSE,
+    TASKS,
+    BackboneConfig,
+    BackboneOutput,
+    BackboneSimulation,
+    ExampleFeatures,
+    backbone_loss,
+)
 
 
 def batch(n: int, groups: list[int]) -> ExampleFeatures:

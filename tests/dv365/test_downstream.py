@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.errors import ConfigError
 from lifelong.dv365.downstream_ranker import DLRMRanker, DLRMRankerConfig
 from lifelong.dv365.projection import EmbeddingProjection, GateNet
 from lifelong.dv365.retrieval import (
@@ -16,8 +17,7 @@ from lifelong.dv365.retrieval import (
     hit_rate_at_k,
     in_batch_softmax_loss,
 )
-from lifelong.errors import ConfigError
-from lifelong.models.heads import ranking_loss
+from lifelong.modules.heads import ranking_loss
 
 R, C = 3, 4
 

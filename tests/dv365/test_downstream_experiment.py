@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import load_dataset
 from lifelong.data.protocol import DAY_MS, Protocol
 from lifelong.data.schema import HEAD_BITS, HEADS, POSITIVE_BITS
@@ -21,7 +22,6 @@ from lifelong.dv365.downstream_experiment import (
     cached_embeddings,
     run_downstream,
 )
-from lifelong.errors import ConfigError, DataError
 from tests.test_cli import run_cli
 
 

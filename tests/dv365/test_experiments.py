@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from lifelong.core.errors import ConfigError
 from lifelong.data.world import load_config, simulate_to
 from lifelong.dv365 import experiments
 from lifelong.dv365.experiments import FSA_ROW, STALENESS_DAYS, ExperimentConfig, encoder_rows, run_experiment
-from lifelong.errors import ConfigError
 
 
 def test_rows_cover_the_papers_comparison():

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.world import load_config, simulate_to
 from lifelong.dv365.export import (
@@ -26,8 +27,7 @@ from lifelong.dv365.export import (
     export_embeddings,
     version_prefix,
 )
-from lifelong.errors import ConfigError, DataError
-from lifelong.serving.store import open_store, user_key
+from lifelong.store.feature_store import open_store, user_key
 from tests.dv365.export_support import (
     DIM,
     ROWS,

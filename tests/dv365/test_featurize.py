@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import load_dataset
 from lifelong.data.schema import Action
 from lifelong.dv365.featurize import SliceEmbeddings, SliceFeaturizer, TimelineSource, UserTimelines, pool_slices
 from lifelong.dv365.slices import SliceSpec
-from lifelong.errors import ConfigError, DataError
 from tests.dv365.test_slices import near_tie, reference_rule, reference_weight
 
 DAY_MS = 86_400_000

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.errors import ConfigError
 from lifelong.dv365.fsa import ENCODERS, FSAConfig, FunnelCompression, FunnelSummarizationArch
-from lifelong.errors import ConfigError
 
 COMPRESSING = [e for e in ENCODERS if e != "none"]
 

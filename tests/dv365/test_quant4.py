@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from lifelong.features.quantization import (
+from lifelong.core.quantization import (
     dequantize_4bit,
     from_words_4bit,
     quantize_4bit,
@@ -30,7 +30,7 @@ def test_words_round_trip_within_the_4bit_bound(x):
     back = from_words_4bit(words, d)
     assert np.array_equal(back.packed, q.packed) and np.array_equal(back.scale, q.scale)
     assert np.array_equal(back.offset, q.offset) and back.dim == d
-    # The bound of lifelong.features.quantization: half a step plus two float32 ulps of the row's magnitude.
+    # The bound of lifelong.core.quantization: half a step plus two float32 ulps of the row's magnitude.
     bound = q.scale.astype(np.float64)[..., None] / 2 + 2 * np.spacing(np.abs(x).max(axis=-1, keepdims=True))
     assert np.all(np.abs(dequantize_4bit(back).astype(np.float64) - x) <= bound)
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.world import load_config, simulate_to
 from lifelong.dv365.export import (
@@ -25,7 +26,6 @@ from lifelong.dv365.schedule import (
     run_schedule,
 )
 from lifelong.dv365.tower import load_tower
-from lifelong.errors import ConfigError, DataError
 from tests.dv365.export_support import (
     FakeTower,
     assert_served,

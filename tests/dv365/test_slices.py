@@ -9,10 +9,23 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.errors import ConfigError
 from lifelong.data.schema import Action
-from lifelong.dv365.slices import (ID_TYPES, RULE_TYPES, ActionRule, DwellRule, ScoreRule, SimpleEvents, Slice,
-                                   SliceSpec, SourceRule, WatchRatioRule, Window, debiased_score, watch_ratio)
-from lifelong.errors import ConfigError
+from lifelong.dv365.slices import (
+    ID_TYPES,
+    RULE_TYPES,
+    ActionRule,
+    DwellRule,
+    ScoreRule,
+    SimpleEvents,
+    Slice,
+    SliceSpec,
+    SourceRule,
+    WatchRatioRule,
+    Window,
+    debiased_score,
+    watch_ratio,
+)
 
 DAY_MS = 86_400_000
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from lifelong.core.errors import DataError
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.world import load_config, simulate_to
 from lifelong.dv365.examples import TokenCache, open_world, sample_examples
 from lifelong.dv365.fsa import FSAConfig
-from lifelong.dv365.tower import DV365Tower, content_tables, load_tower
 from lifelong.dv365.slices import SliceSpec
+from lifelong.dv365.tower import DV365Tower, content_tables, load_tower
 from lifelong.dv365.train import DV365TrainConfig, load_backbone, train_dv365
-from lifelong.errors import DataError
 from tests.test_cli import run_cli
 
 SMALL = dict(fsa=FSAConfig(out_cols=4, funnel_blocks=2, ffn_dim=8), train_days=2, per_group=8, eval_per_group=16,

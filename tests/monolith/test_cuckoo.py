@@ -8,7 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 from lifelong.monolith.cuckoo import CuckooConfig, CuckooIndex
 
 # A small pool makes repeats, re-inserts and removals of present ids common; extremes check

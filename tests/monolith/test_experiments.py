@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lifelong.cli import app
+from lifelong.core.errors import ConfigError
 from lifelong.data.world import load_config, simulate_to
-from lifelong.errors import ConfigError
 from lifelong.monolith.experiments import (
     HOUR_MS,
     MINUTE_MS,
@@ -139,11 +139,11 @@ def test_sync_rows_per_interval(world):
 
 
 def test_the_command_writes_the_report(world_dir, tmp_path):
-    result = CliRunner().invoke(app, ["online-experiment", "drift", "--data", str(world_dir), "--out",
+    result = CliRunner().invoke(app, ["monolith", "experiment", "drift", "--data", str(world_dir), "--out",
                                       str(tmp_path), "--days", "10", "--seed", "2"])
     assert result.exit_code == 0, result.output
     assert "after drift" in result.output and (tmp_path / "drift.png").is_file()
     world = json.loads((tmp_path / "drift.json").read_text())["world"]
     assert (world["seed"], world["days"]) == (2, 10)
-    result = CliRunner().invoke(app, ["online-experiment", "nope", "--data", str(world_dir), "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["monolith", "experiment", "nope", "--data", str(world_dir), "--out", str(tmp_path)])
     assert result.exit_code != 0 and "unknown experiment" in str(result.exception)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 from lifelong.monolith.filters import CountingFilter, FilterConfig, ProbabilisticFilter, make_filter
 
 

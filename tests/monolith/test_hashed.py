@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 from lifelong.monolith.cuckoo import mix64
 from lifelong.monolith.hashed import ModuloEmbedding, bucket_of
 from lifelong.monolith.modules import CollisionlessEmbedding, sparse_step

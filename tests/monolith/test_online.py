@@ -20,8 +20,8 @@ import pytest
 import redis
 import torch
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.world import load_config, simulate_to
-from lifelong.errors import ConfigError, DataError
 from lifelong.monolith.joiner import JoinerConfig, OnlineJoiner
 from lifelong.monolith.online import (
     ExampleAudit,

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.world import load_config, simulate_to
-from lifelong.errors import ConfigError, DataError
 from lifelong.monolith.stream import (
     EVENT_DTYPE,
     LOG_DTYPE,

@@ -1,6 +1,6 @@
 """Parameter sync from the online trainer to a running service: the wire format, the serving
 ranker's parity with the trainer, refusals, zero failed requests and one consistent version per
-response under load during syncs, and the `lifelong online` job (resumed producer included)."""
+response under load during syncs, and the `lifelong monolith online` job (resumed producer included)."""
 
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ import pytest
 import torch
 
 from lifelong.bench.serve import free_port, serve_in_thread
+from lifelong.cli.service import build_online_service
+from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS
 from lifelong.data.io import read_table
 from lifelong.data.schema import HEADS, SURFACES
 from lifelong.data.world import load_config, simulate_to
-from lifelong.errors import ConfigError, DataError
-from lifelong.eval.metrics import DEFAULT_HEAD_WEIGHTS
 from lifelong.monolith.job import OnlineJob, run_online_job, stream_records
 from lifelong.monolith.joiner import EXAMPLE_DTYPE, JoinerConfig, OnlineJoiner
 from lifelong.monolith.online import ExampleAudit, OnlineConfig, OnlineTrainer
 from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRankerConfig, default_table
+from lifelong.monolith.serving import NoModelYet, OnlineServingRanker, online_version
 from lifelong.monolith.stream import LogStream, replay, to_records
 from lifelong.monolith.sync import Syncer, decode_delta, encode_delta
-from lifelong.serving.online import NoModelYet, OnlineServingRanker, online_version
-from lifelong.serving.ranker import RankRequest
-from lifelong.serving.service import build_online_service
+from lifelong.transact.serving import RankRequest
 
 
 def small_table(seed: int):
@@ -291,7 +291,7 @@ def run_cli(*args: str):
 
 
 def test_cli_online_trains_and_serves_and_refuses_bad_combinations(world, live_online, tmp_path):
-    res = run_cli("online", "--data", str(world.dir), "--ckpt", str(tmp_path / "ckpt"), "--serve", live_online,
+    res = run_cli("monolith", "online", "--data", str(world.dir), "--ckpt", str(tmp_path / "ckpt"), "--serve", live_online,
                   "--sync-every", "0.5", "--delta-format", "fp32")
     assert res.returncode == 0, res.stderr
     assert f"replayed {world.end:,} events (0 already in the stream)" in res.stdout
@@ -301,7 +301,7 @@ def test_cli_online_trains_and_serves_and_refuses_bad_combinations(world, live_o
         assert version is not None and res.stdout.split("serving v")[1].startswith(version.removeprefix("online-v"))
     for args, message in ((("serve", "--online"), "--online serves pushed parameters"),
                           (("serve", "--run", "r"), "serve needs --run RUN and --store URL"),
-                          (("online", "--data", str(tmp_path), "--ckpt", str(tmp_path / "c")), "has no events.parquet")):
+                          (("monolith", "online", "--data", str(tmp_path), "--ckpt", str(tmp_path / "c")), "has no events.parquet")):
         res = run_cli(*args)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
 
@@ -316,7 +316,7 @@ def test_kill_9_of_the_job_mid_replay_loses_and_repeats_nothing(world, tmp_path)
     all_events = world.log.read(0, 10**7)[0]
     expected = all_events[all_events["ts_ms"] >= all_events["ts_ms"].max() + 1 - 8 * 86_400_000]
     span = int(expected["ts_ms"][-1] - expected["ts_ms"][0])
-    base = [sys.executable, "-m", "lifelong.cli", "online", "--data", str(world.dir), "--ckpt", str(ckpt),
+    base = [sys.executable, "-m", "lifelong.cli", "monolith", "online", "--data", str(world.dir), "--ckpt", str(ckpt),
             "--last-days", "8"]
     env = {"LIFELONG_QUIET": "1", "COLUMNS": "200", "PATH": "/usr/bin:/bin"}
     # Paced so that the replay takes ~30 s: the kill lands while the producer is still appending.

@@ -12,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lifelong.errors import ConfigError, DataError
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.monolith.cuckoo import CuckooConfig
 from lifelong.monolith.filters import FilterConfig
 from lifelong.monolith.table import EmbeddingTable, OptimizerConfig, TableConfig

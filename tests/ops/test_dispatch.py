@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 from lifelong.ops import ENV_VAR, implementation, nn_search, register, resolve_backend
 
 

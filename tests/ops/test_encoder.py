@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lifelong.data.schema import EMBED_DIM, KNOWN_ACTION_BITS, SURFACES
-from lifelong.models.layers import masked_max_pool
-from lifelong.models.registry import build_model
-from lifelong.models.transact import TransAct
-from lifelong.ops import FusedTransActEncoder, gather_tokens
-from tests.models.fixtures import SMALL, SMALL_LAYOUT, random_batch
+from lifelong.modules.layers import masked_max_pool
+from lifelong.ops import gather_tokens
+from lifelong.transact.fused_encoder import FusedTransActEncoder
+from lifelong.transact.model import TransAct
+from lifelong.transact.registry import build_model
+from tests.transact.fixtures import SMALL, SMALL_LAYOUT, random_batch
 
 VARIANTS = {
     "v2": ("transact_v2", {}),

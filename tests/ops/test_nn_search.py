@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.quantization import INT8_SCALE, dequantize_int8
 from lifelong.data.timelines import Jagged
-from lifelong.features.nn_select import l2_normalize, nn_topk
-from lifelong.features.quantization import INT8_SCALE, dequantize_int8
 from lifelong.ops import bytes_moved, nn_search, nn_search_naive
+from lifelong.ops.nn_select import l2_normalize, nn_topk
 
 nn_search_module = importlib.import_module("lifelong.ops.nn_search")  # the package's nn_search is the function
 

@@ -13,8 +13,8 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET unset when the kernels were imported", allow_module_level=True)
 
-from lifelong.errors import ConfigError  # noqa: E402
-from lifelong.models.layers import EncoderLayer, TransformerEncoder, causal_attention_mask  # noqa: E402
+from lifelong.core.errors import ConfigError  # noqa: E402
+from lifelong.modules.layers import EncoderLayer, TransformerEncoder, causal_attention_mask  # noqa: E402
 from lifelong.ops import triton_encoder  # noqa: E402
 from lifelong.ops.dispatch import kernel_device  # noqa: E402
 from lifelong.ops.triton_encoder import check_supported, skut_encode, skut_layer  # noqa: E402

@@ -14,8 +14,11 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET unset when the kernels were imported", allow_module_level=True)
 
-from lifelong.ops import implementation, nn_search  # noqa: E402
-from lifelong.ops import triton_nn_search  # noqa: E402
+from lifelong.ops import (  # noqa: E402
+    implementation,
+    nn_search,
+    triton_nn_search,  # noqa: E402
+)
 from tests.ops.test_nn_search import D, _assert_same, _batch, _brute_force  # noqa: E402
 
 

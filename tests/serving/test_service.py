@@ -14,17 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lifelong.bench.serve import eval_requests, serve_in_thread
+from lifelong.cli.service import build_service
+from lifelong.core.errors import ConfigError
 from lifelong.data.schema import SURFACE_CODES
 from lifelong.data.world import load_config, simulate_to
-from lifelong.errors import ConfigError
-from lifelong.features.rank_data import RankData
-from lifelong.features.training_rows import BuildConfig, build_rows
-from lifelong.models.batch import SequenceLayout
 from lifelong.serving.batcher import BatchingConfig, DynamicBatcher
-from lifelong.serving.ranker import Ranker, RankRequest, model_version
-from lifelong.serving.service import build_service
-from lifelong.serving.store import load_store, open_store
-from lifelong.train.trainer import TrainConfig, load_model, predict, train
+from lifelong.store.feature_store import load_store, open_store
+from lifelong.transact.batch import SequenceLayout
+from lifelong.transact.rank_data import RankData
+from lifelong.transact.serving import Ranker, RankRequest, model_version
+from lifelong.transact.trainer import TrainConfig, load_model, predict, train
+from lifelong.transact.training_rows import BuildConfig, build_rows
 
 LAYOUT = SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4)
 
@@ -135,7 +135,7 @@ def test_store_of_another_layout_is_refused(served, tmp_path):
 def test_model_with_dv365_user_tokens_is_refused(served):
     import dataclasses
 
-    from lifelong.models.transact import TransAct
+    from lifelong.transact.model import TransAct
 
     net, _ = load_model(served / "transact_v2")
     with_tokens = TransAct(dataclasses.replace(net.cfg, user_tokens=(2, 8)))

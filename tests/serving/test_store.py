@@ -10,21 +10,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import load_dataset
 from lifelong.data.schema import EMBED_DIM, Action
 from lifelong.data.timelines import EventIndex, TimelineConfig, build_timelines
 from lifelong.data.world import load_config, simulate_to
-from lifelong.errors import ConfigError, DataError
-from lifelong.features.training_rows import BuildConfig, ItemTable, build_rows
-from lifelong.models.batch import SequenceLayout
-from lifelong.serving.sequences import iter_user_sequences
-from lifelong.serving.store import (
+from lifelong.store.feature_store import (
     ItemRecords,
     LMDBStore,
     UserSequences,
     load_store,
     open_store,
 )
+from lifelong.store.sequences import iter_user_sequences
+from lifelong.transact.batch import SequenceLayout
+from lifelong.transact.training_rows import BuildConfig, ItemTable, build_rows
 
 CFG = BuildConfig(layout=SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4), ll_cap=40, imp_cap=10, nal_negatives=6)
 ARRAYS = [f.name for f in dataclasses.fields(UserSequences) if f.name != "user_id"]

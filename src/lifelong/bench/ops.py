@@ -29,13 +29,14 @@ from typing import Any
 
 import torch
 
+from lifelong.core.quantization import dequantize_int8
 from lifelong.data.schema import EMBED_DIM, KNOWN_ACTION_BITS, SURFACES
-from lifelong.features.nn_select import l2_normalize
-from lifelong.features.quantization import dequantize_int8
-from lifelong.models.batch import SequenceLayout
-from lifelong.models.config import TransActConfig
-from lifelong.models.transact import TransAct
-from lifelong.ops import FusedTransActEncoder, bytes_moved, nn_search, nn_search_naive
+from lifelong.ops import bytes_moved, nn_search, nn_search_naive
+from lifelong.ops.nn_select import l2_normalize
+from lifelong.transact.batch import SequenceLayout
+from lifelong.transact.config import TransActConfig
+from lifelong.transact.fused_encoder import FusedTransActEncoder
+from lifelong.transact.model import TransAct
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from lifelong.core.errors import DataError
 from lifelong.data.schema import SURFACES
-from lifelong.errors import DataError
-from lifelong.features.rank_data import RankData
+from lifelong.transact.rank_data import RankData
 
 
 def eval_requests(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[dict]:
@@ -141,7 +141,7 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
 
 def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.PathLike[str],
                     concurrency: list[int], seconds: float = 10.0, sustain_seconds: float = 60.0,
-                    paths: list[str] = ["naive", "optimized"], report: Path | None = None,
+                    paths: tuple[str, ...] = ("naive", "optimized"), report: Path | None = None,
                     warmup_s: float = 2.0) -> dict:
     """Load steps for every path and concurrency, then a sustained run of the optimized path.
 

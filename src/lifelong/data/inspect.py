@@ -14,11 +14,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS, final_score, hit_at_k, hit_at_k_random
+from lifelong.core.progress import progress
 from lifelong.data.io import read_meta, read_table
 from lifelong.data.protocol import DAY_MS, Protocol
 from lifelong.data.schema import EXPLICIT_BITS, HEAD_BITS, HEADS, SURFACES, Action
-from lifelong.progress import progress
-from lifelong.eval.metrics import DEFAULT_HEAD_WEIGHTS, final_score, hit_at_k, hit_at_k_random
 
 
 @dataclass

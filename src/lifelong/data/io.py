@@ -23,9 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lifelong.core.errors import DataError
 from lifelong.data.schema import TABLES
 from lifelong.data.validate import require_file, validate_table
-from lifelong.errors import DataError
 
 META_FILES = ("world.json", "dataset.json")
 

@@ -36,7 +36,7 @@ class Protocol:
 
     @classmethod
     def fit(cls, first_ms: int, end_ms: int, train_days: float = 14, gap_days: float = 7,
-            eval_days: float = 1) -> "Protocol":
+            eval_days: float = 1) -> Protocol:
         """Place the protocol at the end of the data span ``[first_ms, end_ms)``.
 
         When the span is shorter than ``train_days + gap_days + eval_days`` (KuaiRand covers 14
@@ -57,5 +57,5 @@ class Protocol:
         return asdict(self)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "Protocol":
+    def from_meta(cls, meta: dict) -> Protocol:
         return cls(**{k: int(meta["protocol"][k]) for k in ("train_start_ms", "cutoff_ms", "eval_start_ms", "eval_end_ms")})

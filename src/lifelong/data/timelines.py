@@ -37,15 +37,15 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.schema import EXPLICIT_BITS, Action
-from lifelong.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class Jagged:
         object.__setattr__(self, "offsets", offsets.astype(np.int64, copy=False))
 
     @classmethod
-    def from_ranges(cls, base: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> "Jagged":
+    def from_ranges(cls, base: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Jagged:
         """Gather row ``i`` = ``base[starts[i]:starts[i] + lengths[i]]`` for all rows, loop-free.
 
         Args:
@@ -135,7 +135,7 @@ class Jagged:
         return cls(np.asarray(base)[index], offsets)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[np.ndarray]) -> "Jagged":
+    def from_rows(cls, rows: Sequence[np.ndarray]) -> Jagged:
         """Concatenate a list of arrays (rows) into one Jagged.
 
         Example::
@@ -160,12 +160,12 @@ class Jagged:
         """The elements of row ``i`` (a view)."""
         return self.values[self.offsets[i]:self.offsets[i + 1]]
 
-    def take(self, indices: np.ndarray | Sequence[int]) -> "Jagged":
+    def take(self, indices: np.ndarray | Sequence[int]) -> Jagged:
         """The rows ``indices`` (any order, repeats allowed) as a new Jagged."""
         indices = np.asarray(indices, dtype=np.int64)
         return Jagged.from_ranges(self.values, self.offsets[indices], self.lengths()[indices])
 
-    def map(self, column: np.ndarray) -> "Jagged":
+    def map(self, column: np.ndarray) -> Jagged:
         """Replace each value ``v`` (an index) by ``column[v]``, keeping the offsets.
 
         With row indices of the events table, ``tl.rt.map(ts_ms)`` gives the tokens' timestamps
@@ -224,7 +224,7 @@ class Segments:
     longest: int
 
     @classmethod
-    def select(cls, keep: np.ndarray, ts_ms: np.ndarray, user_first_row: np.ndarray) -> "Segments":
+    def select(cls, keep: np.ndarray, ts_ms: np.ndarray, user_first_row: np.ndarray) -> Segments:
         """The rows where ``keep`` is true, segmented by the users starting at ``user_first_row``."""
         rows = np.flatnonzero(keep).astype(np.int64)
         before = np.zeros(keep.size + 1, dtype=np.int64)
@@ -282,7 +282,7 @@ class EventIndex:
         self.impressions: Segments = Segments.select(action_mask == int(Action.IMPRESSION), ts_ms, first_row)
 
     @classmethod
-    def from_table(cls, events: pa.Table) -> "EventIndex":
+    def from_table(cls, events: pa.Table) -> EventIndex:
         """Index an events table (``EVENTS_SCHEMA``; only user_id, ts_ms, action_mask are read)."""
         return cls(*(events.column(name).to_numpy() for name in ("user_id", "ts_ms", "action_mask")))
 

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lifelong.core.errors import DataError
 from lifelong.data.schema import EMBED_DIM, KNOWN_ACTION_BITS, SURFACES, TABLES
-from lifelong.errors import DataError
 
 
 def _first(mask: np.ndarray) -> int | None:
@@ -67,7 +67,7 @@ def validate_table(table: pa.Table, kind: str, path: object = "<memory>",
         >>> validate_table(pa.table({"user_id": [1]}), "users", "u.parquet")
         Traceback (most recent call last):
         ...
-        lifelong.errors.DataError: u.parquet, column 'first_ts_ms': missing column
+        lifelong.core.errors.DataError: u.parquet, column 'first_ts_ms': missing column
     """
     schema = TABLES[kind]
     if columns is not None:

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lifelong.core.errors import ConfigError
 from lifelong.data.schema import EMBED_DIM, SURFACES
-from lifelong.errors import ConfigError
-from lifelong.models.layers import MLP, HashedEmbedding
+from lifelong.modules.layers import MLP, HashedEmbedding
 
 TASKS: tuple[str, ...] = ("click", "repin", "long_view", "hide")
 """The binary tasks, each an action bit of the example's impression event."""
@@ -67,7 +67,7 @@ class BackboneConfig:
         >>> BackboneConfig(user_vectors=-1)
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: backbone user_vectors must be >= 0, got -1
+        lifelong.core.errors.ConfigError: backbone user_vectors must be >= 0, got -1
     """
 
     emb_dim: int = 16

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import read_meta, read_table, require_file
 from lifelong.data.protocol import DAY_MS, Protocol
 from lifelong.data.schema import EMBED_DIM, HEAD_BITS, HEADS, POSITIVE_BITS
-from lifelong.errors import ConfigError, DataError
 
 RECENT_MS = 7 * DAY_MS
 """Window of the users' recent count features."""

@@ -34,6 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lifelong.core.errors import ConfigError
+from lifelong.core.metrics import auc, mean_std, normalized_entropy
+from lifelong.core.quantization import dequantize_4bit, quantize_4bit
 from lifelong.data.io import write_json
 from lifelong.data.schema import HEADS, SURFACES
 from lifelong.dv365.downstream_data import (
@@ -49,10 +52,7 @@ from lifelong.dv365.retrieval import (
     hit_rate_at_k,
     in_batch_softmax_loss,
 )
-from lifelong.errors import ConfigError
-from lifelong.eval.metrics import auc, mean_std, normalized_entropy
-from lifelong.features.quantization import dequantize_4bit, quantize_4bit
-from lifelong.models.heads import ranking_loss
+from lifelong.modules.heads import ranking_loss
 
 EmbeddingFn = Callable[[np.ndarray, int], np.ndarray]
 """``(user_ids, as_of_ms) -> float32 (len(user_ids), R, C)``: the embedding exported as of a time."""

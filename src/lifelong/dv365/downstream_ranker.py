@@ -3,7 +3,7 @@
 DLRM (Naumov et al., 2019): a bottom MLP maps the dense features to a D-wide vector; each
 sparse id has a D-wide embedding; the interaction is either the pairwise dot products of all
 those vectors (plus the dense vector itself) or their plain concatenation; a top MLP ends in
-one logit per binary task, trained with :func:`~lifelong.models.heads.ranking_loss`.
+one logit per binary task, trained with :func:`~lifelong.modules.heads.ranking_loss`.
 
 With ``user_embedding=(R, C)`` the de-quantized DV365 embedding is flattened, linearly
 projected to D (:class:`~lifelong.dv365.projection.EmbeddingProjection`) and concatenated to
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lifelong.core.errors import ConfigError
 from lifelong.dv365.projection import EmbeddingProjection
-from lifelong.errors import ConfigError
-from lifelong.models.layers import MLP, HashedEmbedding
+from lifelong.modules.layers import MLP, HashedEmbedding
 
 INTERACTIONS = ("dot", "cat")
 

@@ -36,13 +36,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import read_meta, read_table
 from lifelong.data.protocol import DAY_MS, Protocol
 from lifelong.data.schema import EMBED_DIM, Action
 from lifelong.dv365.backbone import N_DENSE, TASKS, ExampleFeatures
 from lifelong.dv365.featurize import TimelineSource
 from lifelong.dv365.tower import TIMELINE_COLUMNS, DV365Tower
-from lifelong.errors import ConfigError, DataError
 
 TASK_BITS = np.array([int(Action[t.upper()]) for t in TASKS], dtype=np.uint16)
 

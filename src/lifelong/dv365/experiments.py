@@ -33,14 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lifelong.core.errors import ConfigError
+from lifelong.core.metrics import mean_std
 from lifelong.data.io import write_json
 from lifelong.data.protocol import DAY_MS
 from lifelong.dv365.backbone import TASKS, BackboneConfig
 from lifelong.dv365.examples import open_world
 from lifelong.dv365.fsa import FSAConfig
 from lifelong.dv365.train import DV365TrainConfig, Prepared, evaluate, fit, prepare, save_run
-from lifelong.errors import ConfigError
-from lifelong.eval.metrics import mean_std
 
 STALENESS_DAYS = (0, 1, 3, 7)
 

@@ -1,7 +1,7 @@
 """DV365 export: the user tower's embeddings, 4-bit quantized, as versions in the key-value store.
 
 Every refresh the user tower embeds all active users; the embeddings go to the serving store
-(:mod:`lifelong.serving.store`, LMDB or Redis, same URLs) as a new *version*, and readers are
+(:mod:`lifelong.store.feature_store`, LMDB or Redis, same URLs) as a new *version*, and readers are
 switched to it atomically: a reader sees the previous version whole or the new one whole, never
 a mix, and an exporter killed mid-write leaves the previous version served.
 
@@ -12,7 +12,7 @@ Keys (inside the feature store, beside its own; Redis prefixes them with ``lifel
 - ``b"dv365:versions"``: the registry, JSON: ``next`` version number and ``versions`` begun and
   not yet deleted (served, superseded or abandoned by a killed exporter);
 - ``b"dv365:v:" + 12-digit version + b":" + user_key(user_id)``: a user's record, the
-  :func:`~lifelong.features.quantization.to_words_4bit` int64 words ``(rows, ceil(dim/16) + 1)``
+  :func:`~lifelong.core.quantization.to_words_4bit` int64 words ``(rows, ceil(dim/16) + 1)``
   (little-endian: codes, 16 nibbles a word, then the row's float32 scale and offset).
 
 An export of version ``v``: (1) lists ``v`` in the registry, so that a version its exporter dies
@@ -44,44 +44,33 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow.dataset as pads
 
+from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.quantization import (
+    quantize_4bit,
+    to_words_4bit,
+)
 from lifelong.data.io import read_meta
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.protocol import Protocol as DataProtocol
-from lifelong.errors import ConfigError, DataError
-from lifelong.features.quantization import (
-    dequantize_4bit,
-    from_words_4bit,
-    quantize_4bit,
-    to_words_4bit,
-    words_per_row_4bit,
+from lifelong.store.embeddings import (
+    POINTER_KEY,
+    REGISTRY_KEY,
+    EmbeddingReader,
+    decode_records,
+    read_json,
+    version_prefix,
 )
-from lifelong.serving.store import FeatureStore, LMDBStore, open_store, user_key
+from lifelong.store.feature_store import FeatureStore, open_store, user_key
 
 __all__ = [
     "EmbeddingReader", "EmbeddingTower", "decode_records", "ExportConfig", "ExportSummary", "active_users", "default_as_of_ms",
     "export_embeddings", "version_prefix",
 ]
-
-POINTER_KEY = b"dv365:current"
-REGISTRY_KEY = b"dv365:versions"
-_VERSION_PREFIX = b"dv365:v:"
-
-
-def version_prefix(version: int) -> bytes:
-    """The key prefix of every row of ``version``.
-
-    Example::
-
-        >>> version_prefix(7)
-        b'dv365:v:000000000007:'
-    """
-    return _VERSION_PREFIX + b"%012d:" % version
-
 
 class EmbeddingTower(Protocol):
     """What the exporter needs of a user tower (``lifelong.dv365`` towers, or a test's fake)."""
@@ -192,12 +181,6 @@ def _opened(store: str | os.PathLike[str] | FeatureStore, writable: bool) -> Ite
         yield opened
 
 
-def _read_json(store: FeatureStore, key: bytes) -> dict[str, Any] | None:
-    with store.reader() as r:
-        [value] = r.values([key])
-        return None if value is None else json.loads(bytes(value))
-
-
 def _put_json(store: FeatureStore, key: bytes, obj: dict[str, Any]) -> None:
     store.put([(key, json.dumps(obj, sort_keys=True).encode())])
 
@@ -211,7 +194,7 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
     Args:
         tower: anything with ``embed_users`` (:class:`EmbeddingTower`).
         world_dir: the dataset the tower reads.
-        store: a store URL (see :func:`~lifelong.serving.store.open_store`), or a writable open store.
+        store: a store URL (see :func:`~lifelong.store.feature_store.open_store`), or a writable open store.
         as_of_ms: embeddings use the events before this time.
         config: batch size, versions kept, activity window, tower gap.
         user_ids: the users to export; default: :func:`active_users` at ``as_of_ms``.
@@ -231,7 +214,7 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
     if users.size == 0:
         raise DataError(world_dir, f"no active users to export at as_of_ms={as_of_ms}")
     with _opened(store, writable=True) as opened:
-        registry = _read_json(opened, REGISTRY_KEY) or {"next": 1, "versions": []}
+        registry = read_json(opened, REGISTRY_KEY) or {"next": 1, "versions": []}
         version = int(registry["next"])
         # Listed before its first row: a version whose exporter dies is still found and deleted.
         _put_json(opened, REGISTRY_KEY, {"next": version + 1, "versions": [*registry["versions"], version]})
@@ -250,7 +233,7 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
             if on_batch is not None:
                 on_batch(lo + batch.size)
         rows, dim = shape
-        previous = _read_json(opened, POINTER_KEY)
+        previous = read_json(opened, POINTER_KEY)
         history = [] if previous is None else [previous["version"], *previous["history"]][:config.keep - 1]
         _put_json(opened, POINTER_KEY, {"version": version, "rows": rows, "dim": dim, "as_of_ms": int(as_of_ms),
                                         "users": int(users.size), "run": run, "history": history})
@@ -275,110 +258,10 @@ def _check_embeddings(emb: np.ndarray, n_users: int, shape: tuple[int, int] | No
 
 def _collect_garbage(store: FeatureStore, keep: set[int]) -> tuple[int, ...]:
     """Delete the rows of every listed version not in ``keep``; returns the versions deleted."""
-    registry = _read_json(store, REGISTRY_KEY)
+    registry = read_json(store, REGISTRY_KEY)
     doomed = tuple(v for v in registry["versions"] if v not in keep)
     for version in doomed:
         store.delete_prefix(version_prefix(version))
     # Unlisted only once deleted: a collector killed half-way leaves them listed for the next one.
     _put_json(store, REGISTRY_KEY, {"next": registry["next"], "versions": [v for v in registry["versions"] if v in keep]})
     return doomed
-
-
-def decode_records(words: np.ndarray, found: np.ndarray, dim: int, fill: float | None) -> np.ndarray:
-    """float32 ``(U, rows, dim)`` of records read by :meth:`EmbeddingReader.get_words`, ``fill``
-    for the users not found."""
-    out = dequantize_4bit(from_words_4bit(words, dim))
-    out[~found] = fill
-    return out
-
-
-class EmbeddingReader:
-    """Reads the served version of exported embeddings, dequantized.
-
-    Args:
-        store: a store URL (opened read-only, closed with the reader), or an open store (e.g.
-            the exporter's own, in the same process: LMDB opens a path in one mode per process).
-        default: the value of every element of a user the served version lacks (not active at
-            its time); None raises a :class:`~lifelong.errors.DataError` instead.
-
-    Example::
-
-        with EmbeddingReader("redis://127.0.0.1:6379/0") as reader:
-            emb, version = reader.get(np.array([3, 5]))  # float32 (2, rows, dim)
-    """
-
-    def __init__(self, store: str | os.PathLike[str] | FeatureStore, default: float | None = None):
-        self._owned = not isinstance(store, FeatureStore)
-        self._store = open_store(store) if self._owned else store
-        self.default = default
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._owned:
-            self._store.close()
-
-    def current(self) -> dict[str, Any] | None:
-        """The pointer of the served version (``version``, ``rows``, ``dim``, ``as_of_ms``, ...), None if none."""
-        return _read_json(self._store, POINTER_KEY)
-
-    def get(self, user_ids: np.ndarray | list[int]) -> tuple[np.ndarray, int]:
-        """The served embeddings of ``user_ids``, and the version they come from.
-
-        Returns:
-            float32 ``(len(user_ids), rows, dim)`` (users in the order given, repeats allowed)
-            and the version number: all rows come from that one version.
-
-        Raises:
-            DataError: nothing exported yet, a corrupt record, or (``default=None``) a user the
-                version lacks.
-        """
-        words, found, pointer = self.get_words(user_ids)
-        if not found.all() and self.default is None:
-            missing = np.asarray(user_ids, dtype=np.int64).reshape(-1)[~found]
-            raise DataError(self._store.url, f"{missing.size} of {found.size} users have no embedding in version "
-                                             f"{pointer['version']} (not active at its time), e.g. user {int(missing[0])}")
-        return decode_records(words, found, int(pointer["dim"]), self.default), int(pointer["version"])
-
-    def get_words(self, user_ids: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """The served records of ``user_ids``, still quantized, from one version.
-
-        Returns:
-            int64 words ``(U, rows, words_per_row_4bit(dim))`` (zeros for a user the version
-            lacks; :func:`~lifelong.features.quantization.from_words_4bit` decodes them), a bool
-            ``(U,)`` of the users it has, and the version's pointer (``version``, ``rows``, ``dim``, ...).
-
-        Raises:
-            DataError: nothing exported yet, or a corrupt record.
-        """
-        ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
-        # LMDB reads pointer and rows in one transaction, one snapshot; Redis in two round trips,
-        # so rows missing there may mean the version was collected in between: then read again.
-        snapshot = isinstance(self._store, LMDBStore)
-        for _ in range(3):
-            with self._store.reader() as r:
-                [raw] = r.values([POINTER_KEY])
-                if raw is None:
-                    raise DataError(self._store.url, "no DV365 embeddings exported here yet (run lifelong dv365 export)")
-                pointer = json.loads(bytes(raw))
-                values = r.values([version_prefix(pointer["version"]) + user_key(u) for u in ids.tolist()])
-                found = np.array([v is not None for v in values], dtype=bool)
-                if snapshot or found.all() or self.current() == pointer:
-                    return self._words(values, found, pointer), found, pointer
-        raise DataError(self._store.url, "the served version changed during each of three reads (exports too frequent)")
-
-    def _words(self, values: list, found: np.ndarray, pointer: dict[str, Any]) -> np.ndarray:
-        rows, dim = int(pointer["rows"]), int(pointer["dim"])
-        width = words_per_row_4bit(dim)
-        present = [v for v in values if v is not None]
-        if any(len(v) != 8 * rows * width for v in present):
-            raise DataError(self._store.url, f"a record of version {pointer['version']} is not {8 * rows * width} "
-                                             "bytes (corrupt, or written by another format)")
-        out = np.zeros((found.size, rows, width), dtype=np.int64)
-        if present:
-            out[found] = np.frombuffer(b"".join(present), dtype="<i8").reshape(len(present), rows, width)
-        return out

@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import Dataset
 from lifelong.data.timelines import count_before_in_ranges
 from lifelong.dv365.slices import ID_TYPES, Rule, SimpleEvents, Slice, SliceSpec
-from lifelong.errors import ConfigError, DataError
 
 ID_COLUMNS: dict[str, str] = {"media": "item_id", "author": "author_id", "topic": "topic_id"}
 """Items-table column of each id type."""
@@ -125,7 +125,7 @@ class UserTimelines:
     def from_rows(cls, t_ms: Sequence[int], ts_ms: Sequence[Sequence[int]], action_mask: Sequence[Sequence[int]],
                   dwell_ms: Sequence[Sequence[int]] | None = None, media_type: Sequence[Sequence[int]] | None = None,
                   duration_ms: Sequence[Sequence[int]] | None = None,
-                  **ids: Sequence[Sequence[int]]) -> "UserTimelines":
+                  **ids: Sequence[Sequence[int]]) -> UserTimelines:
         """Build from one list per user and column (small batches, tests); missing columns are 0.
 
         Args:
@@ -208,7 +208,7 @@ class TimelineSource:
                            (*ID_COLUMNS.values(), "media_type", "duration_ms")}
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset) -> "TimelineSource":
+    def from_dataset(cls, dataset: Dataset) -> TimelineSource:
         """Index a loaded dataset (:func:`lifelong.data.io.load_dataset`)."""
         return cls(dataset.events, dataset.items)
 
@@ -290,7 +290,7 @@ class SliceMembership:
     order: torch.Tensor
     denominators: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "SliceMembership":
+    def to(self, device: torch.device | str) -> SliceMembership:
         """The same membership with every tensor on ``device`` (for tables on an accelerator)."""
         bags = tuple(replace(b, indices=b.indices.to(device), offsets=b.offsets.to(device),
                              weights=None if b.weights is None else b.weights.to(device),

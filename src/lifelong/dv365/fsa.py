@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lifelong.errors import ConfigError
-from lifelong.models.layers import EncoderLayer
+from lifelong.core.errors import ConfigError
+from lifelong.modules.layers import EncoderLayer
 
 VIEWS = ("token", "dim")
 ENCODERS = ("lce", "mlp", "transformer", "funnel", "none")
@@ -69,7 +69,7 @@ class FSAConfig:
         >>> FSAConfig(encoders=("none", "lce"))
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: FSA encoder 'none' (no compression) cannot be combined with others, got ('none', 'lce')
+        lifelong.core.errors.ConfigError: FSA encoder 'none' (no compression) cannot be combined with others, got ('none', 'lce')
     """
 
     view: str = "token"

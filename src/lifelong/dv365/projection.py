@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lifelong.errors import ConfigError
-from lifelong.models.layers import MLP
+from lifelong.core.errors import ConfigError
+from lifelong.modules.layers import MLP
 
 
 class GateNet(nn.Module):

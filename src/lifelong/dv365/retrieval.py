@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lifelong.core.errors import ConfigError
 from lifelong.data.schema import EMBED_DIM
 from lifelong.dv365.projection import EmbeddingProjection
-from lifelong.errors import ConfigError
-from lifelong.models.layers import MLP, HashedEmbedding
+from lifelong.modules.layers import MLP, HashedEmbedding
 
 PROJECTIONS = ("linear", "gatenet")
 

@@ -44,6 +44,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.quantization import dequantize_4bit, from_words_4bit
 from lifelong.data.protocol import Protocol as DataProtocol
 from lifelong.dv365.examples import World, open_world
 from lifelong.dv365.export import (
@@ -58,8 +60,6 @@ from lifelong.dv365.featurize import TimelineSource
 from lifelong.dv365.slices import DURATION_UNITS, SliceSpec, parse_duration_ms
 from lifelong.dv365.tower import DV365Tower, load_tower
 from lifelong.dv365.train import DV365TrainConfig, fit, prepare, save_run
-from lifelong.errors import ConfigError, DataError
-from lifelong.features.quantization import dequantize_4bit, from_words_4bit
 
 __all__ = [
     "Clock", "CycleRecord", "ScheduleConfig", "SimulatedClock", "SystemClock", "TowerTrainer", "Trainer",
@@ -83,7 +83,7 @@ def parse_every(text: str) -> int:
         >>> parse_every("6 hours")
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: interval '6 hours' is not a positive <integer><unit> with unit one of ms, s, m, h, d, w (e.g. '6h')
+        lifelong.core.errors.ConfigError: interval '6 hours' is not a positive <integer><unit> with unit one of ms, s, m, h, d, w (e.g. '6h')
     """
     ms = parse_duration_ms(text)
     if ms is None:

@@ -77,8 +77,8 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import yaml
 
+from lifelong.core.errors import ConfigError
 from lifelong.data.schema import ACTION_NAMES, EXPLICIT_BITS, MEDIA_TYPES, NEGATIVE_BITS, POSITIVE_BITS
-from lifelong.errors import ConfigError
 
 ID_TYPES: tuple[str, ...] = ("media", "author", "topic")
 """Id types a slice can pool over: the item itself, its author, its topic."""
@@ -379,7 +379,7 @@ class Window:
     label: str = dataclasses.field(compare=False)
 
     @classmethod
-    def parse(cls, text: object) -> "Window":
+    def parse(cls, text: object) -> Window:
         """``all`` or ``<integer><unit>``, unit in ms, s, m, h, d, w."""
         if text == "all":
             return cls(None, "all")
@@ -516,7 +516,7 @@ class SliceSpec:
         return {key: id_type for key, id_type in sorted({(s.table, s.id_type) for s in self.slices})}
 
     @classmethod
-    def from_dict(cls, data: object, source: str = "<dict>") -> "SliceSpec":
+    def from_dict(cls, data: object, source: str = "<dict>") -> SliceSpec:
         """Build from the YAML structure (see the module docstring).
 
         Args:
@@ -563,7 +563,7 @@ class SliceSpec:
         return cls(tuple(slices))
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> "SliceSpec":
+    def from_yaml(cls, path: str | os.PathLike[str]) -> SliceSpec:
         """Read a YAML spec file.
 
         Raises:
@@ -575,13 +575,13 @@ class SliceSpec:
         return cls._from_text(path.read_text(), str(path))
 
     @classmethod
-    def default(cls) -> "SliceSpec":
+    def default(cls) -> SliceSpec:
         """The packaged default spec (``default_slices.yaml``: 23 entries x 3 windows x 3 id types)."""
         resource = importlib.resources.files(__package__).joinpath("default_slices.yaml")
         return cls._from_text(resource.read_text(), "default_slices.yaml")
 
     @classmethod
-    def _from_text(cls, text: str, source: str) -> "SliceSpec":
+    def _from_text(cls, text: str, source: str) -> SliceSpec:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -31,13 +31,13 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from lifelong.core.errors import DataError
+from lifelong.core.progress import progress
 from lifelong.data.io import read_table
 from lifelong.data.schema import EMBED_DIM
 from lifelong.dv365.featurize import ID_COLUMNS, SliceFeaturizer, TimelineSource, UserTimelines, pool_slices
 from lifelong.dv365.fsa import FSAConfig, FunnelSummarizationArch
 from lifelong.dv365.slices import SliceSpec
-from lifelong.errors import DataError
-from lifelong.progress import progress
 
 TOKEN_DIM = EMBED_DIM + 1
 """Columns per slice token: the pooled content embedding and the scaled log member count."""
@@ -193,7 +193,7 @@ class DV365Tower(nn.Module):
         return {"spec": self.spec, "fsa": self.fsa_config, "gap_ms": self.gap_ms, "state_dict": self.state_dict()}
 
     @classmethod
-    def from_state(cls, state: Mapping) -> "DV365Tower":
+    def from_state(cls, state: Mapping) -> DV365Tower:
         sd = state["state_dict"]
         content = {key[len("content_"):]: value for key, value in sd.items() if key.startswith("content_")}
         tower = cls(state["spec"], content, state["fsa"], state["gap_ms"])

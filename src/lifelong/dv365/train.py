@@ -28,6 +28,10 @@ import numpy as np
 import torch
 
 import lifelong
+from lifelong.core.checkpoint import save_atomic
+from lifelong.core.errors import ConfigError
+from lifelong.core.metrics import auc, normalized_entropy
+from lifelong.core.progress import progress
 from lifelong.data.io import write_json
 from lifelong.data.protocol import DAY_MS
 from lifelong.dv365.backbone import TASKS, BackboneConfig, BackboneSimulation, backbone_loss
@@ -35,10 +39,6 @@ from lifelong.dv365.examples import ExampleSet, TokenCache, World, open_world, s
 from lifelong.dv365.fsa import FSAConfig
 from lifelong.dv365.slices import SliceSpec
 from lifelong.dv365.tower import DV365Tower, content_tables
-from lifelong.errors import ConfigError
-from lifelong.eval.metrics import auc, normalized_entropy
-from lifelong.progress import progress
-from lifelong.train.trainer import save_atomic
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class DV365TrainConfig:
         >>> DV365TrainConfig(gap_ms=-1)
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: gap_ms must be >= 0, got -1
+        lifelong.core.errors.ConfigError: gap_ms must be >= 0, got -1
     """
 
     fsa: FSAConfig = field(default_factory=FSAConfig)
@@ -93,7 +93,7 @@ class DV365TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DV365TrainConfig":
+    def from_dict(cls, d: dict) -> DV365TrainConfig:
         """The inverse of ``dataclasses.asdict``."""
         return cls(**{**d, "fsa": FSAConfig(**d["fsa"]), "backbone": BackboneConfig(**d["backbone"])})
 

@@ -1,2 +1,3 @@
-"""Monolith: collision-less embedding tables (cuckoo index, admission filters, expiry, sparse
-optimizers) and the streaming half of online training (event streams, the online joiner)."""
+"""Monolith's room: collision-less embedding tables (cuckoo index, admission filters, expiry,
+sparse optimizers), event streams, the online joiner and trainer, parameter sync and the online
+ranker the service runs."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 
 # splitmix64 constants. Numba types a bare Python int in a shift or product with a uint64 as
 # int64 and promotes the pair to float64, so every constant is a uint64 scalar.
@@ -238,7 +238,7 @@ class CuckooConfig:
         >>> CuckooConfig(max_load=1.5)
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: max_load must be in (0, 1), got 1.5
+        lifelong.core.errors.ConfigError: max_load must be in (0, 1), got 1.5
     """
 
     initial_buckets: int = 64

@@ -1,4 +1,4 @@
-"""The Monolith experiments (``lifelong online-experiment``): collisions, concept drift, sync interval.
+"""The Monolith experiments (``lifelong monolith experiment``): collisions, concept drift, sync interval.
 
 All three replay a world's events in stream order through an online trainer (the
 :class:`~lifelong.monolith.ranker.OnlineRanker`, trained on every example the
@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from lifelong.core.errors import ConfigError
+from lifelong.core.metrics import auc, final_score, hit_at_k, hit_at_k_random
 from lifelong.data.io import read_meta, write_json
 from lifelong.data.schema import HEADS
-from lifelong.errors import ConfigError
-from lifelong.eval.metrics import auc, final_score, hit_at_k, hit_at_k_random
-from lifelong.models.heads import ranking_loss
+from lifelong.modules.heads import ranking_loss
 from lifelong.monolith.hashed import ModuloEmbedding
 from lifelong.monolith.joiner import OnlineJoiner
 from lifelong.monolith.modules import sparse_step

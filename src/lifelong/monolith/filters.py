@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 from lifelong.monolith.cuckoo import GOLDEN, as_id_array, mix64, next_random, reduce_range, unit_float
 
 MAX_COUNT = 15  # a 4-bit counter saturates here
@@ -89,7 +89,7 @@ class FilterConfig:
         >>> FilterConfig(kind="counting", threshold=16)
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: threshold must be in [1, 15] (4-bit counters), got 16
+        lifelong.core.errors.ConfigError: threshold must be in [1, 15] (4-bit counters), got 16
     """
 
     kind: str = "none"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 from lifelong.monolith.cuckoo import mix64
 from lifelong.monolith.modules import CollisionlessEmbedding
 from lifelong.monolith.table import EmbeddingTable, TableConfig

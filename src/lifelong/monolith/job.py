@@ -1,4 +1,4 @@
-"""``lifelong online``: replay a world into a stream, train on it continuously, sync serving.
+"""``lifelong monolith online``: replay a world into a stream, train on it continuously, sync serving.
 
 Three parts run together in one process:
 
@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from lifelong.errors import ConfigError, LifelongError
+from lifelong.core.errors import ConfigError, LifelongError
 from lifelong.monolith.online import OnlineConfig, OnlineTrainer
 from lifelong.monolith.ranker import ItemCatalog
 from lifelong.monolith.stream import EventStream, open_stream, replay
-from lifelong.monolith.sync import SyncReply, Syncer
+from lifelong.monolith.sync import Syncer, SyncReply
 
 __all__ = ["JobSummary", "OnlineJob", "run_online_job", "stream_records"]
 
@@ -47,7 +47,7 @@ DAY_MS = 86_400_000
 
 @dataclass(frozen=True)
 class OnlineJob:
-    """One ``lifelong online`` run.
+    """One ``lifelong monolith online`` run.
 
     Args:
         data: the world (or ingested dataset) directory whose events are replayed.

@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from lifelong.core.errors import ConfigError
 from lifelong.data.schema import EXPLICIT_BITS, HEAD_BITS, HEADS, Action
-from lifelong.errors import ConfigError
 
 __all__ = ["DEFAULT_WINDOW_MS", "EXAMPLE_DTYPE", "JoinStats", "JoinerConfig", "OnlineJoiner"]
 
@@ -81,7 +81,7 @@ class JoinerConfig:
         >>> JoinerConfig(window_ms=0)
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: window_ms must be in (0, 2**62), got 0
+        lifelong.core.errors.ConfigError: window_ms must be in (0, 2**62), got 0
     """
 
     window_ms: int = DEFAULT_WINDOW_MS

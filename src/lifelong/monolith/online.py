@@ -72,17 +72,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.metrics import auc
+from lifelong.core.sorted_index import positions_in
 from lifelong.data.io import write_json
 from lifelong.data.schema import HEADS
-from lifelong.errors import ConfigError, DataError
-from lifelong.eval.metrics import auc
-from lifelong.models.heads import ranking_loss
+from lifelong.modules.heads import ranking_loss
 from lifelong.monolith.joiner import JoinerConfig, OnlineJoiner
 from lifelong.monolith.modules import sparse_step
 from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRanker, OnlineRankerConfig
 from lifelong.monolith.stream import EventStream, Offset, open_stream
 from lifelong.monolith.table import EmbeddingTable
-from lifelong.sorted_index import positions_in
 
 __all__ = [
     "Delta", "ExampleAudit", "OnlineConfig", "OnlineCounters", "OnlineTrainer", "ParameterReplica", "RunStats",
@@ -131,7 +131,7 @@ class OnlineConfig:
         >>> OnlineConfig(optimizer="sgd")
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: optimizer must be one of adagrad, adam, got 'sgd'
+        lifelong.core.errors.ConfigError: optimizer must be one of adagrad, adam, got 'sgd'
         >>> cfg = OnlineConfig(batch_size=256)
         >>> OnlineConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
         True
@@ -418,7 +418,7 @@ class ParameterReplica:
         >>> replica.apply(d(4, 3, [1]))
         Traceback (most recent call last):
         ...
-        lifelong.errors.DataError: delta 4: based on version 3, the replica holds version 2 (wait for a full snapshot)
+        lifelong.core.errors.DataError: delta 4: based on version 3, the replica holds version 2 (wait for a full snapshot)
     """
 
     def __init__(self) -> None:

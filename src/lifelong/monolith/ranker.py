@@ -4,7 +4,7 @@ One :class:`~lifelong.monolith.modules.CollisionlessEmbedding` per id slot (:dat
 item, author, topic), each with its own :class:`~lifelong.monolith.table.TableConfig` (counting
 admission filter, no expiry by default); plus a learned surface embedding and the item's 32-d
 content embedding from the catalog. The concatenation goes through a DCN-v2 cross network and
-an MLP (:class:`~lifelong.models.layers.CrossHead`) to one logit per head of
+an MLP (:class:`~lifelong.modules.layers.CrossHead`) to one logit per head of
 :data:`~lifelong.data.schema.HEADS`.
 
 The id tables are not ``nn.Parameter`` s (they grow and carry per-row optimizer state, see
@@ -31,12 +31,12 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from lifelong.core.errors import ConfigError
+from lifelong.core.sorted_index import positions_in
 from lifelong.data.io import read_table
 from lifelong.data.schema import EMBED_DIM, HEADS, SURFACES
-from lifelong.errors import ConfigError
-from lifelong.models.layers import CrossHead, HashedEmbedding
+from lifelong.modules.layers import CrossHead, HashedEmbedding
 from lifelong.monolith.filters import FilterConfig
-from lifelong.sorted_index import positions_in
 from lifelong.monolith.modules import CollisionlessEmbedding
 from lifelong.monolith.table import OptimizerConfig, TableConfig
 

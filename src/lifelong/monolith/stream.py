@@ -57,8 +57,8 @@ import numpy as np
 import pyarrow as pa
 import redis
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import read_table
-from lifelong.errors import ConfigError, DataError
 
 __all__ = [
     "DEFAULT_KEY", "EVENT_DTYPE", "Delivery", "EventStream", "LogStream", "Offset", "RedisStream", "ReplayStats",
@@ -178,7 +178,7 @@ class EventStream(abc.ABC):
                 return
             yield records, offset
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a stream that holds nothing needs no close
         """Release files, locks and connections (idempotent)."""
 
     def __enter__(self) -> Self:
@@ -630,7 +630,7 @@ def open_stream(url: str | os.PathLike[str], **kwargs: Any) -> EventStream:
         >>> open_stream("kafka://broker/events")
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: unknown event stream URL scheme 'kafka' in 'kafka://broker/events': expected redis://host:port/db[?key=name], log:///absolute/path or a directory path
+        lifelong.core.errors.ConfigError: unknown event stream URL scheme 'kafka' in 'kafka://broker/events': expected redis://host:port/db[?key=name], log:///absolute/path or a directory path
     """
     text = os.fspath(url)
     if not text:

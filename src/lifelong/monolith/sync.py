@@ -30,25 +30,17 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
-from lifelong.errors import DataError
 from lifelong.monolith.online import Delta, TableDelta
 from lifelong.monolith.ranker import SLOTS, OnlineRankerConfig
+from lifelong.serving.ranking import SYNC_PATH, MalformedDelta
 
 if TYPE_CHECKING:
     from lifelong.monolith.online import OnlineTrainer
 
 __all__ = ["SYNC_PATH", "MalformedDelta", "SyncReply", "Syncer", "decode_delta", "encode_delta"]
 
-SYNC_PATH = "/admin/sync"
 WIRE_FORMAT = "lifelong.monolith.sync/1"
 _TABLE_FIELDS = ("ids", "values", "removed", "default")
-
-
-class MalformedDelta(DataError):
-    """A sync body that is not a delta of this format (the service answers 422, not 409)."""
-
-    def __init__(self, message: str):
-        super().__init__("sync payload", message)
 
 
 def encode_delta(delta: Delta, model: OnlineRankerConfig) -> bytes:

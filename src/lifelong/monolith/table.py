@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import atomic_output_dir, write_json
-from lifelong.errors import ConfigError, DataError
 from lifelong.monolith.cuckoo import GOLDEN, CuckooConfig, CuckooIndex, as_id_array, mix64, unit_float
 from lifelong.monolith.filters import FilterConfig, make_filter
 
@@ -121,7 +121,7 @@ class TableConfig:
         >>> TableConfig(dim=0)
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: dim must be >= 1, got 0
+        lifelong.core.errors.ConfigError: dim must be >= 1, got 0
     """
 
     dim: int = 16

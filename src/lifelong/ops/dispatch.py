@@ -12,7 +12,7 @@ Backends (DESIGN.md "Serving"):
 ``None`` picks the backend named by the environment variable ``LIFELONG_OPS_BACKEND``, else
 :func:`default_backend`: ``triton`` where CUDA is present and ``triton`` imports, else ``cpu``.
 Asking for a backend that cannot run, or that an op does not implement, is a
-:class:`~lifelong.errors.ConfigError` saying why.
+:class:`~lifelong.core.errors.ConfigError` saying why.
 
 Example::
 
@@ -21,7 +21,7 @@ Example::
     >>> resolve_backend("gpu")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    lifelong.errors.ConfigError: unknown ops backend 'gpu'; backends are reference, cpu, triton
+    lifelong.core.errors.ConfigError: unknown ops backend 'gpu'; backends are reference, cpu, triton
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import torch
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 
 BACKENDS: tuple[str, ...] = ("reference", "cpu", "triton")
 ENV_VAR = "LIFELONG_OPS_BACKEND"

@@ -2,10 +2,10 @@
 
 A serving batch holds each user's int8 sequence once (``values`` plus per-user ``starts`` and
 ``lengths``, DESIGN.md "Serving" step 2) and candidates that point at their user. For each
-candidate, the tokens are dequantized (:func:`~lifelong.features.quantization.dequantize_int8`),
-L2-normalised (:func:`~lifelong.features.nn_select.l2_normalize`) and dotted with the
+candidate, the tokens are dequantized (:func:`~lifelong.core.quantization.dequantize_int8`),
+L2-normalised (:func:`~lifelong.ops.nn_select.l2_normalize`) and dotted with the
 (normalised) candidate; the top ``k`` come back by descending score, ties to the newer (larger)
-position — the order of :func:`~lifelong.features.nn_select.nn_topk`, whose top-k helper all
+position — the order of :func:`~lifelong.ops.nn_select.nn_topk`, whose top-k helper all
 paths share.
 
 A score is the float64 dot product of the float32 vectors, rounded to float32. A float32 GEMM
@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from lifelong.features.nn_select import TIE_SLACK, topk_newest_first, l2_normalize
-from lifelong.features.quantization import INT8_SCALE, dequantize_int8
+from lifelong.core.quantization import INT8_SCALE, dequantize_int8
 from lifelong.ops.dispatch import implementation, register
+from lifelong.ops.nn_select import TIE_SLACK, l2_normalize, topk_newest_first
 
 _SCORE_BUDGET = 1 << 22
 """Score-matrix elements (16 MiB of float32) per GEMM of the cpu path, and per exact fallback."""
@@ -153,7 +153,7 @@ def nn_search(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
         cand_user: int64 ``(N,)`` user (segment) of each candidate, in any order.
         cand: float32 ``(N, d)`` L2-normalised candidate embeddings.
         k: tokens per candidate; segments shorter than ``k`` are padded.
-        scale: the int8 code's scale (:data:`~lifelong.features.quantization.INT8_SCALE`).
+        scale: the int8 code's scale (:data:`~lifelong.core.quantization.INT8_SCALE`).
         backend: ``reference`` | ``cpu`` | ``triton``; None: ``$LIFELONG_OPS_BACKEND``, else ``triton``
             where CUDA is present and triton imports, else ``cpu``.
 

@@ -10,7 +10,7 @@ One program computes ``BLOCK_M`` query positions of one row (tile sizes: :data:`
 4. one store of the layer's output.
 
 Rows are packed: the real tokens of row ``n`` are its first ``lengths[n]`` positions (as the
-``cpu`` encoder packs them, :mod:`lifelong.ops.encoder`), so "key ``j`` may be seen by query
+``cpu`` encoder packs them, :mod:`lifelong.transact.fused_encoder`), so "key ``j`` may be seen by query
 ``i``" is ``j <= i and j < length``, the model's causal + padding mask for every real token.
 Outputs at padding positions are zeros. Heads are unrolled inside the kernel (TransAct V2 uses
 one: d_model 64, FFN 32); the 2-layer encoder is two launches.
@@ -29,15 +29,12 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from lifelong.data.schema import EMBED_DIM
-from lifelong.errors import ConfigError
-from lifelong.models.layers import EncoderLayer
-from lifelong.ops.dispatch import interpreting, kernel_device, register
-from lifelong.ops.encoder import FusedTransActEncoder, _append_padding, pack_rows, unpack_rows
+from lifelong.core.errors import ConfigError
+from lifelong.modules.layers import EncoderLayer
+from lifelong.ops.dispatch import interpreting
 
 TILES: dict[torch.dtype, tuple[int, int, int]] = {torch.float16: (64, 32, 8), torch.float32: (32, 32, 8)}
 """(query positions per program, key positions per attention tile, warps) per dtype, read when a
@@ -136,9 +133,9 @@ def _is_pow2(n: int) -> bool:
 
 
 def check_supported(layer: EncoderLayer) -> None:
-    """Raise :class:`~lifelong.errors.ConfigError` unless SKUT can run ``layer``.
+    """Raise :class:`~lifelong.core.errors.ConfigError` unless SKUT can run ``layer``.
 
-    The kernel is the post-norm, ReLU :class:`~lifelong.models.layers.EncoderLayer`, and it
+    The kernel is the post-norm, ReLU :class:`~lifelong.modules.layers.EncoderLayer`, and it
     tiles d_model, the head width and the FFN width whole: each must be a power of two of at
     least 16 (``tl.dot``'s smallest tile).
     """
@@ -182,7 +179,7 @@ def skut_layer(x: torch.Tensor, lengths: torch.Tensor, layer: EncoderLayer) -> t
     Args:
         x: ``(N, S, d)`` fp32 or fp16 layer input, each row's real tokens first.
         lengths: ``(N,)`` real tokens per row (0 allowed).
-        layer: the post-norm :class:`~lifelong.models.layers.EncoderLayer` (eval: no dropout);
+        layer: the post-norm :class:`~lifelong.modules.layers.EncoderLayer` (eval: no dropout);
             its parameters are used in ``x``'s dtype, on ``x``'s device (copied if need be).
 
     Returns:
@@ -221,29 +218,3 @@ def skut_encode(x: torch.Tensor, lengths: torch.Tensor,
     for layer in layers:
         x = skut_layer(x, lengths, layer)
     return x
-
-
-@register("transact_encode", "triton")
-def _encode_triton(enc: FusedTransActEncoder, tok_emb: torch.Tensor, tok_action: torch.Tensor,
-                   tok_surface: torch.Tensor, tok_index: torch.Tensor,
-                   cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed first-layer input from the token table, then :func:`skut_encode` (fp32).
-
-    The kernels run where :func:`~lifelong.ops.dispatch.kernel_device` says; a model kept on
-    the CPU has its (small, ~25k parameters for V2) encoder weights copied there per call, and
-    the result comes back to ``tok_emb``'s device.
-    """
-    model, ctx = enc.model, enc.model.token_context
-    for layer in model.encoder.layers:
-        check_supported(layer)
-    device = kernel_device()
-    s = tok_index.shape[1]
-    d = model.cfg.d_model
-    emb, action, surface, index = _append_padding(tok_emb, tok_action, tok_surface, tok_index)
-    valid, lengths, slot = pack_rows(tok_index)
-    tok_x = F.pad(emb, (0, d - EMBED_DIM)) + ctx.action(action) + ctx.surface(surface)
-    x = tok_x[index.gather(1, slot)] + ctx.position[slot]
-    if model.cfg.early_fusion:
-        x += F.pad(cand_emb, (EMBED_DIM, 0)).unsqueeze(1)
-    h = skut_encode(x.to(device), lengths.to(device), model.encoder.layers)
-    return unpack_rows(h.to(tok_emb.device), slot, s), valid

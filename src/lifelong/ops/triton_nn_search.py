@@ -4,11 +4,11 @@ Each program takes one block of up to ``BLOCK_C`` candidates of one user and one
 ``CHUNK_L`` tokens of that user's int8 segment, and walks the chunk in tiles of ``BLOCK_L``
 tokens, read straight from the de-duplicated ``values`` (the sequence is never copied per
 candidate). Per tile it dequantizes, L2-normalises
-(float32, as :func:`~lifelong.features.nn_select.l2_normalize`), scores the tile against the
+(float32, as :func:`~lifelong.ops.nn_select.l2_normalize`), scores the tile against the
 block in float64 (``D`` outer products) rounded to float32, and merges the tile into a running
 top-``k`` per candidate held in registers: a bitonic top-k over int64 keys ordered like
 ``(score, position)``, the keys the CPU paths break ties with
-(:func:`~lifelong.features.nn_select.tie_break_keys`). Each program writes its candidates'
+(:func:`~lifelong.ops.nn_select.tie_break_keys`). Each program writes its candidates'
 top-k keys, ``(N, chunks, k)`` in all; one ``topk`` over them gives the ``(N, k)`` positions
 and scores. Chunks let a long segment with few candidates fill the GPU.
 
@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 from triton.language.standard import _indicator, _log2
 
-from lifelong.features.nn_select import _POS_BITS
-from lifelong.features.quantization import INT8_LEVELS
+from lifelong.core.quantization import INT8_LEVELS
 from lifelong.ops.dispatch import kernel_device, register
+from lifelong.ops.nn_select import _POS_BITS
 
 BLOCK_C = 16
 """Candidates per program: a tile's scores are ``(BLOCK_C, BLOCK_L)``."""
@@ -56,7 +56,7 @@ _KEY_MAX = tl.constexpr(1 << 62)
 
 @triton.jit
 def _tie_break_keys(s, pos):
-    """int64 keys ordered like ``(score, position)``, as :func:`~lifelong.features.nn_select.tie_break_keys`."""
+    """int64 keys ordered like ``(score, position)``, as :func:`~lifelong.ops.nn_select.tie_break_keys`."""
     bits = (s + 0.0).to(tl.int32, bitcast=True).to(tl.int64)  # + 0.0 turns -0.0 into 0.0
     return (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) << POS_BITS) | pos
 

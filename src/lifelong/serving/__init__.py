@@ -1,1 +1,2 @@
-"""Serving: the feature store that holds users' sequences and the item table for ranking."""
+"""Serving infrastructure shared by every ranker: the HTTP app, dynamic batching, Prometheus
+metrics and the ranker protocol (:mod:`lifelong.serving.ranking`)."""

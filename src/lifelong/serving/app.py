@@ -5,8 +5,8 @@ with the offending field named (FastAPI's validation errors), unknown item ids 4
 them, too many candidates 413, a saturated queue 503. A user without stored sequences is
 served cold-start (empty sequences) and counted in ``/metrics``.
 
-A ranker that takes parameter pushes (the online service,
-:class:`~lifelong.serving.online.OnlineServingRanker`) also gets ``POST /admin/sync``: 200 with
+A ranker that takes parameter pushes (a
+:class:`~lifelong.serving.ranking.SyncedRanker`, such as Monolith's online ranker) also gets ``POST /admin/sync``: 200 with
 what was applied, 409 when the delta does not follow the held version, 422 for a malformed
 body; ``/rank`` answers 503 until the first full snapshot has arrived, and every response
 names the version that scored it.
@@ -25,13 +25,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from lifelong.core.errors import DataError
 from lifelong.data.schema import SURFACE_CODES, SURFACES
-from lifelong.errors import DataError
 from lifelong.serving.batcher import BatchingConfig, DynamicBatcher, QueueFull
-from lifelong.monolith.sync import SYNC_PATH, MalformedDelta
 from lifelong.serving.metrics import ServiceMetrics
-from lifelong.serving.online import OnlineServingRanker
-from lifelong.serving.ranker import Ranker, RankRequest, RankResult
+from lifelong.serving.ranking import SYNC_PATH, MalformedDelta, RankRequest, RankResult, ServedRanker, SyncedRanker
 
 INT64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 SurfaceName = Annotated[str, Field(json_schema_extra={"enum": list(SURFACES)})]
@@ -66,7 +64,7 @@ def _error(status: int, field: str, message: str, **extra) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": [{"loc": ["body", field], "msg": message, **extra}]})
 
 
-def create_app(ranker: Ranker | OnlineServingRanker, version: str, batching: BatchingConfig = BatchingConfig(),
+def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = BatchingConfig(),
                max_candidates: int = 1000, metrics: ServiceMetrics | None = None) -> FastAPI:
     """The FastAPI application serving ``ranker``.
 
@@ -100,7 +98,7 @@ def create_app(ranker: Ranker | OnlineServingRanker, version: str, batching: Bat
         await batcher.stop()
 
     app = FastAPI(title="lifelong ranking service", version=version, lifespan=lifespan)
-    online = isinstance(ranker, OnlineServingRanker)
+    online = isinstance(ranker, SyncedRanker)
     app.state.metrics, app.state.ranker = metrics, ranker
 
     @app.middleware("http")
@@ -155,7 +153,7 @@ def create_app(ranker: Ranker | OnlineServingRanker, version: str, batching: Bat
         @app.post(SYNC_PATH, responses={409: {"description": "the delta does not follow the held version"},
                                         422: {"description": "not a delta"}})
         async def sync(request: Request):
-            """Apply a parameter delta pushed by ``lifelong online`` (body: lifelong.monolith.sync wire format)."""
+            """Apply a parameter delta pushed by ``lifelong monolith online`` (body: lifelong.monolith.sync wire format)."""
             payload = await request.body()
             try:
                 # Off the event loop: decoding a full snapshot takes a while, requests keep flowing.

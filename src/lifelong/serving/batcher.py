@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from lifelong.errors import ConfigError
+from lifelong.core.errors import ConfigError
 from lifelong.serving.metrics import ServiceMetrics
 
 T = TypeVar("T")
@@ -108,7 +108,7 @@ class DynamicBatcher(Generic[T, R]):
             return None
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:

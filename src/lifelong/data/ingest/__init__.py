@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.progress import progress
 from lifelong.data.ingest import kuairand, mind, movielens, taobao
 from lifelong.data.ingest.common import IngestReport, Parsed, write_dataset
-from lifelong.errors import ConfigError, DataError
-from lifelong.progress import progress
 
 SOURCES: tuple[str, ...] = ("kuairand", "movielens", "mind", "taobao")
 _PARSERS: dict[str, Callable[[Path], Parsed]] = {

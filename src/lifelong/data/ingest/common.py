@@ -26,14 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import lifelong
+from lifelong.core.errors import DataError
+from lifelong.core.sorted_index import positions_in
 from lifelong.data.io import atomic_output_dir, write_json, write_parquet
+from lifelong.data.item_embeddings import METHOD, learn_item_embeddings
 from lifelong.data.protocol import Protocol
 from lifelong.data.schema import ACTION_NAMES, EMBED_DIM, EVENTS_SCHEMA, ITEMS_SCHEMA, MEDIA_TYPES
 from lifelong.data.users import sort_events, users_from_events
 from lifelong.data.validate import require_file, validate_table
-from lifelong.errors import DataError
-from lifelong.features.item_embeddings import METHOD, learn_item_embeddings
-from lifelong.sorted_index import positions_in
 
 TS_MAX_MS = 4_102_444_800_000
 """2100-01-01 UTC: no source we read logs later; a larger timestamp is corrupt."""
@@ -331,7 +331,7 @@ class ItemCatalog:
 
     @classmethod
     def from_rows(cls, item_ids: np.ndarray, media_type: str, topic_ids: np.ndarray | None = None,
-                  duration_ms: np.ndarray | None = None) -> "ItemCatalog":
+                  duration_ms: np.ndarray | None = None) -> ItemCatalog:
         """One entry per distinct id: the topic of its first row, the longest duration seen.
 
         Args:
@@ -438,7 +438,7 @@ class IngestReport:
 
 
 def _day(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def write_dataset(source: str, src: Path, out: Path, parsed: Parsed, seed: int = 0) -> IngestReport:

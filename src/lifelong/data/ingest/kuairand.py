@@ -24,8 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lifelong.data.ingest.common import INT32_MAX, ItemCatalog, Parsed, RowChecks, check_timestamp_ms, \
-    dense_ids, events_table, read_rows
+from lifelong.data.ingest.common import (
+    INT32_MAX,
+    ItemCatalog,
+    Parsed,
+    RowChecks,
+    check_timestamp_ms,
+    dense_ids,
+    events_table,
+    read_rows,
+)
 from lifelong.data.schema import EXPLICIT_BITS, SURFACE_CODES, Action
 
 FILE = "processed_standard_kcore_15.csv"

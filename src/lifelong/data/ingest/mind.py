@@ -32,8 +32,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lifelong.data.ingest.common import ItemCatalog, Parsed, RowChecks, TextRows, check_timestamp_ms, \
-    dense_ids, events_table, lookup, read_lines, read_rows, vocabulary_codes
+from lifelong.data.ingest.common import (
+    ItemCatalog,
+    Parsed,
+    RowChecks,
+    TextRows,
+    check_timestamp_ms,
+    dense_ids,
+    events_table,
+    lookup,
+    read_lines,
+    read_rows,
+    vocabulary_codes,
+)
 from lifelong.data.schema import EXPLICIT_BITS, SURFACE_CODES, Action
 
 BEHAVIORS = "behaviors.tsv"

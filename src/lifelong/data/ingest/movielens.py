@@ -28,11 +28,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lifelong.data.ingest.common import ItemCatalog, Parsed, RowChecks, TextRows, dense_ids, events_table, \
-    lookup, read_lines, read_rows, seconds_to_ms, vocabulary_codes
+from lifelong.core.errors import DataError
+from lifelong.data.ingest.common import (
+    ItemCatalog,
+    Parsed,
+    RowChecks,
+    TextRows,
+    dense_ids,
+    events_table,
+    lookup,
+    read_lines,
+    read_rows,
+    seconds_to_ms,
+    vocabulary_codes,
+)
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.schema import EXPLICIT_BITS, SURFACE_CODES, Action
-from lifelong.errors import DataError
 
 RATINGS = "ratings.csv"
 MOVIES = "movies.csv"

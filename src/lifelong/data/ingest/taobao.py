@@ -29,8 +29,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lifelong.data.ingest.common import ItemCatalog, Parsed, RowChecks, dense_ids, events_table, read_rows, \
-    seconds_to_ms
+from lifelong.data.ingest.common import (
+    ItemCatalog,
+    Parsed,
+    RowChecks,
+    dense_ids,
+    events_table,
+    read_rows,
+    seconds_to_ms,
+)
 from lifelong.data.schema import EXPLICIT_BITS, SURFACE_CODES, Action
 
 FILE = "UserBehavior.csv"

@@ -4,7 +4,7 @@ Every number of the generative story (WORLD.md) is a key here. A configuration i
 three layers, later ones winning: a preset's defaults, an optional YAML/JSON file (which may
 name its own ``preset``), and ``key=value`` overrides with dotted keys whose values are parsed
 as YAML scalars. Every key and value is checked against the dataclass fields, so a typo is a
-:class:`~lifelong.errors.ConfigError` naming the key and the valid alternatives.
+:class:`~lifelong.core.errors.ConfigError` naming the key and the valid alternatives.
 
 Example::
 
@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
+from lifelong.core.errors import ConfigError
 from lifelong.data.schema import SURFACES
-from lifelong.errors import ConfigError
 
 SIM_SURFACES: tuple[str, ...] = ("homefeed", "search", "related")
 """Surfaces the simulator issues requests on (a prefix of :data:`lifelong.data.schema.SURFACES`)."""
@@ -374,7 +374,7 @@ class WorldConfig:
     def start_ms(self) -> int:
         """Epoch milliseconds of ``start_date`` at 00:00 UTC."""
         day = dt.date.fromisoformat(self.start_date)
-        return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp()) * 1000
+        return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()) * 1000
 
     @property
     def end_ms(self) -> int:
@@ -494,7 +494,7 @@ def validate(cfg: WorldConfig) -> WorldConfig:
         >>> validate(dataclasses.replace(PRESETS["tiny"], days=1))
         Traceback (most recent call last):
         ...
-        lifelong.errors.ConfigError: config key 'days': must be at least 2
+        lifelong.core.errors.ConfigError: config key 'days': must be at least 2
     """
     try:
         dt.date.fromisoformat(cfg.start_date)

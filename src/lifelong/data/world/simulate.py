@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import lifelong
+from lifelong.core.errors import ConfigError
+from lifelong.core.progress import progress
 from lifelong.data.io import atomic_output_dir, write_json, write_parquet
 from lifelong.data.protocol import Protocol
 from lifelong.data.schema import EVENTS_SCHEMA, EXPLICIT_BITS, HEAD_BITS, HEADS, ORACLE_SCHEMA, USERS_SCHEMA
@@ -35,8 +37,6 @@ from lifelong.data.world.catalog import Catalog, make_catalog
 from lifelong.data.world.config import WorldConfig, validate
 from lifelong.data.world.population import Population, make_interests, make_schedule
 from lifelong.data.world.requests import SOURCE_LABELS, Responses, simulate_requests
-from lifelong.errors import ConfigError
-from lifelong.progress import progress
 
 CHUNK_USERS = 512
 """Users per block. Part of the sampling definition: each block has its own random stream."""

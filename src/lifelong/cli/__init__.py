@@ -1,0 +1,232 @@
+"""The ``lifelong`` command line, grouped by system.
+
+- shared: ``simulate``, ``inspect``, ``ingest``, ``store …``, ``serve``, ``bench …``;
+- ``lifelong transact …`` (:mod:`lifelong.cli.transact`), ``lifelong dv365 …``
+  (:mod:`lifelong.cli.dv365`), ``lifelong monolith …`` (:mod:`lifelong.cli.monolith`).
+
+The old top-level spellings (``build``, ``train``, ``online``, ...) still work for one release,
+hidden, and say where the command moved.
+
+User errors (bad input files, unknown presets or keys) print one red line and exit with
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lifelong.cli import monolith as monolith_cli
+from lifelong.cli import transact as transact_cli
+from lifelong.cli.dv365 import dv365_app
+from lifelong.cli.options import STORE_HELP, moved_alias
+from lifelong.core.console import err, out
+from lifelong.core.errors import LifelongError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="lifelong: recommendation with lifelong user action sequences.")
+
+
+@app.command()
+def simulate(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the world into.")],
+    preset: Annotated[str | None, typer.Option(help="tiny | small | bench | lifelong [default: the config file's, else small]")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON config file layered over the preset.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set users.n_users=500.")] = None,
+    seed: Annotated[int | None, typer.Option(help="The world's seed (the same as --set seed=N) [default: the config's].")] = None,
+) -> None:
+    """Simulate a world with ground-truth oracle probabilities (docs/world.md)."""
+    from lifelong.data.world import load_config, simulate_to
+
+    overrides = list(set_ or []) + ([] if seed is None else [f"seed={seed}"])
+    cfg = load_config(preset=preset, config_file=config, overrides=overrides)
+    start = time.perf_counter()
+    meta = simulate_to(cfg, out_dir)
+    seconds = time.perf_counter() - start
+    counts = meta["counts"]
+    out.print(f"[green]wrote[/green] {out_dir}  ({counts['events']:,} events, {counts['users']:,} users, "
+              f"{counts['items']:,} items) in {seconds:.1f} s")
+
+
+@app.command()
+def ingest(
+    source: Annotated[str, typer.Argument(help="kuairand | movielens | mind | taobao")],
+    src: Annotated[Path, typer.Argument(help="The dataset folder, e.g. ../shared/data/kuairand27k-likehate")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the dataset into.")],
+) -> None:
+    """Convert a real public dataset into lifelong's schema (items, events, users)."""
+    from lifelong.data.ingest import ingest as run_ingest
+
+    start = time.perf_counter()
+    report = run_ingest(source, src, out_dir)
+    table = Table(title=f"ingest {source} -> {out_dir}  ({time.perf_counter() - start:.1f} s)", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in report.summary():
+        table.add_row(label, value)
+    out.print(table)
+
+
+@app.command()
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="A world or an ingested dataset directory.")],
+    png: Annotated[Path | None, typer.Option(help="Histogram path [default: DIR/history_lengths.png].")] = None,
+) -> None:
+    """Print a dataset's sizes, action rates, history lengths and surfaces; plot history lengths."""
+    from lifelong.data.inspect import inspect_dataset, plot_history_lengths
+
+    report = inspect_dataset(directory)
+    png = plot_history_lengths(report, png or directory / "history_lengths.png")
+    _print_inspection(report, png)
+
+
+store_app = typer.Typer(no_args_is_help=True, help="The serving feature store (LMDB or Redis).")
+app.add_typer(store_app, name="store")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
+app.add_typer(bench_app, name="bench")
+app.add_typer(transact_cli.transact_app, name="transact")
+app.add_typer(dv365_app, name="dv365")
+app.add_typer(monolith_cli.monolith_app, name="monolith")
+for _old, _new, _command in (("build", "transact build", transact_cli.build), ("train", "transact train", transact_cli.train),
+                             ("evaluate", "transact evaluate", transact_cli.evaluate),
+                             ("experiment", "transact experiment", transact_cli.experiment),
+                             ("online", "monolith online", monolith_cli.online),
+                             ("online-experiment", "monolith experiment", monolith_cli.experiment)):
+    moved_alias(app, _old, _new, _command)
+
+@store_app.command("load")
+def store_load(
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build) whose source data to load.")],
+    store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
+) -> None:
+    """Load every user's sequences and the item table of a dataset into a feature store."""
+    from lifelong.store.feature_store import load_store
+
+    summary = load_store(data, store)
+    out.print(f"[green]loaded[/green] {store}: {summary['users']:,} users, {summary['items']:,} items, "
+              f"{summary['explicit_tokens']:,} explicit tokens, {summary['impressions']:,} impressions, "
+              f"{summary['bytes'] / 2**20:,.1f} MiB in {summary['seconds']:.1f} s")
+
+
+@app.command()
+def serve(
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory (lifelong transact train).")] = None,
+    store: Annotated[str | None, typer.Option("--store", help=STORE_HELP)] = None,
+    online: Annotated[bool, typer.Option("--online", help=(
+        "Serve the Monolith online ranker, its parameters pushed by `lifelong monolith online --serve` "
+        "(POST /admin/sync); needs --data instead of --run/--store."))] = False,
+    data: Annotated[Path | None, typer.Option("--data", help="With --online: the world whose item catalog to serve.")] = None,
+    path: Annotated[str, typer.Option(help="optimized | naive")] = "optimized",
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    backend: Annotated[str | None, typer.Option(
+        help="Op backend: reference | cpu | triton [default: triton with CUDA, else cpu].")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most candidates per model batch.")] = 2048,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest a request waits for its batch to fill.")] = 2.0,
+    max_candidates: Annotated[int, typer.Option(help="Most candidates per request (more: 413).")] = 1000,
+) -> None:
+    """Serve a trained ranker over HTTP: POST /rank, GET /healthz, GET /metrics, /docs."""
+    import uvicorn
+
+    from lifelong.cli.service import build_online_service, build_service
+    from lifelong.core.errors import ConfigError
+
+    if online:
+        if data is None or run is not None or store is not None:
+            raise ConfigError("--online serves pushed parameters: give --data WORLD, and neither --run nor --store")
+        app_ = build_online_service(data, max_batch=max_batch, max_wait_ms=max_wait_ms, max_candidates=max_candidates)
+        err.print(f"serving the online ranker on http://{host}:{port}: waiting for `lifelong monolith online --serve "
+                  f"http://{host}:{port}` to push parameters  (OpenAPI: /docs)")
+    else:
+        if run is None or store is None or data is not None:
+            raise ConfigError("serve needs --run RUN and --store URL (or --online --data WORLD)")
+        app_, version = build_service(run, store, path=path, backend=backend, max_batch=max_batch,
+                                      max_wait_ms=max_wait_ms, max_candidates=max_candidates)
+        err.print(f"serving {version} ({path} path) on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@bench_app.command("ops")
+def bench_ops(
+    lengths: Annotated[str, typer.Option(help="Comma-separated sequence lengths L.")] = "1000,10000",
+    candidates: Annotated[str, typer.Option(help="Comma-separated candidate counts N.")] = "100,500,1000",
+) -> None:
+    """NN search and encoder: naive vs reference vs optimized, side by side."""
+    from lifelong.bench.ops import render
+    from lifelong.bench.ops import run as run_ops
+
+    rows = run_ops(L_values=tuple(int(x) for x in lengths.split(",")),
+                   N_values=tuple(int(x) for x in candidates.split(",")))
+    out.print(render(rows))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    run: Annotated[Path, typer.Option("--run", help="Run directory (lifelong transact train).")],
+    store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
+    data: Annotated[Path, typer.Option("--data", help="Rows directory: requests are replayed from its eval split.")],
+    concurrency: Annotated[str, typer.Option(help="Comma-separated client counts.")] = "1,4,16,64",
+    seconds: Annotated[float, typer.Option(help="Duration of each load step.")] = 10.0,
+    sustain: Annotated[float, typer.Option(help="Duration of the final run at the best concurrency (0: skip).")] = 60.0,
+    paths: Annotated[str, typer.Option(help="Comma-separated serving paths to compare.")] = "naive,optimized",
+    report: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Closed-loop HTTP load against real servers of each path: examples/s, p50/p90/p99, errors."""
+    from lifelong.bench.serve import render, run_serve_bench
+
+    results = run_serve_bench(run, store, data, concurrency=[int(c) for c in concurrency.split(",")],
+                              seconds=seconds, sustain_seconds=sustain, paths=paths.split(","), report=report)
+    out.print(render(results))
+
+
+def _print_inspection(report, png: Path) -> None:
+    kind = report.meta.get("kind", "?")
+    name = report.meta.get("preset") or report.meta.get("source") or ""
+    sizes = Table(title=f"{report.path}  ({kind} {name})", show_header=False)
+    sizes.add_column(style="bold")
+    sizes.add_column(justify="right")
+    rows = [("users", f"{report.users:,}"), ("items", f"{report.items:,}"), ("events", f"{report.events:,}"),
+            ("impressions", f"{report.impressions:,}"), ("explicit actions", f"{report.explicit:,}"),
+            ("span", f"{report.span_days:.1f} days")]
+    for label, lengths in (("LL length / user (explicit)", report.history_lengths),
+                           ("bare impressions / user", report.impression_lengths)):
+        p50, p90, mx = report.percentiles(lengths)
+        rows.append((label, f"p50 {p50:,}  p90 {p90:,}  max {mx:,}"))
+    for label, value in rows:
+        sizes.add_row(label, value)
+    out.print(sizes)
+    rates = Table(title="action rates (share of events)")
+    for name in report.action_rates:
+        rates.add_column(name, justify="right")
+    rates.add_row(*(f"{v:.3f}" for v in report.action_rates.values()))
+    out.print(rates)
+    surfaces = Table(title="surfaces (share of events)")
+    for name in report.surface_shares:
+        surfaces.add_column(name, justify="right")
+    surfaces.add_row(*(f"{v:.3f}" for v in report.surface_shares.values()))
+    out.print(surfaces)
+    if report.oracle is not None:
+        o = report.oracle
+        t = Table(title=f"oracle check: HIT@{o.k} on the evaluation day ({o.requests:,} requests, {o.users:,} users)")
+        for col in ("head", "oracle", "random", "oracle / random"):
+            t.add_column(col, justify="right")
+        for head in o.oracle:
+            ratio = o.oracle[head] / o.random[head] if o.random[head] else float("nan")
+            t.add_row(head, f"{o.oracle[head]:.4f}", f"{o.random[head]:.4f}", f"{ratio:.2f}x")
+        out.print(t)
+    out.print(f"history-length histogram: {png}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one clear line and exit status 2."""
+    try:
+        app()
+    except LifelongError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+

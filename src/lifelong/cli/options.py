@@ -1,0 +1,27 @@
+"""Help texts and helpers shared by the command groups."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import typer
+
+from lifelong.core.console import err
+
+STORE_HELP = "A store URL: PATH or lmdb:///PATH (LMDB, embedded) or redis://HOST:PORT/DB."
+
+
+def moved_alias(app: typer.Typer, old: str, new: str, command: Callable[..., None]) -> None:
+    """Keep ``lifelong OLD`` working for one release as a hidden command that says where it moved.
+
+    The alias takes the same options as ``command`` (Typer reads the wrapped signature).
+    """
+
+    @functools.wraps(command)
+    def alias(*args, **kwargs):
+        err.print(f"[yellow]note:[/yellow] `lifelong {old}` moved to `lifelong {new}`; the old spelling goes in the "
+                  "next release", highlight=False)
+        return command(*args, **kwargs)
+
+    app.command(old, hidden=True)(alias)

@@ -1,0 +1,126 @@
+"""``lifelong transact …``: TransAct V2's commands (rows with NN feature logging, the rankers,
+their evaluation and the paper's tables).
+
+Each command is one function on :data:`transact_app`; :mod:`lifelong.cli` mounts the app as
+``transact``. User errors raise :class:`~lifelong.core.errors.LifelongError` and the main CLI
+prints them as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lifelong.core.console import out
+
+transact_app = typer.Typer(no_args_is_help=True, help="TransAct V2: build rows, train and evaluate rankers, the paper's tables.")
+
+
+@transact_app.command()
+def build(
+    data: Annotated[Path, typer.Option("--data", help="A world or an ingested dataset directory.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Rows directory to write.")],
+    neg_rate: Annotated[float, typer.Option(help="Share of label-free training rows kept (weighted 1/rate).")] = 1.0,
+    ll_cap: Annotated[int, typer.Option(help="Most S_LL tokens searched per request.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of the negative down-sampling.")] = 0,
+    protocol: Annotated[str | None, typer.Option(
+        help="TRAIN_DAYS,GAP_DAYS,EVAL_DAYS placed at the end of the data [default: the dataset's dates].")] = None,
+) -> None:
+    """Build training and evaluation rows with NN feature logging (S_all per candidate)."""
+    from lifelong.core.errors import ConfigError
+    from lifelong.transact.training_rows import BuildConfig, build_rows
+
+    days = None
+    if protocol is not None:
+        try:
+            days = tuple(float(x) for x in protocol.split(","))
+        except ValueError:
+            days = ()
+        if len(days) != 3 or min(days) < 0 or days[0] <= 0 or days[2] <= 0:
+            raise ConfigError(f"--protocol expects TRAIN_DAYS,GAP_DAYS,EVAL_DAYS (positive train/eval), got {protocol!r}")
+    meta = build_rows(data, out_dir, BuildConfig(ll_cap=ll_cap, train_negative_rate=neg_rate, seed=seed,
+                                                 protocol_days=days))
+    table = Table(title=f"rows {out_dir}  ({meta['seconds']:.1f} s)")
+    for col in ("split", "rows", "requests", "rows/s", "label rates"):
+        table.add_column(col, justify="right")
+    for split, m in meta["splits"].items():
+        rates = "  ".join(f"{h} {v:.3f}" for h, v in m["label_rates"].items())
+        table.add_row(split, f"{m['rows']:,}", f"{m['requests']:,}", f"{m['rows_per_s']:,}", rates)
+    out.print(table)
+
+
+@transact_app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build).")],
+    model: Annotated[str, typer.Option(help="wide_deep | bst | transact | transact_v2")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")],
+    nal: Annotated[str, typer.Option(help="none | in_batch | impression")] = "none",
+    nal_loss: Annotated[str, typer.Option(help="softmax | bce")] = "softmax",
+    w_nal: Annotated[float, typer.Option(help="Weight of the Next Action Loss.")] = 0.01,
+    epochs: Annotated[int, typer.Option()] = 2,
+    batch_size: Annotated[int, typer.Option()] = 512,
+    lr: Annotated[float, typer.Option()] = 2e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    max_rows: Annotated[int | None, typer.Option(help="Train on a seeded subset of this many rows.")] = None,
+    user_emb: Annotated[str | None, typer.Option(help="A `lifelong dv365 export` store: prepend each row's frozen user "
+                                                      "embedding as tokens (transact models).")] = None,
+) -> None:
+    """Train a ranker (L = L_CE + w_NAL * L_NAL); prints losses and examples/s."""
+    from lifelong.transact.trainer import TrainConfig
+    from lifelong.transact.trainer import train as run_train
+
+    cfg = TrainConfig(model=model, nal=nal, nal_loss=nal_loss, w_nal=w_nal, epochs=epochs, batch_size=batch_size,
+                      lr=lr, seed=seed, max_rows=max_rows, user_emb=user_emb)
+    meta = run_train(data, out_dir, cfg, log=out.print)
+    out.print(f"[green]wrote[/green] {out_dir}  ({meta['parameters']:,} parameters, "
+              f"{meta['examples_per_s']:,.0f} examples/s)")
+
+
+@transact_app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", help="Run directory (lifelong transact train).")],
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build).")],
+    user_emb: Annotated[str | None, typer.Option(help="For a run trained with --user-emb: the store to read the "
+                                                      "users' embeddings from [default: the run's].")] = None,
+) -> None:
+    """HIT@3, NE, AUC and GAUC per head; on simulated worlds the oracle and the lift fraction."""
+    from lifelong.transact.evaluate import evaluate_run
+
+    ev = evaluate_run(run, data, user_emb=user_emb)
+    table = Table(title=f"{run} on {data}: {ev.rows:,} rows, {ev.requests:,} requests, {ev.users:,} users")
+    cols = ["head", "HIT@3", "NE", "AUC", "GAUC"] + (["oracle HIT@3", "random HIT@3", "oracle lift"] if ev.oracle_hit else [])
+    for col in cols:
+        table.add_column(col, justify="right")
+    for head, m in ev.per_head.items():
+        cells = [head, f"{m['hit@3']:.4f}", f"{m['ne']:.4f}", f"{m['auc']:.4f}", f"{m['gauc']:.4f}"]
+        if ev.oracle_hit:
+            cells += [f"{ev.oracle_hit[head]:.4f}", f"{ev.random_hit[head]:.4f}", f"{ev.lift_fraction[head]:.3f}"]
+        table.add_row(*cells)
+    out.print(table)
+
+
+@transact_app.command()
+def experiment(
+    table: Annotated[str, typer.Argument(help="quickstart | table2 | table4 | table6 | table7 | dv365")],
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (resumable).")],
+    seeds: Annotated[int, typer.Option()] = 3,
+    epochs: Annotated[int, typer.Option()] = 2,
+    max_rows: Annotated[int | None, typer.Option(help="Train each run on a seeded subset.")] = None,
+    runs: Annotated[Path | None, typer.Option(
+        help="Run directory shared across tables (rows with equal configurations train once) [default: OUT/runs].")] = None,
+    user_emb: Annotated[str | None, typer.Option(help="dv365 table: the DV365 export the user-token rows train "
+                                                      "with (exported before the training split).")] = None,
+    eval_user_emb: Annotated[str | None, typer.Option(help="dv365 table: the export they are evaluated with "
+                                                           "[default: --user-emb].")] = None,
+) -> None:
+    """Reproduce one of the TransAct V2 paper's tables (or the dv365 one): markdown, JSON and a bar chart."""
+    from lifelong.transact.experiments import render_markdown, run_experiment
+
+    summary = run_experiment(table, data, out_dir, seeds=seeds, epochs=epochs, max_rows=max_rows, log=out.print,
+                             runs=runs, user_emb=user_emb, eval_user_emb=eval_user_emb)
+    out.print(render_markdown(summary))
+    out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'report.png'}")

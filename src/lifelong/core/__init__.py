@@ -1,0 +1,1 @@
+"""The foundation: errors, progress, console, typed configs, metrics, quantization, checkpoints."""

@@ -1,1 +1,0 @@
-"""Metrics, experiments, reports and plots."""

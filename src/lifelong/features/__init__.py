@@ -1,1 +1,0 @@
-"""Feature engineering: quantization, item embeddings, NN selection and S_all assembly, DV365 slicing."""

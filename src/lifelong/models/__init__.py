@@ -1,1 +1,0 @@
-"""Rankers (TransAct V2 and baselines), crossing layers, heads and the Next Action Loss."""

@@ -1,0 +1,1 @@
+"""Small nn building blocks shared by every system's models (layers, heads, row features)."""

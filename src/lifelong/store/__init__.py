@@ -1,0 +1,1 @@
+"""Key-value stores: the feature store (LMDB, Redis) and the DV365 embedding records."""

@@ -1,1 +1,0 @@
-"""Batch training of the rankers, checkpoints; online training comes with the Monolith issue."""

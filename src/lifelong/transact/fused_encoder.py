@@ -1,0 +1,148 @@
+"""The ``transact_encode`` op: TransAct's encoder over a de-duplicated token table, per backend.
+
+:meth:`TransAct.encode_token_table <lifelong.transact.model.TransAct.encode_token_table>` is
+the entry point; it checks shapes and dispatches here through :mod:`lifelong.ops.dispatch`
+(``reference``, ``cpu``, ``triton``). Each implementation runs the model's own modules and
+reads their parameters as they are at the call: nothing is snapshotted, so after an in-place
+update (an optimizer step, a parameter sync) the next call scores with the new weights.
+
+A serving batch holds each distinct token once — its dequantized (not normalised) item
+embedding ``tok_emb``, action mask ``tok_action`` and surface ``tok_surface`` — and each row
+(candidate) points at its tokens with ``tok_index`` ``(N, S')`` (-1 = padding), for the blocks
+the model reads (``S' = model.cfg.seq_len``). The result equals :meth:`TransAct.encode
+<lifelong.transact.model.TransAct.encode>` on the gathered :class:`~lifelong.transact.batch.RankBatch`
+(padding tokens: embedding 0, action 0, surface 0, invalid — as ``RankData`` builds them).
+
+Why the first layer fuses (``cpu``): its input is ``x = concat(e_j, e_c) + ctx_j + pos_s``
+(``ctx_j`` = action + surface embedding) and, the layers being post-norm, the first thing
+applied to ``x`` is the linear ``in_proj``. So ``W x + b = W·(concat(e_j, 0) + ctx_j) +
+W_cand·e_c + (W·pos_s + b)``: a ``(T, 3d)`` table per distinct token, a ``(N, 3d)`` one per
+candidate and a ``(S', 3d)`` one per model, gathered and added — the ``(N·S', d) × (d, 3d)``
+projection and the ``(N, S', d)`` concatenation never happen. Without early fusion the
+candidate term drops out. The remaining layers run as in the model. The per-model parts
+(:func:`first_layer_parts`) are views of the live weights plus one ``(S', d) × (d, 3d)``
+product, recomputed every call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from lifelong.data.schema import EMBED_DIM
+from lifelong.modules.layers import EncoderLayer, causal_attention_mask
+from lifelong.ops.dispatch import kernel_device, register
+from lifelong.ops.token_table import append_padding, gather_tokens, pack_rows, unpack_rows
+
+if TYPE_CHECKING:
+    from lifelong.transact.model import TransAct
+
+
+def first_layer_parts(model: TransAct) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first layer's q, k, v weights arranged for the fused parts, from the live parameters.
+
+    Returns:
+        ``w_tok`` ``(3, d, d)`` (q, k, v weights transposed to multiply rows), ``w_cand``
+        ``(3, 32, d)`` (their columns that see the candidate under early fusion) and
+        ``pos_qkv`` ``(3, S', d)`` (q, k, v of each position embedding, bias included).
+
+    Raises:
+        TypeError: the encoder's first layer is not the post-norm
+            :class:`~lifelong.modules.layers.EncoderLayer` the fusion relies on.
+    """
+    first = model.encoder.layers[0]
+    if type(first) is not EncoderLayer:
+        raise TypeError(f"the fused first layer needs a post-norm EncoderLayer, got {type(first)}")
+    d = model.cfg.d_model
+    attn = first.self_attn
+    w = attn.in_proj.weight.view(3, d, d)
+    pos_qkv = F.linear(model.token_context.position, attn.in_proj.weight, attn.in_proj.bias)
+    return (w.transpose(1, 2).contiguous(), w[:, :, EMBED_DIM:].transpose(1, 2).contiguous(),
+            pos_qkv.view(-1, 3, d).transpose(0, 1).contiguous())
+
+
+@register("transact_encode", "reference")
+def _encode_reference(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor,
+                      tok_surface: torch.Tensor, tok_index: torch.Tensor,
+                      cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather RankBatch-style tensors, then exactly ``TransAct.encode``'s math on the blocks read."""
+    emb, action, surface, valid = gather_tokens(tok_emb, tok_action, tok_surface, tok_index)
+    return model.encoder(model.embed_tokens(emb, action, surface, cand_emb), causal_attention_mask(valid)), valid
+
+
+@register("transact_encode", "cpu")
+def _encode_cpu(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor,
+                tok_surface: torch.Tensor, tok_index: torch.Tensor,
+                cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First layer from per-token, per-candidate and per-position parts; attention over packed rows.
+
+    Each row's real tokens are packed to its front, in their order. Causal attention over the
+    packed positions is then exactly the model's causal + padding mask for every real token
+    (the keys before it are the real tokens before it), so the attention kernel runs with
+    ``is_causal`` and no (N, S, S) mask is built; rows are cut to the longest real length.
+    Outputs at padding positions are zeros (the reference's are meaningless too).
+    """
+    ctx = model.token_context
+    first = model.encoder.layers[0]
+    w_tok, w_cand, pos_qkv = first_layer_parts(model)
+    n, s = tok_index.shape
+    d = model.cfg.d_model
+    emb, action, surface, index = append_padding(tok_emb, tok_action, tok_surface, tok_index)
+    valid, lengths, slot = pack_rows(tok_index)
+    width = slot.shape[1]
+    flat = index.gather(1, slot).reshape(-1)
+
+    def gather(table: torch.Tensor) -> torch.Tensor:
+        return table.index_select(0, flat).view(n, width, d)
+
+    # Each distinct token's part of the layer input (zero over the candidate's half) and its
+    # q, k, v projections, computed once however many rows read it.
+    tok_x = F.pad(emb, (0, d - EMBED_DIM)) + ctx.action(action) + ctx.surface(surface)
+    tok_qkv = torch.matmul(tok_x, w_tok)  # (3, T + 1, d)
+    x = gather(tok_x).add_(ctx.position[slot])
+    qkv = [gather(tok_qkv[i]).add_(pos_qkv[i][slot]) for i in range(3)]
+    if model.cfg.early_fusion:
+        cand_qkv = torch.matmul(cand_emb, w_cand).unsqueeze(2)  # (3, N, 1, d)
+        x.add_(F.pad(cand_emb, (EMBED_DIM, 0)).unsqueeze(1))
+        for part, c in zip(qkv, cand_qkv):
+            part.add_(c)
+
+    heads = first.self_attn.n_heads
+    q, k, v = (t.view(n, width, heads, d // heads).transpose(1, 2) for t in qkv)
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, width, d)
+    x = first.norm1(x + first.self_attn.out_proj(attn))
+    x = first.norm2(x + first.linear2(F.relu(first.linear1(x))))
+    for layer in model.encoder.layers[1:]:
+        x = layer(x, None, is_causal=True)
+    packed_valid = torch.arange(width) < lengths.unsqueeze(1)
+    return unpack_rows(x * packed_valid.unsqueeze(-1), slot, s), valid
+
+
+@register("transact_encode", "triton")
+def _encode_triton(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor,
+                   tok_surface: torch.Tensor, tok_index: torch.Tensor,
+                   cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed first-layer input from the token table, then :func:`skut_encode` (fp32).
+
+    The kernels run where :func:`~lifelong.ops.dispatch.kernel_device` says; a model kept on
+    the CPU has its (small, ~25k parameters for V2) encoder weights copied there per call, and
+    the result comes back to ``tok_emb``'s device.
+    """
+    from lifelong.ops.triton_encoder import check_supported, skut_encode  # imports triton: only when asked for
+
+    ctx = model.token_context
+    for layer in model.encoder.layers:
+        check_supported(layer)
+    device = kernel_device()
+    s = tok_index.shape[1]
+    d = model.cfg.d_model
+    emb, action, surface, index = append_padding(tok_emb, tok_action, tok_surface, tok_index)
+    valid, lengths, slot = pack_rows(tok_index)
+    tok_x = F.pad(emb, (0, d - EMBED_DIM)) + ctx.action(action) + ctx.surface(surface)
+    x = tok_x[index.gather(1, slot)] + ctx.position[slot]
+    if model.cfg.early_fusion:
+        x += F.pad(cand_emb, (EMBED_DIM, 0)).unsqueeze(1)
+    h = skut_encode(x.to(device), lengths.to(device), model.encoder.layers)
+    return unpack_rows(h.to(tok_emb.device), slot, s), valid

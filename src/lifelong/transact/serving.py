@@ -1,0 +1,358 @@
+"""The request path of the ranking service: feature store -> NN search -> model -> sorted scores.
+
+Two paths, chosen at start-up, give the same scores:
+
+- ``optimized``: a batch of requests holds each (user, request time) history once in a token
+  table (values + offsets) assembled in a reusable :class:`Arena`; the NN search runs over that
+  jagged layout through the op dispatcher, and TransAct's encoder runs as
+  :class:`~lifelong.transact.fused_encoder.FusedTransActEncoder` over token indices, never over per-candidate
+  copies of the tokens.
+- ``naive``: the paper's baseline, one request at a time: every candidate gets its own copy of
+  its user's sequences (:func:`~lifelong.ops.nn_search.nn_search_naive`), the rows are gathered
+  into a full :class:`~lifelong.transact.batch.RankBatch` and TransAct's encoder is PyTorch's
+  ``nn.TransformerEncoder`` with the same weights.
+
+Both compute ``S_all`` exactly as ``lifelong transact build`` logged it (same timelines, same tie rule),
+which is what makes the scores of served and offline rows equal.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lifelong.core.errors import ConfigError
+from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS
+from lifelong.core.quantization import INT8_SCALE, dequantize_int8
+from lifelong.data.schema import EMBED_DIM
+from lifelong.modules.layers import attention_bias, causal_attention_mask
+from lifelong.ops.nn_search import nn_search, nn_search_naive
+from lifelong.ops.nn_select import l2_normalize
+from lifelong.serving.ranking import RankRequest, RankResult
+from lifelong.store.feature_store import FeatureStore, ItemRecords
+from lifelong.transact.batch import RankBatch, SequenceLayout
+from lifelong.transact.fused_encoder import FusedTransActEncoder
+from lifelong.transact.model import TransAct
+
+PATHS = ("optimized", "naive")
+NN_BLOCKS = (("ll_nn", "ll"), ("rt_nn", "rt"), ("imp_nn", "imp"))
+
+
+class Arena:
+    """Pre-allocated host buffers for batch assembly, grown (doubled) only when a batch needs more.
+
+    Every batch writes its token table and row tensors into views of these buffers, so the hot
+    path allocates no new input tensors; with CUDA present the buffers are pinned so that a copy
+    to the device can be asynchronous.
+
+    Args:
+        rows: initial candidate rows (grown as needed).
+        tokens: initial token-table capacity (grown as needed).
+        seq_len: |S_all|.
+    """
+
+    def __init__(self, rows: int, tokens: int, seq_len: int):
+        self.seq_len = seq_len
+        self.grows = 0
+        self._alloc_rows(rows)
+        self._alloc_tokens(tokens)
+
+    @staticmethod
+    def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+
+    def _alloc_rows(self, n: int) -> None:
+        self.row_capacity = n
+        self.tok_index = self._empty((n, self.seq_len), torch.int64)
+        self.cand_user = self._empty((n,), torch.int64)
+        self.ids = self._empty((5, n), torch.int64)  # user, item, author, topic, surface
+        self.cand_int8 = self._empty((n, EMBED_DIM), torch.int8)
+
+    def _alloc_tokens(self, n: int) -> None:
+        self.token_capacity = n
+        self.tok_int8 = self._empty((n, EMBED_DIM), torch.int8)
+        self.tok_action = self._empty((n,), torch.int64)
+        self.tok_surface = self._empty((n,), torch.int64)
+
+    def reserve(self, rows: int, tokens: int) -> None:
+        if rows > self.row_capacity:
+            self._alloc_rows(max(rows, 2 * self.row_capacity))
+            self.grows += 1
+        if tokens > self.token_capacity:
+            self._alloc_tokens(max(tokens, 2 * self.token_capacity))
+            self.grows += 1
+
+
+@dataclass
+class _History:
+    """Where one (user, request time) history sits in the batch's token table."""
+
+    ll: tuple[int, int]  # (start, length) in the token table
+    rt: tuple[int, int]
+    imp: tuple[int, int]
+
+
+def model_version(run: str | Path) -> str:
+    """Short content hash of a run's weights: it changes whenever the served model does."""
+    h = hashlib.sha256((Path(run) / "model.pt").read_bytes()).hexdigest()
+    return f"{Path(run).name}@{h[:12]}"
+
+
+class Ranker:
+    """Scores ranking requests with a trained model over a feature store.
+
+    Args:
+        model: a trained ranker (``load_model``), in eval mode.
+        store: the feature store the model's dataset was loaded into.
+        path: ``optimized`` or ``naive`` (see the module docstring).
+        backend: op backend of the optimized path (``reference``, ``cpu``, ``triton``; None = default).
+        head_weights: ``w_h`` of the final score by head name.
+
+    Example::
+
+        ranker = Ranker(*load_model("runs/v2")[:1], open_store("lmdb:///tmp/store"))
+        [result] = ranker.rank([RankRequest(user_id=7, items=np.array([3, 9]), surface=0)])
+    """
+
+    def __init__(self, model: nn.Module, store: FeatureStore, path: str = "optimized",
+                 backend: str | None = None, head_weights: dict[str, float] = DEFAULT_HEAD_WEIGHTS):
+        if path not in PATHS:
+            raise ConfigError(f"unknown serving path {path!r}; choose one of {', '.join(PATHS)}")
+        self.model, self.store, self.path, self.backend = model.eval(), store, path, backend
+        meta = store.meta()
+        self.layout = SequenceLayout(**meta["layout"])
+        model_layout = getattr(getattr(model, "cfg", None), "layout", None)
+        if model_layout is not None and model_layout != self.layout:
+            raise ConfigError(f"the model was trained on layout {model_layout}, the store holds {self.layout}; "
+                              "load the store from the model's dataset")
+        if getattr(getattr(model, "cfg", None), "user_tokens", None) is not None:
+            raise ConfigError("the model prepends DV365 user-embedding tokens, which the ranking service does not "
+                              "fetch yet: serve a model trained without user_tokens")
+        self.heads: tuple[str, ...] = tuple(meta["heads"])
+        n_heads = getattr(getattr(model, "cfg", None), "n_heads", len(self.heads))
+        if n_heads != len(self.heads):
+            raise ConfigError(f"the model has {n_heads} heads, the store's dataset {len(self.heads)} ({', '.join(self.heads)})")
+        self.weights = np.array([head_weights.get(h, 0.0) for h in self.heads], dtype=np.float32)
+        self.ll_cap, self.imp_cap = int(meta["ll_cap"]), int(meta["imp_cap"])
+        self.scale = float(meta.get("int8_scale", INT8_SCALE))
+        with store.reader() as r:
+            # The item table is small and read on every request: one private copy outlives the reader.
+            self.items: ItemRecords = r.items().copy()
+        self.item_emb = dequantize_int8(torch.from_numpy(self.items.emb_int8), self.scale)
+        self.item_unit = l2_normalize(self.item_emb)
+        self.transact = model if isinstance(model, TransAct) else None
+        self.fused = FusedTransActEncoder(model) if self.transact is not None and path == "optimized" else None
+        self.torch_encoder = _torch_encoder(model) if self.transact is not None and path == "naive" else None
+        self.arena = Arena(rows=4096, tokens=1 << 16, seq_len=self.layout.total)
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def item_rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Item-table rows of ``item_ids`` and the ids that are not in the table."""
+        rows, known = self.items.index_of(np.asarray(item_ids, dtype=np.int64))
+        return rows, np.asarray(item_ids)[~known]
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def rank(self, requests: list[RankRequest]) -> list[RankResult]:
+        """Score a batch of requests; results in the same order."""
+        if not requests:
+            return []
+        if self.path == "naive":
+            return [self._rank_naive(r) for r in requests]
+        return self._rank_optimized(requests)
+
+    def _finish(self, logits: torch.Tensor, counts: list[int], cold: list[bool]) -> list[RankResult]:
+        probs = torch.sigmoid(logits).numpy()
+        scores = probs @ self.weights
+        bounds = np.cumsum([0, *counts])
+        return [RankResult(probs[a:b], scores[a:b], c) for a, b, c in zip(bounds[:-1], bounds[1:], cold)]
+
+    def _histories(self, requests: list[RankRequest]) -> tuple[np.ndarray, list[bool], list[_History]]:
+        """Each request's (user, time) key, whether each request is cold-start, and where each
+        key's history sits in the arena's token table (keys de-duplicated)."""
+        t_key = np.array([-1 if r.request_ms is None else r.request_ms for r in requests], dtype=np.int64)
+        keys = np.stack([np.array([r.user_id for r in requests], dtype=np.int64), t_key], axis=1)
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        with self.store.reader() as reader:
+            users = reader.users([int(u) for u in np.unique(uniq[:, 0])])
+            by_id = dict(zip(np.unique(uniq[:, 0]).tolist(), users))
+            spans = []
+            for user_id, t in uniq.tolist():
+                seq = by_id[user_id]
+                spans.append(None if seq is None else
+                             (seq, seq.timeline(None if t < 0 else t, self.ll_cap, self.layout.rt, self.imp_cap)))
+            # Copy what the batch needs out of the store's buffers while the reader is open.
+            inverse = inverse.reshape(-1)
+            return inverse, [spans[k] is None for k in inverse], self._fill_tokens(spans)
+
+    def _fill_tokens(self, spans: list) -> list[_History]:
+        """Write each key's LL + RT and impression tokens into the arena's token table."""
+        total = sum(0 if s is None else (s[1].rt_hi - s[1].ll_lo) + (s[1].imp_hi - s[1].imp_lo) for s in spans)
+        self.arena.reserve(0, max(total, 1))
+        a = self.arena
+        out, pos = [], 0
+        for span in spans:
+            if span is None:
+                out.append(_History((pos, 0), (pos, 0), (pos, 0)))
+                continue
+            seq, tl = span
+            n_exp, n_imp = tl.rt_hi - tl.ll_lo, tl.imp_hi - tl.imp_lo
+            for dst, src in ((a.tok_int8, (seq.emb[tl.ll_lo:tl.rt_hi], seq.imp_emb[tl.imp_lo:tl.imp_hi])),
+                             (a.tok_action, (seq.action[tl.ll_lo:tl.rt_hi], seq.imp_action[tl.imp_lo:tl.imp_hi])),
+                             (a.tok_surface, (seq.surface[tl.ll_lo:tl.rt_hi], seq.imp_surface[tl.imp_lo:tl.imp_hi]))):
+                view = dst.numpy()
+                view[pos:pos + n_exp] = src[0]
+                view[pos + n_exp:pos + n_exp + n_imp] = src[1]
+            ll_len = tl.ll_hi - tl.ll_lo
+            out.append(_History((pos, ll_len), (pos + (tl.rt_lo - tl.ll_lo), tl.rt_hi - tl.rt_lo), (pos + n_exp, n_imp)))
+            pos += n_exp + n_imp
+        if pos == 0:  # an all-cold batch: one zero token keeps every gather well-defined
+            a.tok_int8[0], a.tok_action[0], a.tok_surface[0] = 0, 0, 0
+        self.n_tokens = max(pos, 1)
+        return out
+
+    def _token_index(self, hist: list[_History], key_of_row: np.ndarray, cand_unit: torch.Tensor,
+                     tokens: torch.Tensor, search) -> torch.Tensor:
+        """(N, |S_all|) token-table index of every row's ``S_all`` (-1 = padding)."""
+        layout, n = self.layout, key_of_row.size
+        out = self.arena.tok_index[:n]
+        out.fill_(-1)
+        cand_user = torch.from_numpy(key_of_row)
+        for block, seg in NN_BLOCKS:
+            starts = torch.tensor([getattr(h, seg)[0] for h in hist], dtype=torch.int64)
+            lengths = torch.tensor([getattr(h, seg)[1] for h in hist], dtype=torch.int64)
+            k = getattr(layout, block)
+            pos, _ = search(tokens, starts, lengths, cand_user, cand_unit, k, self.scale)
+            out[:, layout.block_slice(block)] = torch.where(pos >= 0, pos + starts[cand_user].unsqueeze(1), -1)
+        # S_RT[:r] is chronological and left-aligned, the same for every candidate of a key.
+        rt_start = torch.tensor([h.rt[0] for h in hist], dtype=torch.int64)[cand_user]
+        rt_len = torch.tensor([h.rt[1] for h in hist], dtype=torch.int64)[cand_user]
+        slot = torch.arange(layout.rt)
+        out[:, layout.block_slice("rt")] = torch.where(slot < rt_len.unsqueeze(1), rt_start.unsqueeze(1) + slot, -1)
+        return out
+
+    def _rows(self, requests: list[RankRequest], n: int) -> tuple[torch.Tensor, ...]:
+        ids = self.arena.ids[:, :n]
+        items = np.concatenate([r.items for r in requests])
+        ids[0].numpy()[:] = np.repeat([r.user_id for r in requests], [r.items.size for r in requests])
+        ids[1].numpy()[:] = self.items.item_id[items]
+        ids[2].numpy()[:] = self.items.author_id[items]
+        ids[3].numpy()[:] = self.items.topic_id[items]
+        ids[4].numpy()[:] = np.repeat([r.surface for r in requests], [r.items.size for r in requests])
+        return ids, torch.from_numpy(items)
+
+    def _rank_optimized(self, requests: list[RankRequest]) -> list[RankResult]:
+        counts = [int(r.items.size) for r in requests]
+        n = sum(counts)
+        self.arena.reserve(n, 0)
+        key_of_request, cold, hist = self._histories(requests)
+        key_of_row = np.repeat(key_of_request, counts)
+        ids, items = self._rows(requests, n)
+        tokens = self.arena.tok_int8[:self.n_tokens]
+        search = functools.partial(nn_search, backend=self.backend)
+        tok_index = self._token_index(hist, key_of_row, self.item_unit[items], tokens, search)
+        cand_emb = self.item_emb[items]
+        if self.fused is not None:
+            tok_index = tok_index.index_select(1, self.transact.token_index)
+        # Only the tokens some row selected enter the model: a 10^4-token S_LL contributes a few
+        # hundred, and per-token work (dequantization, the fused first layer) scales with those.
+        used, tok_index = _compact(tok_index)
+        tok_emb = dequantize_int8(tokens[used], self.scale)
+        tok_action, tok_surface = self.arena.tok_action[used], self.arena.tok_surface[used]
+        if self.fused is not None:
+            h, valid = self.fused(tok_emb, tok_action, tok_surface, tok_index, cand_emb, backend=self.backend)
+            logits = self.transact.score(h, valid, self.model.row(_RowInputs(ids, cand_emb)))
+        else:
+            batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface)
+            logits = self.model(batch).logits
+        return self._finish(logits, counts, cold)
+
+    def _rank_naive(self, request: RankRequest) -> RankResult:
+        n = int(request.items.size)
+        _, cold, hist = self._histories([request])
+        tokens = self.arena.tok_int8[:self.n_tokens].clone()
+        ids, items = self._rows([request], n)
+        ids = ids.clone()
+        tok_index = self._token_index(hist, np.zeros(n, dtype=np.int64), self.item_unit[items], tokens,
+                                      nn_search_naive).clone()
+        cand_emb = self.item_emb[items]
+        batch = _gather_batch(ids, cand_emb, tok_index, dequantize_int8(tokens, self.scale),
+                              self.arena.tok_action[:self.n_tokens].clone(),
+                              self.arena.tok_surface[:self.n_tokens].clone())
+        if self.transact is not None:
+            logits = _transact_with_torch_encoder(self.transact, self.torch_encoder, batch)
+        else:
+            logits = self.model(batch).logits
+        return self._finish(logits, [n], cold)[0]
+
+
+def _compact(tok_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct tokens ``tok_index`` uses (sorted) and the index rewritten into them (-1 kept)."""
+    used, inverse = torch.unique(tok_index, return_inverse=True)
+    if used.numel() and int(used[0]) < 0:  # padding sorts first
+        return used[1:], inverse - 1
+    return used, inverse
+
+
+@dataclass
+class _RowInputs:
+    """The row features :class:`~lifelong.modules.row_features.RowFeatures` reads, without sequences."""
+
+    ids: torch.Tensor
+    cand_emb: torch.Tensor
+
+    user_id = property(lambda self: self.ids[0])
+    item_id = property(lambda self: self.ids[1])
+    author_id = property(lambda self: self.ids[2])
+    topic_id = property(lambda self: self.ids[3])
+    surface = property(lambda self: self.ids[4])
+
+
+def _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface) -> RankBatch:
+    """A full RankBatch from token indices (the per-row copies the naive path makes)."""
+    n, s = tok_index.shape
+    valid = tok_index >= 0
+    idx = tok_index.clamp_min(0)
+    if tok_emb.shape[0] == 0:  # cold start: every row is padding
+        tok_emb = torch.zeros(1, EMBED_DIM)
+        tok_action = tok_surface = torch.zeros(1, dtype=torch.int64)
+    empty_f, empty_i, empty_b = torch.zeros(n, 1, EMBED_DIM), torch.full((n, 1), -1), torch.zeros(n, 1, dtype=torch.bool)
+    return RankBatch(
+        user_id=ids[0], item_id=ids[1], author_id=ids[2], topic_id=ids[3], surface=ids[4], cand_emb=cand_emb,
+        seq_emb=tok_emb[idx] * valid.unsqueeze(-1), seq_item=torch.full((n, s), -1),
+        seq_action=torch.where(valid, tok_action[idx], 0), seq_surface=torch.where(valid, tok_surface[idx], 0),
+        seq_valid=valid, nal_pos_emb=empty_f, nal_pos_item=empty_i, nal_pos_valid=empty_b,
+        nal_neg_emb=empty_f, nal_neg_item=empty_i, nal_neg_valid=empty_b,
+        labels=torch.zeros(n, 1), request_id=torch.zeros(n, dtype=torch.int64))
+
+
+def _torch_encoder(model: TransAct) -> nn.TransformerEncoder:
+    """``nn.TransformerEncoder`` holding the model's encoder weights (the naive path's encoder)."""
+    cfg = model.cfg
+    layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.attn_heads, cfg.ffn_dim, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+    state = {}
+    for i, mine in enumerate(model.encoder.layers):
+        for name, p in mine.state_dict().items():
+            name = name.replace("self_attn.in_proj.weight", "self_attn.in_proj_weight")
+            name = name.replace("self_attn.in_proj.bias", "self_attn.in_proj_bias")
+            state[f"layers.{i}.{name}"] = p
+    enc.load_state_dict(state)
+    return enc.eval()
+
+
+def _transact_with_torch_encoder(model: TransAct, encoder: nn.TransformerEncoder, batch: RankBatch) -> torch.Tensor:
+    """TransAct's logits with ``nn.TransformerEncoder`` in place of its own encoder."""
+    valid = model._read(batch.seq_valid)
+    x = model.embed_tokens(model._read(batch.seq_emb), model._read(batch.seq_action),
+                           model._read(batch.seq_surface), batch.cand_emb)
+    mask = attention_bias(causal_attention_mask(valid), x.dtype).repeat_interleave(model.cfg.attn_heads, dim=0)
+    return model.score(encoder(x, mask=mask), valid, model.row(batch))

@@ -1,0 +1,207 @@
+"""Batch trainer for the rankers: ``L = L_CE + w_NAL · L_NAL``, AdamW, seeded, checkpointed.
+
+A run directory holds ``run.json`` (configs, per-epoch losses, throughput) and ``model.pt``
+(the model's name, config and weights), plus ``checkpoint.pt`` (optimizer state and epoch) so
+an interrupted run resumes where its last epoch ended. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lifelong
+from lifelong.core.checkpoint import save_atomic
+from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.progress import progress
+from lifelong.data.io import write_json
+from lifelong.modules.heads import ranking_loss
+from lifelong.transact.nal import next_action_loss
+from lifelong.transact.rank_data import RankData
+from lifelong.transact.registry import MODEL_NAMES, build_model, model_abilities
+
+NAL_MODES = ("none", "in_batch", "impression")
+NAL_LOSSES = ("softmax", "bce")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Args:
+        model: one of ``MODEL_NAMES``.
+        nal: Next Action Loss negatives: ``none``, ``in_batch`` or ``impression``.
+        nal_loss: ``softmax`` (sampled softmax) or ``bce``.
+        w_nal: weight of the NAL in the total loss (paper default 0.01).
+        head_weights: BCE weight per head, in the rows' head order.
+        epochs: passes over the training rows.
+        batch_size: rows per step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        seed: seeds weights, shuffling and in-batch negative sampling.
+        max_rows: train on a seeded random subset of this many rows (None: all).
+        user_emb: a store holding a ``lifelong dv365 export``: each row's frozen user embedding
+            is prepended as tokens (``TransActConfig.user_tokens``; transact models only). The
+            export should predate the training rows (``--as-of-ms``), or its embedding has seen
+            their labels.
+
+    Example::
+
+        >>> TrainConfig(model="transact", nal="in_batch").w_nal
+        0.01
+    """
+
+    model: str = "transact_v2"
+    nal: str = "impression"
+    nal_loss: str = "softmax"
+    w_nal: float = 0.01
+    head_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    epochs: int = 2
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    max_rows: int | None = None
+    model_overrides: dict = field(default_factory=dict)
+    user_emb: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(f"unknown model {self.model!r}; valid models are {', '.join(MODEL_NAMES)}")
+        if self.nal not in NAL_MODES:
+            raise ConfigError(f"unknown --nal {self.nal!r}; choose one of {', '.join(NAL_MODES)}")
+        if self.nal_loss not in NAL_LOSSES:
+            raise ConfigError(f"unknown --nal-loss {self.nal_loss!r}; choose one of {', '.join(NAL_LOSSES)}")
+        abilities = model_abilities(self.model, **self.model_overrides)  # asked of the model, not its name
+        if self.nal != "none" and not abilities.causal:
+            raise ConfigError(f"the Next Action Loss needs a causal sequence model; {self.model} has none (use --nal none)")
+        if self.user_emb is not None and not abilities.accepts_user_tokens:
+            raise ConfigError(f"--user-emb prepends user tokens to a model's sequence; {self.model} reads none")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+
+
+def make_model(cfg: TrainConfig, data: RankData) -> torch.nn.Module:
+    tokens = {} if data.user_tokens is None else {"user_tokens": data.user_tokens}
+    return build_model(cfg.model, layout=data.layout, n_heads=len(data.heads), **cfg.model_overrides, **tokens)
+
+
+def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: TrainConfig,
+          log=print) -> dict:
+    """Train a ranker on the ``train`` rows of ``data_dir``; write the run to ``out``.
+
+    Returns the run metadata (also in ``out/run.json``): losses per epoch and examples/s.
+
+    Example::
+
+        meta = train("datasets/small", "runs/v2", TrainConfig(model="transact_v2"))
+    """
+    out = Path(out)
+    data = RankData(data_dir, "train", user_emb=cfg.user_emb)
+    if data.user_emb_info is not None:
+        info = data.user_emb_info
+        log(f"user embedding: version {info['version']} of {info['store']}, {tuple(info['shape'])} a user, "
+            f"{info['users_found']:,} of {info['users']:,} training users found (the rest read zeros)")
+    if len(cfg.head_weights) != len(data.heads):
+        raise ConfigError(f"{len(cfg.head_weights)} head weights for heads {data.heads}")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    rows = np.arange(len(data))
+    if len(rows) == 0:
+        raise DataError(data.directory, "no training rows")
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        rows = np.sort(rng.choice(rows, cfg.max_rows, replace=False))
+    model = make_model(cfg, data)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": "run", "data": str(Path(data_dir).resolve()), "train": asdict(cfg), "heads": list(data.heads),
+            "layout": asdict(data.layout), "rows": int(len(rows)), "epochs": [],
+            "parameters": int(sum(p.numel() for p in model.parameters())), "lifelong_version": lifelong.__version__,
+            "user_emb": data.user_emb_info}
+    start_epoch = 0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        if ckpt["train"] == asdict(cfg):
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start_epoch, meta["epochs"] = ckpt["epoch"], ckpt["epochs"]
+            rng.bit_generator.state, gen = ckpt["rng"], ckpt["gen"]
+            log(f"resuming {out} after epoch {start_epoch}")
+    weights = torch.tensor(cfg.head_weights)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = rng.permutation(rows)
+        totals = {"loss": 0.0, "ce": 0.0, "nal": 0.0}
+        steps = 0
+        t0 = time.perf_counter()
+        n_batches = (len(order) + cfg.batch_size - 1) // cfg.batch_size
+        with progress(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", total=n_batches) as advance:
+            for b in range(n_batches):
+                idx = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                batch = data.batch(idx)
+                output = model(batch)
+                row_w = torch.from_numpy(np.asarray(data.arrays["weight"][idx])) if "weight" in data.arrays else None
+                ce = ranking_loss(output.logits, batch.labels, weights, row_w)
+                loss = ce
+                if cfg.nal != "none" and output.rt_states is not None:
+                    nal = next_action_loss(output.rt_states, batch, negatives=cfg.nal, loss=cfg.nal_loss, generator=gen)
+                    loss = ce + cfg.w_nal * nal
+                    totals["nal"] += float(nal.detach())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                totals["loss"] += float(loss.detach())
+                totals["ce"] += float(ce.detach())
+                steps += 1
+                advance(1)
+        seconds = time.perf_counter() - t0
+        record = {k: v / max(steps, 1) for k, v in totals.items()}
+        record.update(epoch=epoch + 1, seconds=round(seconds, 2), examples_per_s=round(len(order) / seconds, 1))
+        meta["epochs"].append(record)
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                      "epochs": meta["epochs"], "train": asdict(cfg), "rng": rng.bit_generator.state, "gen": gen},
+                     ckpt_path)
+        log(f"{cfg.model} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, nal {record['nal']:.4f}), "
+            f"{record['examples_per_s']:,.0f} examples/s")
+    meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
+    save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
+                  "user_tokens": data.user_tokens, "state_dict": model.state_dict()}, out / "model.pt")
+    write_json(meta, out / "run.json")
+    return meta
+
+
+def load_model(run: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
+    """The trained model of a run directory (in eval mode) and its run metadata."""
+    run = Path(run)
+    if not (run / "model.pt").is_file():
+        raise DataError(run, "not a finished run (no model.pt); run `lifelong transact train` first")
+    saved = torch.load(run / "model.pt", weights_only=False)
+    from lifelong.transact.batch import SequenceLayout
+
+    cfg = TrainConfig(**{**saved["train"], "head_weights": tuple(saved["train"]["head_weights"])})
+    tokens = {} if saved.get("user_tokens") is None else {"user_tokens": tuple(saved["user_tokens"])}
+    model = build_model(saved["name"], layout=SequenceLayout(**saved["layout"]), n_heads=saved["n_heads"],
+                        **cfg.model_overrides, **tokens)
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    meta = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    return model, meta
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: RankData, batch_size: int = 4096) -> np.ndarray:
+    """(n, H) head probabilities of every row of ``data``, in row order."""
+    model.eval()
+    out = np.zeros((len(data), len(data.heads)), dtype=np.float32)
+    for a in range(0, len(data), batch_size):
+        idx = np.arange(a, min(a + batch_size, len(data)))
+        out[idx] = torch.sigmoid(model(data.batch(idx)).logits).numpy()
+    return out

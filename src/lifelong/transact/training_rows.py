@@ -1,0 +1,327 @@
+"""Training and evaluation rows with NN feature logging (TransAct V2 §3.3, DESIGN.md).
+
+``build_rows`` turns a dataset directory into rows, one per shown (request, candidate) pair:
+training rows from the ``train_days`` before the protocol's cutoff, evaluation rows from the
+evaluation day. Each row logs only what the model reads — the candidate's selected tokens
+
+    S_all = NN(S_LL, c) ⊕ S_RT[:r] ⊕ NN(S_RT[:r], c) ⊕ NN(S_imp, c)
+
+plus the Next Action Loss's targets and impression negatives — never the lifelong sequence.
+Request-level parts (``S_RT[:r]``, NAL targets and negatives) are stored once per request and
+referenced by the rows, as the serving path de-duplicates them.
+
+A token is ``(item index, action mask, surface)``; item index -1 is padding. Embeddings stay in
+the int8 item table and are dequantized when a batch is assembled (:mod:`rank_data`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lifelong
+from lifelong.core.errors import ConfigError
+from lifelong.core.progress import progress
+from lifelong.core.quantization import dequantize_int8, quantize_int8
+from lifelong.data.io import Dataset, atomic_output_dir, load_dataset, write_json
+from lifelong.data.protocol import Protocol
+from lifelong.data.schema import EMBED_DIM, HEAD_BITS, HEADS, POSITIVE_BITS, Action
+from lifelong.data.timelines import EventIndex, Jagged, TimelineConfig, build_timelines
+from lifelong.ops.nn_select import l2_normalize, nn_topk
+from lifelong.transact.batch import SequenceLayout
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How rows are built.
+
+    Args:
+        layout: block sizes of S_all (default 64 + 64 + 32 + 32 = 192 tokens).
+        ll_cap: most tokens of S_LL searched by NN(S_LL, c) (paper: O(10^4)).
+        imp_cap: most tokens of S_imp searched by NN(S_imp, c).
+        nal_negatives: impression negatives logged per request for the NAL (newest first).
+        request_chunk: requests whose sequences are materialised at once (bounds memory).
+        train_negative_rate: share of training rows without any positive label that is kept
+            (seeded); kept ones get weight ``1 / rate`` so the loss, hence calibration and NE,
+            stays unbiased. 1.0 keeps every row.
+        seed: seed of that sampling.
+        protocol_days: ``(train_days, gap_days, eval_days)`` to re-place the protocol at the end
+            of the data span (``Protocol.fit``) instead of the dataset's own dates — for data
+            too sparse in time for a one-day evaluation window (MovieLens). None keeps them.
+
+    Example::
+
+        >>> BuildConfig().layout.total
+        192
+    """
+
+    layout: SequenceLayout = field(default_factory=SequenceLayout)
+    ll_cap: int = 10_000
+    imp_cap: int = 100
+    nal_negatives: int = 32
+    request_chunk: int = 4096
+    train_negative_rate: float = 1.0
+    seed: int = 0
+    protocol_days: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_negative_rate <= 1.0:
+            raise ConfigError(f"train_negative_rate must be in (0, 1], got {self.train_negative_rate}")
+        if min(self.ll_cap, self.imp_cap, self.nal_negatives, self.request_chunk) < 1:
+            raise ConfigError("ll_cap, imp_cap, nal_negatives and request_chunk must be >= 1")
+
+
+@dataclass
+class ItemTable:
+    """Items sorted by id, with int8 embeddings and their normalised dequantization."""
+
+    item_id: np.ndarray
+    emb_int8: np.ndarray
+    author_id: np.ndarray
+    topic_id: np.ndarray
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> ItemTable:
+        ids = ds.items.column("item_id").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        emb = np.asarray(ds.items.column("embedding").combine_chunks().flatten()).reshape(-1, EMBED_DIM)
+        return cls(ids[order], quantize_int8(emb[order].astype(np.float32)),
+                   ds.items.column("author_id").to_numpy()[order], ds.items.column("topic_id").to_numpy()[order])
+
+    def index_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.item_id, ids)
+
+    def normalized(self) -> torch.Tensor:
+        """Dequantized, L2-normalised embeddings: what NN search and the models see."""
+        return l2_normalize(dequantize_int8(torch.from_numpy(self.emb_int8)))
+
+
+@dataclass
+class SplitRows:
+    """Rows of one split as numpy arrays (the on-disk layout, one ``.npy`` per entry)."""
+
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.arrays["user_id"].size)
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.arrays["req_id"].size)
+
+
+def _gather_tokens(event_rows: np.ndarray, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token fields for event rows, -1 rows becoming padding (item -1, action 0, surface 0)."""
+    valid = event_rows >= 0
+    safe = np.where(valid, event_rows, 0)
+    return {
+        "item": np.where(valid, cols["item_idx"][safe], -1).astype(np.int32),
+        "action": np.where(valid, cols["action_mask"][safe], 0).astype(np.uint16),
+        "surface": np.where(valid, cols["surface"][safe], 0).astype(np.int8),
+    }
+
+
+def _left_aligned(j: Jagged, width: int, take_newest: bool) -> np.ndarray:
+    """(n, width) matrix of a jagged int array, padded with -1; keeps the newest if too long."""
+    lengths = j.lengths()
+    keep = np.minimum(lengths, width)
+    start = j.offsets[:-1] + (lengths - keep if take_newest else 0)
+    out = np.full((len(j), width), -1, dtype=np.int64)
+    rows = np.repeat(np.arange(len(j)), keep)
+    cols = np.arange(keep.sum()) - np.repeat(np.r_[0, np.cumsum(keep)[:-1]], keep)
+    out[rows, cols] = Jagged.from_ranges(j.values, start, keep).values
+    return out
+
+
+def _nn_event_rows(seq: Jagged, emb: torch.Tensor, item_idx: np.ndarray, cand: torch.Tensor,
+                   cand_req: np.ndarray, k: int) -> np.ndarray:
+    """Event rows of NN(seq, c) for each candidate: (N, k), -1 padded, descending score."""
+    tokens = Jagged(emb[torch.from_numpy(item_idx[seq.values])].numpy(), seq.offsets)
+    pos, _ = nn_topk(tokens, cand, cand_req, k)
+    flat = np.where(pos >= 0, seq.offsets[cand_req][:, None] + pos, 0)
+    return np.where(pos >= 0, seq.values[flat] if seq.values.size else -1, -1)
+
+
+@dataclass
+class SelectedTokens:
+    """Event-row indices (-1 = padding) of every token a row logs.
+
+    Args:
+        nn: ``{"ll_nn" | "rt_nn" | "imp_nn": (n_rows, K)}``, descending similarity.
+        rt: (n_requests, r) ``S_RT[:r]``, chronological, left-aligned.
+        nal_negatives: (n_requests, M) the newest bare impressions, newest first.
+    """
+
+    nn: dict[str, np.ndarray]
+    rt: np.ndarray
+    nal_negatives: np.ndarray
+
+
+def select_tokens(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, req_user: np.ndarray,
+                  req_ts: np.ndarray, row_req: np.ndarray, row_item: np.ndarray, cfg: BuildConfig,
+                  label: str = "rows") -> SelectedTokens:
+    """The S_all tokens of rows (request, candidate), from the full sequences before each request.
+
+    Args:
+        index: the events' :class:`EventIndex`.
+        emb: (n_items, d) normalised item embeddings (what NN search compares).
+        item_idx: item index of every event row.
+        req_user, req_ts: user and time of each request.
+        row_req: request of each row, non-decreasing.
+        row_item: candidate item index of each row.
+        cfg: block sizes and caps.
+        label: progress-bar label.
+    """
+    layout = cfg.layout
+    cand = emb[torch.from_numpy(np.asarray(row_item, dtype=np.int64))]
+    tl_cfg = TimelineConfig(ll_cap=cfg.ll_cap, rt_cap=layout.rt, imp_cap=max(cfg.imp_cap, cfg.nal_negatives))
+    n_rows, n_req = row_req.size, req_user.size
+    req_first = np.searchsorted(row_req, np.arange(n_req + 1))
+    nn_rows = {b: np.full((n_rows, getattr(layout, b)), -1, dtype=np.int64) for b in ("ll_nn", "rt_nn", "imp_nn")}
+    rt_rows = np.full((n_req, layout.rt), -1, dtype=np.int64)
+    neg_rows = np.full((n_req, cfg.nal_negatives), -1, dtype=np.int64)
+    with progress(f"NN feature logging ({label})", total=n_req) as advance:
+        for a in range(0, n_req, cfg.request_chunk):
+            b = min(a + cfg.request_chunk, n_req)
+            tl = build_timelines(index, req_user[a:b], req_ts[a:b], tl_cfg)
+            r0, r1 = req_first[a], req_first[b]
+            local_req = row_req[r0:r1] - a
+            rt, imp = tl.rt, tl.imp  # S_RT is capped at r: it is S_RT[:r]
+            imp_nn_seq = Jagged.from_ranges(imp.values, imp.offsets[:-1] + np.maximum(0, imp.lengths() - cfg.imp_cap),
+                                            np.minimum(imp.lengths(), cfg.imp_cap))
+            for name, seq in (("ll_nn", tl.ll), ("rt_nn", rt), ("imp_nn", imp_nn_seq)):
+                nn_rows[name][r0:r1] = _nn_event_rows(seq, emb, item_idx, cand[r0:r1], local_req, getattr(layout, name))
+            rt_rows[a:b] = _left_aligned(rt, layout.rt, take_newest=True)
+            # A user's event rows rise with time: sorting descending puts the newest first, padding last.
+            neg_rows[a:b] = np.sort(_left_aligned(imp, cfg.nal_negatives, take_newest=True), axis=1)[:, ::-1]
+            advance(b - a)
+    return SelectedTokens(nn_rows, rt_rows, neg_rows)
+
+
+def build_split(ds: Dataset, items: ItemTable, cols: dict[str, np.ndarray], index: EventIndex,
+                lo: int, hi: int, shown: np.ndarray, cfg: BuildConfig, label: str,
+                negative_rate: float = 1.0) -> SplitRows:
+    """Rows for shown events with ``lo <= ts < hi``, requests de-duplicated.
+
+    Rows without any head's label are kept with probability ``negative_rate`` and weighted
+    ``1 / negative_rate``.
+    """
+    row_ev = np.flatnonzero(shown & (cols["ts_ms"] >= lo) & (cols["ts_ms"] < hi))
+    any_label = (cols["action_mask"][row_ev] & sum(HEAD_BITS.values())) != 0
+    weight = np.ones(row_ev.size, dtype=np.float32)
+    if negative_rate < 1.0:
+        keep = any_label | (np.random.default_rng(cfg.seed).random(row_ev.size) < negative_rate)
+        row_ev, weight = row_ev[keep], np.where(any_label[keep], 1.0, 1.0 / negative_rate).astype(np.float32)
+    user, req = cols["user_id"][row_ev], cols["request_id"][row_ev]
+    # Rows are sorted by (user, ts, request): a request is a run of equal (user, request id).
+    new_req = np.r_[True, (user[1:] != user[:-1]) | (req[1:] != req[:-1])] if row_ev.size else np.zeros(0, bool)
+    req_first = np.flatnonzero(new_req)
+    row_req = np.cumsum(new_req) - 1
+    req_user, req_ts = user[req_first], cols["ts_ms"][row_ev][req_first]
+    tokens = select_tokens(index, items.normalized(), cols["item_idx"], req_user, req_ts, row_req,
+                           cols["item_idx"][row_ev], cfg, label)
+    nn_rows, rt_rows, neg_rows = tokens.nn, tokens.rt, tokens.nal_negatives
+    n_rows, n_req = row_ev.size, req_first.size
+    arrays: dict[str, np.ndarray] = {
+        "user_id": user.astype(np.int64),
+        "item": cols["item_idx"][row_ev].astype(np.int32),
+        "surface": cols["surface"][row_ev].astype(np.int8),
+        "request": row_req.astype(np.int32),
+        "ts_ms": cols["ts_ms"][row_ev],
+        "weight": weight,
+        "labels": np.stack([(cols["action_mask"][row_ev] & HEAD_BITS[h]) != 0 for h in HEADS], axis=1).astype(np.uint8)
+        if n_rows else np.zeros((0, len(HEADS)), np.uint8),
+        "req_id": req[req_first] if n_rows else np.zeros(0, np.int64),
+        "req_user": req_user,
+        "req_ts": req_ts,
+    }
+    for name, rows in nn_rows.items():
+        for f, v in _gather_tokens(rows, cols).items():
+            arrays[f"{name}_{f}"] = v
+    rt_tok = _gather_tokens(rt_rows, cols)
+    for f, v in rt_tok.items():
+        arrays[f"rt_{f}"] = v
+    # NAL: position t of the RT block predicts the token at t + 1 when that is a positive action.
+    next_item = np.concatenate([rt_tok["item"][:, 1:], np.full((n_req, 1), -1, np.int32)], axis=1)
+    next_pos = np.concatenate([(rt_tok["action"][:, 1:] & POSITIVE_BITS) != 0, np.zeros((n_req, 1), bool)], axis=1)
+    arrays["nal_pos_item"] = np.where(next_pos & (next_item >= 0), next_item, -1).astype(np.int32)
+    arrays["nal_neg_item"] = _gather_tokens(neg_rows, cols)["item"]
+    if ds.oracle is not None:
+        arrays["oracle"] = _oracle_probs(ds, cols, row_ev, items)
+    return SplitRows(arrays)
+
+
+def _oracle_probs(ds: Dataset, cols: dict[str, np.ndarray], row_ev: np.ndarray, items: ItemTable) -> np.ndarray:
+    """True head probabilities of each row, joined on (request id, item)."""
+    o = ds.oracle
+    n_items = np.int64(items.item_id.size)
+    okey = o.column("request_id").to_numpy() * n_items + items.index_of(o.column("item_id").to_numpy())
+    rkey = cols["request_id"][row_ev] * n_items + cols["item_idx"][row_ev]
+    order = np.argsort(okey, kind="stable")
+    pos = np.minimum(np.searchsorted(okey[order], rkey), okey.size - 1)
+    found = okey[order][pos] == rkey
+    probs = np.stack([o.column(f"p_{h}").to_numpy() for h in HEADS], axis=1)[order][pos]
+    return np.where(found[:, None], probs, np.nan).astype(np.float32)
+
+
+def build_rows(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: BuildConfig = BuildConfig()) -> dict:
+    """Build ``train/`` and ``eval/`` rows of a dataset directory into ``out`` (atomically).
+
+    Args:
+        data: a world or an ingested dataset directory.
+        out: the rows directory to create.
+        cfg: sizes and caps.
+
+    Returns:
+        The metadata written to ``out/build.json`` (counts, rows/s, protocol, layout).
+
+    Example::
+
+        meta = build_rows("worlds/small", "datasets/small")
+        print(meta["splits"]["train"]["rows"])
+    """
+    start = time.perf_counter()
+    ds = load_dataset(data)
+    items = ItemTable.from_dataset(ds)
+    ev = ds.events
+    cols = {name: ev.column(name).to_numpy() for name in ("user_id", "ts_ms", "surface", "action_mask", "request_id")}
+    protocol = Protocol.from_meta(ds.meta)
+    if cfg.protocol_days is not None and ev.num_rows:
+        protocol = Protocol.fit(int(cols["ts_ms"].min()), int(cols["ts_ms"].max()) + 1, *cfg.protocol_days)
+    cols["item_idx"] = items.index_of(ev.column("item_id").to_numpy())
+    index = EventIndex(cols["user_id"], cols["ts_ms"], cols["action_mask"])
+    has_impressions = bool(np.any(cols["action_mask"] & int(Action.IMPRESSION)))
+    # Without impressions (MovieLens) every event is a shown item with its label.
+    shown = (cols["action_mask"] & int(Action.IMPRESSION)) != 0 if has_impressions else np.ones(ev.num_rows, bool)
+    meta: dict = {"kind": "rows", "data": str(Path(data).resolve()), "source_meta": ds.meta,
+                  "protocol": protocol.to_dict(), "heads": list(HEADS), "layout": asdict(cfg.layout),
+                  "config": {k: v for k, v in asdict(cfg).items() if k != "layout"},
+                  "has_impressions": has_impressions, "has_oracle": ds.oracle is not None,
+                  "n_items": int(items.item_id.size), "lifelong_version": lifelong.__version__, "splits": {}}
+    with atomic_output_dir(out) as tmp:
+        (tmp / "items").mkdir()
+        for name, arr in (("item_id", items.item_id), ("emb_int8", items.emb_int8),
+                          ("author_id", items.author_id), ("topic_id", items.topic_id)):
+            np.save(tmp / "items" / f"{name}.npy", arr)
+        for split, (lo, hi) in (("train", (protocol.train_start_ms, protocol.cutoff_ms)),
+                                ("eval", (protocol.eval_start_ms, protocol.eval_end_ms))):
+            t0 = time.perf_counter()
+            rows = build_split(ds, items, cols, index, lo, hi, shown, cfg, split,
+                               cfg.train_negative_rate if split == "train" else 1.0)
+            seconds = time.perf_counter() - t0
+            (tmp / split).mkdir()
+            for name, arr in rows.arrays.items():
+                np.save(tmp / split / f"{name}.npy", arr)
+            meta["splits"][split] = {"rows": rows.n_rows, "requests": rows.n_requests, "seconds": round(seconds, 2),
+                                     "rows_per_s": round(rows.n_rows / max(seconds, 1e-9)),
+                                     "label_rates": dict(zip(HEADS, rows.arrays["labels"].mean(axis=0).round(4).tolist()))
+                                     if rows.n_rows else {}}
+        meta["seconds"] = round(time.perf_counter() - start, 2)
+        write_json(meta, tmp / "build.json")
+    return meta
