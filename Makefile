@@ -26,7 +26,7 @@ quickstart: venv
 
 # The layers (import-linter contracts in pyproject.toml) and ruff's lint + import order.
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks conftest.py
+	$(VENV)/bin/ruff check src tests benchmarks scripts conftest.py
 	$(VENV)/bin/lint-imports
 
 # Default run: lint, then everything but tests marked slow. Tests marked realdata run when ../shared/data exists.

@@ -1,4 +1,4 @@
-"""Wall time of world simulation per preset, Parquet writing included (WORLD.md targets).
+"""Wall time of world simulation per preset, Parquet writing included (docs/world.md, "Presets").
 
 Runs :func:`lifelong.data.world.simulate_to` for each preset into a temporary directory and
 prints seconds, events, events/s and the ratio to the preset's target time (≤ 1 meets it),
@@ -20,7 +20,7 @@ from pathlib import Path
 from lifelong.data.world import PRESETS, load_config, simulate_to
 
 TARGET_S = {"tiny": 2.0, "small": 60.0, "bench": 120.0, "lifelong": 300.0}
-"""Target generation time on a 2-core machine (WORLD.md)."""
+"""Target generation time on a 2-core machine (docs/world.md, "Presets")."""
 
 
 def bench(preset: str, overrides: list[str], workdir: Path) -> dict[str, float]:

@@ -140,6 +140,46 @@ def test_tables_share_runs_of_equal_configurations(tiny_rows, tmp_path):
     assert res.stdout.count("seed 0: HIT@3") == 2
 
 
+def test_train_config_file_and_set_reach_the_model(tiny_rows, tmp_path):
+    import json
+
+    from lifelong.transact.trainer import load_model
+
+    f = tmp_path / "train.yaml"
+    f.write_text("model: {name: bst, d_model: 8, attn_heads: 2}\nepochs: 3\nmax_rows: 300\n")
+    run = tmp_path / "run"
+    res = run_cli("transact", "train", "--data", str(tiny_rows / "rows"), "--out", str(run), "--config", str(f),
+                  "--set", "model.d_model=16", "--set", "model.mlp_dims=[32,16]", "--epochs", "1")
+    assert res.returncode == 0, res.stderr
+    train = json.loads((run / "run.json").read_text())["train"]  # the effective config
+    assert (train["model"], train["nal"], train["epochs"], train["max_rows"]) == ("bst", "none", 1, 300)
+    assert train["model_overrides"] == {"d_model": 16, "attn_heads": 2, "mlp_dims": [32, 16]}
+    model, _ = load_model(run)
+    assert model.cfg.d_model == 16 and model.cfg.mlp_dims == (32, 16) and model.cfg.attn_heads == 2
+    res = run_cli("transact", "train", "--data", str(tiny_rows / "rows"), "--out", str(tmp_path / "bad"),
+                  "--config", str(f), "--set", "model.d_modle=16")
+    assert res.returncode == 2 and "model.d_modle: no such key (did you mean d_model?)" in " ".join(res.stderr.split())
+
+
+def test_experiment_yaml_file_with_an_added_row(tiny_rows, tmp_path):
+    import json
+
+    from lifelong.transact.experiments import EXPERIMENTS_DIR
+
+    f = tmp_path / "mine.yaml"
+    f.write_text((EXPERIMENTS_DIR / "table7.yaml").read_text()
+                 + "  - label: BCE, w_NAL 0.1\n    config: {model: transact_v2, nal: impression, nal_loss: bce, w_nal: 0.1}\n")
+    res = run_cli("transact", "experiment", str(f), "--data", str(tiny_rows / "rows"), "--out", str(tmp_path / "rep"),
+                  "--seeds", "1", "--epochs", "1", "--max-rows", "200")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["table"] == "mine"
+    assert [r["label"] for r in report["rows"]] == ["sampled softmax", "BCE", "BCE, w_NAL 0.1"]
+    f.write_text("title: t\nrows:\n  - label: a\n    config: {model: bst, nal: none, w_nall: 1}\n")
+    res = run_cli("transact", "experiment", str(f), "--data", str(tiny_rows / "rows"), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "rows[0].config (a): w_nall: no such key" in " ".join(res.stderr.split())
+
+
 def test_store_load_and_serve_user_errors(tiny_rows, tmp_path):
     res = run_cli("store", "load", "--data", str(tmp_path / "nothing"), "--store", str(tmp_path / "s"))
     assert res.returncode == 2 and "build.json" in res.stderr and "Traceback" not in res.stderr

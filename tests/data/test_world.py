@@ -1,4 +1,4 @@
-"""The world simulator: valid, deterministic, calibrated, and faithful to WORLD.md's story."""
+"""The world simulator: valid, deterministic, calibrated, and faithful to the story of docs/world.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The token-table encoder: reference == TransAct.encode exactly, cpu (fused) == reference."""
+"""The token-table encoder (TransAct.encode_token_table): reference == TransAct.encode exactly,
+cpu (fused) == reference, and every backend follows the live parameters."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from hypothesis import strategies as st
 from lifelong.data.schema import EMBED_DIM, KNOWN_ACTION_BITS, SURFACES
 from lifelong.modules.layers import masked_max_pool
 from lifelong.ops import gather_tokens
-from lifelong.transact.fused_encoder import FusedTransActEncoder
 from lifelong.transact.model import TransAct
 from lifelong.transact.registry import build_model
 from tests.transact.fixtures import SMALL, SMALL_LAYOUT, random_batch
@@ -25,8 +25,7 @@ VARIANTS = {
 }
 
 
-@functools.cache
-def encoder(variant: str) -> FusedTransActEncoder:
+def fresh_model(variant: str) -> TransAct:
     """A small model with random weights (layer norms too, which start at 1 and 0), in eval mode."""
     name, overrides = VARIANTS[variant]
     torch.manual_seed(0)
@@ -35,7 +34,13 @@ def encoder(variant: str) -> FusedTransActEncoder:
         for p_name, p in model.named_parameters():
             if ".norm" in p_name:
                 p.add_(0.1 * torch.randn_like(p))
-    return FusedTransActEncoder(model)
+    return model
+
+
+@functools.cache
+def encoder(variant: str) -> TransAct:
+    """:func:`fresh_model`, shared by the tests that do not change it."""
+    return fresh_model(variant)
 
 
 def _table(n: int, seq_len: int, n_tokens: int, seed: int):
@@ -62,12 +67,12 @@ def test_fused_cpu_matches_reference(variant, n, n_tokens, seed):
 
 def assert_backend_matches_reference(backend: str, variant: str, n: int, n_tokens: int, seed: int) -> None:
     """``backend``'s encoder output equals the reference's at real tokens; zeros at padding."""
-    enc = encoder(variant)
-    args = _table(n, enc.model.cfg.seq_len, n_tokens, seed)
+    model = encoder(variant)
+    args = _table(n, model.cfg.seq_len, n_tokens, seed)
     with torch.inference_mode():
-        h_ref, valid_ref = enc(*args, backend="reference")
-        h, valid = enc(*args, backend=backend)
-    assert h.shape == (n, enc.model.cfg.seq_len, enc.model.cfg.d_model)
+        h_ref, valid_ref = model.encode_token_table(*args, backend="reference")
+        h, valid = model.encode_token_table(*args, backend=backend)
+    assert h.shape == (n, model.cfg.seq_len, model.cfg.d_model)
     assert torch.equal(valid, valid_ref) and torch.equal(valid_ref, args[3] >= 0)
     # Outputs at padding positions are meaningless (nothing downstream reads them): real tokens only.
     torch.testing.assert_close(h[valid_ref], h_ref[valid_ref], rtol=0, atol=1e-5)
@@ -92,29 +97,49 @@ def _as_table(model: TransAct, batch):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("pattern", ["prefix", "random"])
 def test_reference_is_transact_encode_exactly(variant, pattern):
-    enc = encoder(variant)
+    model = encoder(variant)
     valid = random_batch(9, SMALL_LAYOUT, 3, seed=5, pattern=pattern).seq_valid.clone()
     valid[0] = False  # a row without any token
     batch = random_batch(9, SMALL_LAYOUT, 3, seed=5, seq_valid=valid)
     with torch.no_grad():
-        h, valid = enc.model.encode(batch)
-        h_ref, valid_ref = enc(*_as_table(enc.model, batch), backend="reference")
+        h, valid = model.encode(batch)
+        h_ref, valid_ref = model.encode_token_table(*_as_table(model, batch), backend="reference")
     assert torch.equal(valid_ref, valid)
     assert torch.equal(h_ref, h)
 
 
 @pytest.mark.parametrize("variant", ["v2", "v1"])
 def test_pool_and_head_on_the_fused_output_give_the_model_logits(variant):
-    enc = encoder(variant)
-    model = enc.model
+    model = encoder(variant)
     batch = random_batch(7, SMALL_LAYOUT, 3, seed=3, pattern="random")
     with torch.no_grad():
-        h, valid = enc(*_as_table(model, batch), backend="cpu")
+        h, valid = model.encode_token_table(*_as_table(model, batch), backend="cpu")
         pooled = masked_max_pool(model.pool_proj(h), valid)
         logits = model.head(torch.cat([pooled, model.row(batch)], dim=-1))
+        via_protocol = model.score_token_table(*_as_table(model, batch), rows=batch, backend="cpu")
         expected = model(batch).logits
     # The random head amplifies the encoder's 1e-6 differences into logits of magnitude ~10.
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(via_protocol, logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("variant", ["v2", "v1", "v2_late_fusion"])
+def test_the_token_table_path_follows_in_place_parameter_updates(variant, backend):
+    """No weight snapshot: after an optimizer-style in-place update, the fast path scores with the new weights."""
+    model = fresh_model(variant)
+    batch = random_batch(6, SMALL_LAYOUT, 3, seed=7, pattern="random")
+    table = _as_table(model, batch)
+    with torch.no_grad():
+        before = model.score_token_table(*table, rows=batch, backend=backend)
+        attn = model.encoder.layers[0].self_attn
+        for p in (attn.in_proj.weight, attn.in_proj.bias, model.token_context.position,
+                  model.token_context.action.proj.weight, model.encoder.layers[-1].linear1.weight):
+            p.add_(0.2 * torch.randn_like(p))
+        after = model.score_token_table(*table, rows=batch, backend=backend)
+        expected = model(batch).logits
+    assert (after - before).abs().max() > 1e-3  # the update moved the scores ...
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)  # ... to the model's own
 
 
 def test_padding_tokens_are_zero_embedding_action_and_surface():
@@ -132,9 +157,9 @@ def test_padding_tokens_are_zero_embedding_action_and_surface():
     ({"tok_index": torch.full((2, 10), 4)}, "past the 4 tokens"),
 ])
 def test_bad_shapes_are_value_errors(change, message):
-    enc = encoder("v1")  # reads S' = rt = 10 positions
+    model = encoder("v1")  # reads S' = rt = 10 positions
     args = {"tok_emb": torch.zeros(4, EMBED_DIM), "tok_action": torch.zeros(4, dtype=torch.int64),
             "tok_surface": torch.zeros(4, dtype=torch.int64), "tok_index": torch.zeros(2, 10, dtype=torch.int64),
             "cand_emb": torch.zeros(2, EMBED_DIM)} | change
     with pytest.raises(ValueError, match=message):
-        enc(**args)
+        model.encode_token_table(**args)

@@ -20,8 +20,8 @@ from lifelong.data.schema import SURFACE_CODES
 from lifelong.data.world import load_config, simulate_to
 from lifelong.serving.batcher import BatchingConfig, DynamicBatcher
 from lifelong.store.feature_store import load_store, open_store
-from lifelong.transact.batch import SequenceLayout
 from lifelong.transact.rank_data import RankData
+from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.serving import Ranker, RankRequest, model_version
 from lifelong.transact.trainer import TrainConfig, load_model, predict, train
 from lifelong.transact.training_rows import BuildConfig, build_rows
@@ -31,12 +31,12 @@ LAYOUT = SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4)
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A tiny world, its rows, a TransAct V2 and a wide&deep run, and an LMDB store."""
+    """A tiny world, its rows, TransAct V2, TransAct, wide&deep and DIN runs, and an LMDB store."""
     root = tmp_path_factory.mktemp("svc")
     simulate_to(load_config("tiny", overrides=["users.n_users=30"]), root / "world")
     build_rows(root / "world", root / "ds", BuildConfig(layout=LAYOUT, ll_cap=40, imp_cap=10, nal_negatives=6))
     torch.set_num_threads(1)
-    for model in ("transact_v2", "wide_deep", "transact"):
+    for model in ("transact_v2", "wide_deep", "transact", "din"):
         nal = "impression" if model == "transact_v2" else "none"
         train(root / "ds", root / model, TrainConfig(model=model, nal=nal, epochs=1, max_rows=400, batch_size=128))
     load_store(root / "ds", str(root / "store"), progress=False)
@@ -56,7 +56,7 @@ def _requests(ds, data: RankData, ranker: Ranker) -> tuple[list[RankRequest], np
     return reqs, np.concatenate(rows)
 
 
-@pytest.mark.parametrize("model", ["transact_v2", "transact", "wide_deep"])
+@pytest.mark.parametrize("model", ["transact_v2", "transact", "wide_deep", "din"])
 @pytest.mark.parametrize("path", ["optimized", "naive"])
 def test_served_scores_equal_offline_scores_on_logged_features(served, model, path):
     net, _ = load_model(served / model)
@@ -70,6 +70,23 @@ def test_served_scores_equal_offline_scores_on_logged_features(served, model, pa
     online = np.concatenate([r.probs for r in results])
     assert online.shape == offline[rows].shape
     assert np.abs(online - offline[rows]).max() <= 1e-5
+
+
+def test_optimized_scores_follow_an_in_place_parameter_update(served):
+    """The token-table path reads the model's live parameters: no rebuild after an update (a sync)."""
+    net, _ = load_model(served / "transact_v2")
+    reqs = [RankRequest(u, np.arange(6), 0, None) for u in range(3)]
+    with open_store(str(served / "store")) as store:
+        optimized, naive = Ranker(net, store), Ranker(net, store, path="naive")
+        before = np.concatenate([r.probs for r in optimized.rank(reqs)])
+        with torch.no_grad():
+            attn = net.encoder.layers[0].self_attn
+            for p in (attn.in_proj.weight, net.token_context.position, net.pool_proj.weight):
+                p.add_(0.3 * torch.randn_like(p))
+        after = np.concatenate([r.probs for r in optimized.rank(reqs)])
+        reference = np.concatenate([r.probs for r in naive.rank(reqs)])
+    assert np.abs(after - before).max() > 1e-4
+    assert np.abs(after - reference).max() <= 1e-5
 
 
 def test_cold_start_flags_follow_requests_in_a_mixed_batch(served):

@@ -23,7 +23,7 @@ from lifelong.store.feature_store import (
     open_store,
 )
 from lifelong.store.sequences import iter_user_sequences
-from lifelong.transact.batch import SequenceLayout
+from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.training_rows import BuildConfig, ItemTable, build_rows
 
 CFG = BuildConfig(layout=SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4), ll_cap=40, imp_cap=10, nal_negatives=6)

@@ -9,7 +9,8 @@ import torch
 
 from lifelong.data.schema import EMBED_DIM, HEADS, KNOWN_ACTION_BITS, SURFACES, Action
 from lifelong.modules.heads import ranking_loss
-from lifelong.transact.batch import RankBatch, SequenceLayout
+from lifelong.transact.batch import RankBatch
+from lifelong.transact.sequence_layout import SequenceLayout
 
 
 def _block_valid(b: int, size: int, pattern: str, gen: torch.Generator) -> torch.Tensor:

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from lifelong.core.errors import ConfigError
 from lifelong.modules.heads import ranking_loss
-from lifelong.transact.batch import RankBatch, SequenceLayout
+from lifelong.transact.batch import RankBatch
 from lifelong.transact.nal import next_action_loss
 from lifelong.transact.registry import build_model
+from lifelong.transact.sequence_layout import SequenceLayout
 from tests.transact.fixtures import SMALL, SMALL_LAYOUT, random_batch
 
 LAYOUT = SequenceLayout(ll_nn=2, rt=6, rt_nn=2, imp_nn=2)

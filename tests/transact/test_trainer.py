@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lifelong.data.world import load_config, simulate_to
-from lifelong.transact.batch import SequenceLayout
+from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.trainer import TrainConfig, train
 from lifelong.transact.training_rows import BuildConfig, build_rows
 

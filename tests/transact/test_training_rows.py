@@ -13,9 +13,9 @@ from lifelong.data.schema import EXPLICIT_BITS, Action
 from lifelong.data.timelines import EventIndex, Jagged
 from lifelong.data.world import load_config, simulate_to
 from lifelong.ops.nn_select import nn_topk
-from lifelong.transact.batch import SequenceLayout
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.registry import build_model
+from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.training_rows import BuildConfig, ItemTable, build_rows, select_tokens
 
 LAYOUT = SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4)

@@ -12,9 +12,9 @@ from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.world import load_config, simulate_to
 from lifelong.dv365.export import EmbeddingReader, ExportConfig, export_embeddings
-from lifelong.transact.batch import SequenceLayout
 from lifelong.transact.evaluate import evaluate_run
 from lifelong.transact.rank_data import RankData
+from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.trainer import TrainConfig, load_model, predict, train
 from lifelong.transact.training_rows import BuildConfig, build_rows
 from tests.dv365.export_support import DIM, ROWS, FakeTower

@@ -5,7 +5,9 @@ the paper's baseline (:func:`~lifelong.ops.nn_search_naive`, a sequence copy per
 against the dispatcher's ``reference`` and ``cpu`` backends, with the sequence bytes each
 materialises (:func:`~lifelong.ops.bytes_moved`) and whether all three chose the same tokens.
 The encoder rows time TransAct V2 (default config, random weights) over ``N`` rows of
-|S_all| = 192 tokens read from a de-duplicated token table, reference vs fused cpu.
+|S_all| = 192 tokens read from a de-duplicated token table (``S_all`` assembled as serving
+assembles it, :func:`~lifelong.transact.sequence_layout.assemble_s_all`), through the model's
+``encode_token_table``: reference vs fused cpu.
 
 Times are the median of ``repeats`` runs after one warm-up, in milliseconds, under
 ``torch.inference_mode`` with torch's current thread count.
@@ -33,10 +35,9 @@ from lifelong.core.quantization import dequantize_int8
 from lifelong.data.schema import EMBED_DIM, KNOWN_ACTION_BITS, SURFACES
 from lifelong.ops import bytes_moved, nn_search, nn_search_naive
 from lifelong.ops.nn_select import l2_normalize
-from lifelong.transact.batch import SequenceLayout
 from lifelong.transact.config import TransActConfig
-from lifelong.transact.fused_encoder import FusedTransActEncoder
 from lifelong.transact.model import TransAct
+from lifelong.transact.sequence_layout import SequenceLayout, assemble_s_all
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -83,30 +84,31 @@ def _nn_rows(L_values: Sequence[int], N_values: Sequence[int], k: int, repeats: 
 
 def _encoder_table(n: int, layout: SequenceLayout, gen: torch.Generator, n_ll: int = 1000,
                    n_imp: int = 100) -> tuple[torch.Tensor, ...]:
-    """One user's token table (S_LL, S_RT[:r], S_imp) and N rows of S_all over it."""
+    """One user's token table (S_LL, S_RT[:r], S_imp) and N rows of S_all over it, selected by NN search."""
     n_tokens = n_ll + layout.rt + n_imp
-    tok_emb = dequantize_int8(_codes((n_tokens, EMBED_DIM), gen))
+    codes = _codes((n_tokens, EMBED_DIM), gen)
+    tok_emb = dequantize_int8(codes)
     tok_action = torch.randint(1, KNOWN_ACTION_BITS + 1, (n_tokens,), generator=gen)
     tok_surface = torch.randint(0, len(SURFACES), (n_tokens,), generator=gen)
-    rt = torch.arange(n_ll, n_ll + layout.rt)
-    tok_index = torch.cat([
-        torch.randint(0, n_ll, (n, layout.ll_nn), generator=gen),
-        rt.expand(n, -1),
-        rt[torch.randint(0, layout.rt, (n, layout.rt_nn), generator=gen)],
-        torch.randint(n_ll + layout.rt, n_tokens, (n, layout.imp_nn), generator=gen),
-    ], dim=1)
     cand_emb = dequantize_int8(_codes((n, EMBED_DIM), gen))
+    segments = {"ll": (torch.tensor([0]), torch.tensor([n_ll])), "rt": (torch.tensor([n_ll]), torch.tensor([layout.rt])),
+                "imp": (torch.tensor([n_ll + layout.rt]), torch.tensor([n_imp]))}
+
+    def search(starts, lengths, cand_key, cand, k):
+        return nn_search(codes, starts, lengths, cand_key, cand, k, backend="cpu")[0]
+
+    tok_index = assemble_s_all(layout, segments, torch.zeros(n, dtype=torch.int64), l2_normalize(cand_emb), search)
     return tok_emb, tok_action, tok_surface, tok_index, cand_emb
 
 
 def _encoder_rows(N_values: Sequence[int], repeats: int, gen: torch.Generator) -> list[dict[str, Any]]:
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     model = TransAct(TransActConfig()).eval()
-    enc = FusedTransActEncoder(model)
     rows = []
     for n in N_values:
         args = _encoder_table(n, model.cfg.layout, gen)
-        timed = {name: _time(partial(enc, *args, backend=name), repeats) for name in ("reference", "cpu")}
+        timed = {name: _time(partial(model.encode_token_table, *args, backend=name), repeats)
+                 for name in ("reference", "cpu")}
         ms = {name: t for name, (t, _) in timed.items()}
         diff = (timed["reference"][1][0] - timed["cpu"][1][0]).abs().max()
         rows.append({"op": "encoder", "N": n, "S": model.cfg.seq_len, "reference_ms": ms["reference"],

@@ -25,32 +25,45 @@ HOUR_MS = 3_600_000
 def train(
     data: Annotated[Path, typer.Option("--data", help="A world or ingested dataset directory.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory (model.pt, run.json, tokens/).")],
-    view: Annotated[str, typer.Option(help="token | dim")] = "token",
-    encoders: Annotated[str, typer.Option(help="Comma list of lce, mlp, transformer, funnel; or none.")] = "funnel,lce",
-    out_cols: Annotated[int, typer.Option(help="Compressed length C of the tower output (R, C).")] = 32,
-    gap_hours: Annotated[float, typer.Option(help="Hide the last N hours before each example from the tower (0: off).")] = 24.0,
-    train_days: Annotated[int, typer.Option(help="Days of impressions before the protocol cutoff to train on.")] = 4,
-    per_group: Annotated[int, typer.Option(help="Training impressions kept per (user, day).")] = 64,
-    max_users: Annotated[int | None, typer.Option(help="Seeded subset of users (0: all).")] = 1000,
-    epochs: Annotated[int, typer.Option()] = 4,
-    lr: Annotated[float, typer.Option()] = 2e-3,
-    seed: Annotated[int, typer.Option()] = 0,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON file of DV365TrainConfig keys "
+                                                                 "(docs/configs.md); flags and --set win over it.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Set a key (repeatable), e.g. --set fsa.n_heads=2 "
+                                                                 "--set backbone.mlp_dims=[128,64]; wins over flags.")] = None,
+    view: Annotated[str | None, typer.Option(help="token | dim [default: token]")] = None,
+    encoders: Annotated[str | None, typer.Option(help="Comma list of lce, mlp, transformer, funnel; or none "
+                                                      "[default: funnel,lce].")] = None,
+    out_cols: Annotated[int | None, typer.Option(help="Compressed length C of the tower output (R, C) [default: 32].")] = None,
+    gap_hours: Annotated[float | None, typer.Option(help="Hide the last N hours before each example from the tower "
+                                                         "(0: off) [default: 24].")] = None,
+    train_days: Annotated[int | None, typer.Option(help="Days of impressions before the protocol cutoff to train on "
+                                                        "[default: 4].")] = None,
+    per_group: Annotated[int | None, typer.Option(help="Training impressions kept per (user, day) [default: 64].")] = None,
+    max_users: Annotated[int | None, typer.Option(help="Seeded subset of users (0: all) [default: 1000].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="[default: 4]")] = None,
+    lr: Annotated[float | None, typer.Option(help="[default: 0.002]")] = None,
+    seed: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
     slices: Annotated[Path | None, typer.Option(help="Slice spec YAML [default: the packaged 207-slice spec].")] = None,
     threads: Annotated[int, typer.Option(help="torch intra-op threads (steps are small; more threads only "
                                               "contend on a busy machine).")] = 1,
 ) -> None:
-    """Train the user tower in the backbone simulation network; prints NE per task on the evaluation day."""
+    """Train the user tower in the backbone simulation network; prints NE per task on the evaluation day.
+
+    Settings are layered: DV365TrainConfig's defaults, the --config file, the flags given, then --set.
+    """
     import torch
 
-    from lifelong.dv365.backbone import BackboneConfig
-    from lifelong.dv365.fsa import FSAConfig
+    from lifelong.core.config import build, load_file
     from lifelong.dv365.slices import SliceSpec
     from lifelong.dv365.train import DV365TrainConfig, train_dv365
 
-    cfg = DV365TrainConfig(fsa=FSAConfig(view=view, encoders=tuple(e.strip() for e in encoders.split(",")),
-                                         out_cols=out_cols),
-                           backbone=BackboneConfig(), gap_ms=round(gap_hours * HOUR_MS), train_days=train_days,
-                           per_group=per_group, max_users=max_users or None, epochs=epochs, lr=lr, seed=seed)
+    flags = {"fsa.view": view, "fsa.out_cols": out_cols, "train_days": train_days, "per_group": per_group,
+             "epochs": epochs, "lr": lr, "seed": seed,
+             "fsa.encoders": None if encoders is None else [e.strip() for e in encoders.split(",")],
+             "gap_ms": None if gap_hours is None else round(gap_hours * HOUR_MS)}
+    sets = [(key, value) for key, value in flags.items() if value is not None]
+    if max_users is not None:
+        sets.append(("max_users", max_users or None))
+    cfg = build(DV365TrainConfig, load_file(config) if config is not None else {}, [*sets, *(set_ or [])])
     spec = SliceSpec.from_yaml(slices) if slices is not None else None
     torch.set_num_threads(threads)
     meta = train_dv365(data, out_dir, cfg, log=out.print, spec=spec)

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from lifelong.core.console import err, out
+from lifelong.store.urls import STREAM_HELP
 
 monolith_app = typer.Typer(no_args_is_help=True, help="Monolith: online training from a stream, collision-less tables.")
 
@@ -20,9 +21,7 @@ monolith_app = typer.Typer(no_args_is_help=True, help="Monolith: online training
 def online(
     data: Annotated[Path, typer.Option("--data", help="The world whose events are replayed (lifelong simulate).")],
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Checkpoint directory (resumed when it holds one).")],
-    stream: Annotated[str | None, typer.Option("--stream", help=(
-        "Event stream: a path or log:///PATH (embedded append-only log) or redis://HOST:PORT/DB[?key=K] "
-        "\\[default: CKPT/stream]."))] = None,
+    stream: Annotated[str | None, typer.Option("--stream", help=STREAM_HELP + " \\[default: CKPT/stream].")] = None,
     serve: Annotated[str | None, typer.Option("--serve", help=(
         "Base URL of a running `lifelong serve --online` to push parameters to (default: no sync)."))] = None,
     sync_every: Annotated[float, typer.Option(help="Seconds between two pushes of the touched rows.")] = 10.0,

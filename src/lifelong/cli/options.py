@@ -8,8 +8,9 @@ from collections.abc import Callable
 import typer
 
 from lifelong.core.console import err
+from lifelong.store.urls import STORE_HELP
 
-STORE_HELP = "A store URL: PATH or lmdb:///PATH (LMDB, embedded) or redis://HOST:PORT/DB."
+__all__ = ["STORE_HELP", "moved_alias"]  # STORE_HELP: the store URL help, kept with the URL parser
 
 
 def moved_alias(app: typer.Typer, old: str, new: str, command: Callable[..., None]) -> None:

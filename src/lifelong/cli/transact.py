@@ -52,28 +52,46 @@ def build(
     out.print(table)
 
 
+CONFIG_HELP = "YAML/JSON file of settings (docs/configs.md); explicit flags and --set win over it."
+SET_HELP = "Set a key (repeatable), e.g. --set model.d_model=64 --set model.mlp_dims=[128,64]; wins over flags."
+
+
 @transact_app.command()
 def train(
     data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build).")],
-    model: Annotated[str, typer.Option(help="wide_deep | bst | transact | transact_v2")],
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")],
-    nal: Annotated[str, typer.Option(help="none | in_batch | impression")] = "none",
-    nal_loss: Annotated[str, typer.Option(help="softmax | bce")] = "softmax",
-    w_nal: Annotated[float, typer.Option(help="Weight of the Next Action Loss.")] = 0.01,
-    epochs: Annotated[int, typer.Option()] = 2,
-    batch_size: Annotated[int, typer.Option()] = 512,
-    lr: Annotated[float, typer.Option()] = 2e-3,
-    seed: Annotated[int, typer.Option()] = 0,
+    model: Annotated[str | None, typer.Option(help="wide_deep | bst | transact | transact_v2 | din "
+                                                   "(or model: in --config)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    nal: Annotated[str | None, typer.Option(help="none | in_batch | impression [default: none]")] = None,
+    nal_loss: Annotated[str | None, typer.Option(help="softmax | bce [default: softmax]")] = None,
+    w_nal: Annotated[float | None, typer.Option(help="Weight of the Next Action Loss [default: 0.01].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="[default: 2]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="[default: 512]")] = None,
+    lr: Annotated[float | None, typer.Option(help="[default: 0.002]")] = None,
+    seed: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
     max_rows: Annotated[int | None, typer.Option(help="Train on a seeded subset of this many rows.")] = None,
     user_emb: Annotated[str | None, typer.Option(help="A `lifelong dv365 export` store: prepend each row's frozen user "
                                                       "embedding as tokens (transact models).")] = None,
 ) -> None:
-    """Train a ranker (L = L_CE + w_NAL * L_NAL); prints losses and examples/s."""
-    from lifelong.transact.trainer import TrainConfig
+    """Train a ranker (L = L_CE + w_NAL * L_NAL); prints losses and examples/s.
+
+    Settings are layered: the defaults (nal none), the --config file, the flags given, then --set.
+    """
+    from lifelong.core.config import load_file, merge, parse_set
+    from lifelong.core.errors import ConfigError
+    from lifelong.transact.trainer import build_train_config
     from lifelong.transact.trainer import train as run_train
 
-    cfg = TrainConfig(model=model, nal=nal, nal_loss=nal_loss, w_nal=w_nal, epochs=epochs, batch_size=batch_size,
-                      lr=lr, seed=seed, max_rows=max_rows, user_emb=user_emb)
+    layer = merge({"nal": "none"}, load_file(config) if config is not None else {})
+    flags = {"model": model, "nal": nal, "nal_loss": nal_loss, "w_nal": w_nal, "epochs": epochs,
+             "batch_size": batch_size, "lr": lr, "seed": seed, "max_rows": max_rows, "user_emb": user_emb}
+    sets = [parse_set(text) for text in set_ or []]
+    named = "name" in layer["model"] if isinstance(layer.get("model"), dict) else "model" in layer
+    if not (named or model is not None or any(key in ("model", "model.name") for key, _ in sets)):
+        raise ConfigError("name the model: --model NAME, model: NAME in --config, or --set model=NAME")
+    cfg = build_train_config(layer, [(k, v) for k, v in flags.items() if v is not None] + sets)
     meta = run_train(data, out_dir, cfg, log=out.print)
     out.print(f"[green]wrote[/green] {out_dir}  ({meta['parameters']:,} parameters, "
               f"{meta['examples_per_s']:,.0f} examples/s)")
@@ -104,7 +122,8 @@ def evaluate(
 
 @transact_app.command()
 def experiment(
-    table: Annotated[str, typer.Argument(help="quickstart | table2 | table4 | table6 | table7 | dv365")],
+    table: Annotated[str, typer.Argument(help="quickstart | table2 | table4 | table6 | table7 | dv365 (files in "
+                                              "lifelong/configs/experiments/), or the path of an experiment YAML file")],
     data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory (resumable).")],
     seeds: Annotated[int, typer.Option()] = 3,

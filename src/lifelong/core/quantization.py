@@ -1,6 +1,6 @@
 """Embedding quantization: int8 item embeddings (TransAct V2) and packed 4-bit DV365 exports.
 
-**int8** (TransAct V2 §3.4, DESIGN.md "Data model"): a fixed affine code shared by all item
+**int8** (TransAct V2 §3.4, docs/design.md "Quantization"): a fixed affine code shared by all item
 embeddings, ``q = clamp(round(e / 0.65 * 127), -127, 127)`` and ``e' = q * 0.65 / 127``.
 Inside ``[-0.65, 0.65]`` the error is at most half a step, ``0.65 / 127 / 2``; values beyond
 saturate to ``±0.65``. Works on numpy arrays and torch tensors alike (same results).

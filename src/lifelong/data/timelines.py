@@ -1,6 +1,6 @@
 """Point-in-time sequences S_LL, S_RT and S_imp for many (user, request time) pairs at once.
 
-For a request of user ``u`` at time ``t`` (DESIGN.md, "Data model"), using only events with
+For a request of user ``u`` at time ``t`` (docs/design.md, "Sequences"), using only events with
 ``ts_ms < t`` (an event *at* ``t`` is never visible):
 
 - ``S_RT``: the newest ``rt_cap`` explicit actions (any bit of ``EXPLICIT_BITS``);

@@ -37,7 +37,7 @@ import torch
 from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import auc, mean_std, normalized_entropy
 from lifelong.core.quantization import dequantize_4bit, quantize_4bit
-from lifelong.data.io import write_json
+from lifelong.core.report import Column, Figure, Report, Table, pyplot
 from lifelong.data.schema import HEADS, SURFACES
 from lifelong.dv365.downstream_data import (
     DownstreamData,
@@ -371,47 +371,46 @@ def run_downstream(world_dir: str | os.PathLike[str], embeddings: EmbeddingFn, o
         "seconds": round(time.perf_counter() - t0, 1),
         **dict(provenance or {}),
     }
-    write_json(results, out / "results.json")
-    (out / "results.md").write_text(render_markdown(results) + "\n")
-    plot_downstream(results, out / "downstream.png")
+    build_report(results).write(out)
     return results
+
+
+def build_report(results: Mapping[str, Any]) -> Report:
+    """``results.md`` (ranker NE per task, retrieval HitRate), ``results.json`` (``results``) and
+    ``downstream.png`` (:func:`plot_downstream`)."""
+    summary = results["summary"]
+    n = len(results["config"]["seeds"])
+
+    def pm(scale: float = 1.0, digits: int = 4) -> Callable[[Mapping[str, float]], str]:
+        return lambda stat: f"{scale * stat['mean']:.{digits}f} ± {abs(scale) * stat['std']:.{digits}f}"
+
+    ranker = Table([Column("task", "task"), Column("NE without", "ne_without", pm()), Column("NE with", "ne_with", pm()),
+                    Column("NE gain (%)", "relative_ne_delta", pm(-100, 2)),
+                    Column("AUC without", "auc_without", pm()), Column("AUC with", "auc_with", pm())],
+                   [*({"task": h, **summary["ranker"][h]} for h in HEADS),
+                    {"task": "**average**", "relative_ne_delta": summary["ranker"]["average_relative_ne_delta"]}])
+    base = summary["retrieval"]["none"]["hit@10"]["mean"]
+    names = {"none": "no embedding", "linear": "+ embedding, linear projection", "gatenet": "+ embedding, GateNet"}
+    retrieval = Table([Column("user tower", "name"), Column("HitRate@1", "hit@1", pm(100, 3)),
+                       Column("HitRate@10", "hit@10", pm(100, 3)),
+                       Column("HitRate@10 vs none", "vs_none", lambda r: f"{100 * (r['mean'] - base) / base:+.1f}%")],
+                      [{"name": names[v], **summary["retrieval"][v],
+                        **({} if v == "none" or base == 0 else {"vs_none": summary["retrieval"][v]["hit@10"]})}
+                       for v in RETRIEVAL_VARIANTS])
+    blocks = [f"Ranker (DLRM), evaluation day, mean ± std over {n} seeds; NE gain = −relative NE delta.", ranker,
+              f"Two-tower retrieval over all {results['corpus']:,} items, mean ± std over {n} seeds (%).", retrieval]
+    return Report("results", data=results, blocks=blocks, figures=[Figure(lambda: plot_downstream(results), "downstream")])
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
     """The two result tables (ranker NE per task, retrieval HitRate) as Markdown."""
+    return build_report(results).markdown().rstrip("\n")
+
+
+def plot_downstream(results: Mapping[str, Any]):
+    """Two panels: the ranker's NE gain per task, and HitRate@1/@10 per retrieval variant (a matplotlib figure)."""
     summary = results["summary"]
-    n = len(results["config"]["seeds"])
-
-    def pm(stat: Mapping[str, float], scale: float = 1.0, digits: int = 4) -> str:
-        return f"{scale * stat['mean']:.{digits}f} ± {abs(scale) * stat['std']:.{digits}f}"
-
-    lines = [f"Ranker (DLRM), evaluation day, mean ± std over {n} seeds; NE gain = −relative NE delta.", "",
-             "| task | NE without | NE with | NE gain (%) | AUC without | AUC with |", "|---|---|---|---|---|---|"]
-    for h in HEADS:
-        r = summary["ranker"][h]
-        lines.append(f"| {h} | {pm(r['ne_without'])} | {pm(r['ne_with'])} | {pm(r['relative_ne_delta'], -100, 2)} | "
-                     f"{pm(r['auc_without'])} | {pm(r['auc_with'])} |")
-    lines.append(f"| **average** | | | {pm(summary['ranker']['average_relative_ne_delta'], -100, 2)} | | |")
-    lines += ["", f"Two-tower retrieval over all {results['corpus']:,} items, mean ± std over {n} seeds (%).", "",
-              "| user tower | HitRate@1 | HitRate@10 | HitRate@10 vs none |", "|---|---|---|---|"]
-    base = summary["retrieval"]["none"]["hit@10"]["mean"]
-    names = {"none": "no embedding", "linear": "+ embedding, linear projection", "gatenet": "+ embedding, GateNet"}
-    for v in RETRIEVAL_VARIANTS:
-        r = summary["retrieval"][v]
-        rel = "" if v == "none" or base == 0 else f"{100 * (r['hit@10']['mean'] - base) / base:+.1f}%"
-        lines.append(f"| {names[v]} | {pm(r['hit@1'], 100, 3)} | {pm(r['hit@10'], 100, 3)} | {rel} |")
-    return "\n".join(lines)
-
-
-def plot_downstream(results: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Two panels: the ranker's NE gain per task, and HitRate@1/@10 per retrieval variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = results["summary"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(10, 3.8))
     names = [*HEADS, "average"]
     deltas = [summary["ranker"][h]["relative_ne_delta"] for h in HEADS] + [summary["ranker"]["average_relative_ne_delta"]]
     gains = [-100 * d["mean"] for d in deltas]
@@ -434,5 +433,4 @@ def plot_downstream(results: Mapping[str, Any], path: str | os.PathLike[str]) ->
     n_seeds = len(results["config"]["seeds"])
     fig.suptitle(f"DV365 downstream value ({n_seeds} seeds, error bars: std over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

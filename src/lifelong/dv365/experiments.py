@@ -35,6 +35,7 @@ import numpy as np
 
 from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import mean_std
+from lifelong.core.report import Column, Figure, Report, Table, hbars, pyplot
 from lifelong.data.io import write_json
 from lifelong.data.protocol import DAY_MS
 from lifelong.dv365.backbone import TASKS, BackboneConfig
@@ -133,9 +134,7 @@ def run_experiment(data_dir: str | os.PathLike[str], out: str | os.PathLike[str]
             save_run(out / "runs" / f"fsa_no_gap_seed{seed}", tower, backbone, {**meta, "data": str(world.path.resolve())})
             record(key, {"ne": meta["eval"]["ne"], "staleness": _staleness(prepared, tower, backbone, 0)})
     report = summarise(results, rows, cfg, prepared)
-    write_json(report, out / "report.json")
-    (out / "report.md").write_text(render_markdown(report))
-    plot_report(report, out)
+    build_report(report).write(out)
     return report
 
 
@@ -170,69 +169,67 @@ def summarise(results: dict, rows: dict[str, DV365TrainConfig], cfg: ExperimentC
             "encoders": table, "staleness": staleness, "baseline_ne": base}
 
 
-def render_markdown(report: dict) -> str:
-    """The two tables of the report as markdown."""
+def build_report(report: dict) -> Report:
+    """``report.md`` (the two tables), ``report.json`` (``report``), ``encoders.png`` and ``staleness.png``."""
     seeds = report["config"]["seeds"]
     pm = (lambda m: f"{m[0]:.4f} ± {m[1]:.4f}") if seeds > 1 else (lambda m: f"{m[0]:.4f}")
-    lines = [f"Encoder comparison: NE per task on the evaluation day ({report['eval_examples']:,} impressions of "
-             f"{report['users']:,} users; {report['train_examples']:,} training examples), Δ relative to the "
-             f"backbone without a user tower; {seeds} seed(s).", "",
-             "| tower | output (R × C) | " + " | ".join(f"NE {t}" for t in TASKS) + " | mean Δ NE | FSA parameters "
-             "| train examples/s |", "|---|---|" + "---:|" * (len(TASKS) + 3)]
-    for row in report["encoders"]:
-        shape = "—" if row["label"] == "no user tower" else " × ".join(map(str, row["out_shape"]))
-        cells = [f"{pm(row['ne'][t])} ({row['delta_pct'][t]:+.2f}%)" for t in TASKS]
-        mean_delta = np.mean(list(row["delta_pct"].values()))
-        lines.append(f"| {row['label']} | {shape} | " + " | ".join(cells) +
-                     f" | {mean_delta:+.2f}% | {row['parameters']:,} | {row['examples_per_s']:,.0f} |")
-    lines += ["", "Staleness × gap: NE per task of the FSA when its embedding is N days old (the tower reads "
-              "events before anchor − N days − gap).", "",
-              "| training | age (days) | " + " | ".join(f"NE {t}" for t in TASKS) + " | mean NE |",
-              "|---|---:|" + "---:|" * (len(TASKS) + 1)]
-    for name, by_age in report["staleness"].items():
-        for age, ne in by_age.items():
-            lines.append(f"| {name} | {age} | " + " | ".join(pm(ne[t]) for t in TASKS) +
-                         f" | {np.mean([ne[t][0] for t in TASKS]):.4f} |")
-    return "\n".join(lines) + "\n"
+    encoders = Table([
+        Column("tower", "label"),
+        Column("output (R × C)", None, lambda r: "—" if r["label"] == "no user tower" else " × ".join(map(str, r["out_shape"]))),
+        *(Column(f"NE {t}", None, lambda r, t=t: f"{pm(r['ne'][t])} ({r['delta_pct'][t]:+.2f}%)", right=True)
+          for t in TASKS),
+        Column("mean Δ NE", "delta_pct", lambda d: f"{np.mean(list(d.values())):+.2f}%", right=True),
+        Column("FSA parameters", "parameters", "{:,}", right=True),
+        Column("train examples/s", "examples_per_s", "{:,.0f}", right=True)], report["encoders"])
+    staleness = Table([
+        Column("training", "training"), Column("age (days)", "age", right=True),
+        *(Column(f"NE {t}", "ne", lambda ne, t=t: pm(ne[t]), right=True) for t in TASKS),
+        Column("mean NE", "ne", lambda ne: f"{np.mean([ne[t][0] for t in TASKS]):.4f}", right=True)],
+        [{"training": name, "age": age, "ne": ne} for name, by_age in report["staleness"].items()
+         for age, ne in by_age.items()])
+    blocks = [f"Encoder comparison: NE per task on the evaluation day ({report['eval_examples']:,} impressions of "
+              f"{report['users']:,} users; {report['train_examples']:,} training examples), Δ relative to the "
+              f"backbone without a user tower; {seeds} seed(s).", encoders,
+              "Staleness × gap: NE per task of the FSA when its embedding is N days old (the tower reads "
+              "events before anchor − N days − gap).", staleness]
+    return Report("report", data=report, blocks=blocks, figures=[
+        Figure(lambda: _plot_encoders(report), "encoders", dpi=120),
+        Figure(lambda: _plot_staleness(report), "staleness", dpi=120)])
 
 
-def plot_report(report: dict, out: Path) -> list[Path]:
-    """``encoders.png`` (mean Δ NE vs no tower per row, ± its std over seeds) and ``staleness.png``
-    (mean NE vs embedding age, per gap)."""
-    import matplotlib
+def render_markdown(report: dict) -> str:
+    """The two tables of the report as markdown."""
+    return build_report(report).markdown()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _plot_encoders(report: dict):
+    """Mean Δ NE vs no tower per row, ± its std over seeds."""
     rows = report["encoders"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     labels = [r["label"] for r in rows]
-    deltas = [np.mean(list(r["delta_pct"].values())) for r in rows]
     colors = ["#999999" if "no user" in lab else "#1f77b4" if lab.startswith("token") else "#ff7f0e"
               if lab.startswith("dim") else "#2ca02c" for lab in labels]
     # The spread over seeds of the mean NE, in % of the baseline's mean NE (0 with one seed).
     base_mean = np.mean(list(report["baseline_ne"].values()))
-    spread = [100 * r["mean_ne"][1] / base_mean for r in rows]
-    ax.barh(labels[::-1], deltas[::-1], xerr=spread[::-1], color=colors[::-1], capsize=3)
+    hbars(ax, labels, [np.mean(list(r["delta_pct"].values())) for r in rows],
+          [100 * r["mean_ne"][1] / base_mean for r in rows], color=colors)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("mean NE change over the 4 tasks vs no user tower (%; lower is better)")
     ax.set_title("DV365 encoder comparison (lifelong world)")
     fig.tight_layout()
-    paths = [out / "encoders.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    return fig
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def _plot_staleness(report: dict):
+    """Mean NE vs embedding age, per gap."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for name, by_age in report["staleness"].items():
         ages = [int(a) for a in by_age]
         ax.plot(ages, [np.mean([ne[t][0] for t in TASKS]) for ne in by_age.values()], marker="o", label=name)
-    ax.axhline(base_mean, color="#999999", linestyle="--", label="no user tower")
+    ax.axhline(np.mean(list(report["baseline_ne"].values())), color="#999999", linestyle="--", label="no user tower")
     ax.set_xlabel("embedding age (days)")
     ax.set_ylabel("mean NE over the 4 tasks (lower is better)")
     ax.set_title("DV365: NE vs embedding staleness")
     ax.legend()
     fig.tight_layout()
-    paths.append(out / "staleness.png")
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-    return paths
+    return fig

@@ -1,6 +1,6 @@
 """DV365 multi-slicing: a declarative spec of which timeline events each slice pools.
 
-A *slice* is one token of the user embedding's input (DESIGN.md, "DV365"): the events of a
+A *slice* is one token of the user embedding's input (docs/design.md, "Timelines and multi-slicing"): the events of a
 user's unified timeline that pass **all** of the slice's rules and fall in its time window,
 pooled over one id type of the events' items (``media`` = item id, ``author``, ``topic``), by
 a plain mean or a weighted mean. :mod:`lifelong.dv365.featurize` computes them.

@@ -29,6 +29,7 @@ import torch
 
 import lifelong
 from lifelong.core.checkpoint import save_atomic
+from lifelong.core.config import build
 from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import auc, normalized_entropy
 from lifelong.core.progress import progress
@@ -94,8 +95,8 @@ class DV365TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DV365TrainConfig:
-        """The inverse of ``dataclasses.asdict``."""
-        return cls(**{**d, "fsa": FSAConfig(**d["fsa"]), "backbone": BackboneConfig(**d["backbone"])})
+        """The inverse of ``dataclasses.asdict`` (:func:`lifelong.core.config.build`)."""
+        return build(cls, d)
 
 
 @dataclass(frozen=True, eq=False)

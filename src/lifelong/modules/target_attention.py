@@ -38,5 +38,5 @@ class TargetAttention(nn.Module):
     def forward(self, x: torch.Tensor, query: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled ``(B, d)`` and the weights ``(B, S)`` of tokens ``x`` ``(B, S, d)`` for ``query`` ``(B, d)``."""
         q = query.unsqueeze(1).expand_as(x)
-        w = self.out(self.mlp(torch.cat([x, q, x - q, x * q], dim=-1))).squeeze(-1) * valid.to(x.dtype)
+        w = self.out(self.mlp(torch.cat([x, q, x - q, x * q], dim=-1))).squeeze(-1).masked_fill(~valid, 0.0)
         return torch.einsum("bs,bsd->bd", w, x), w

@@ -43,7 +43,8 @@ import torch
 
 from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import auc, final_score, hit_at_k, hit_at_k_random
-from lifelong.data.io import read_meta, write_json
+from lifelong.core.report import Column, Figure, Report, Table, pyplot
+from lifelong.data.io import read_meta
 from lifelong.data.schema import HEADS
 from lifelong.modules.heads import ranking_loss
 from lifelong.monolith.hashed import ModuloEmbedding
@@ -493,12 +494,12 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _quality_cells(q: dict[str, Any]) -> list[str]:
-    return [_fmt(q["auc"]["click"]), _fmt(q["auc"]["repin"]), _fmt(q["loss"]), _fmt(q["hit3"]["repin"]),
-            _fmt(q["hit3"]["hide"]), f"{q['examples']:,}"]
-
-
-_QUALITY_HEADER = "AUC click | AUC repin | log loss | HIT@3 repin | HIT@3 hide | examples"
+_QUALITY = [Column("AUC click", "q", lambda q: _fmt(q["auc"]["click"])),
+            Column("AUC repin", "q", lambda q: _fmt(q["auc"]["repin"])), Column("log loss", "q", lambda q: _fmt(q["loss"])),
+            Column("HIT@3 repin", "q", lambda q: _fmt(q["hit3"]["repin"])),
+            Column("HIT@3 hide", "q", lambda q: _fmt(q["hit3"]["hide"])),
+            Column("examples", "q", lambda q: f"{q['examples']:,}")]
+"""The quality columns of every table; a row's ``q`` is a :class:`Quality` as a dict."""
 
 
 def _world_line(r: dict[str, Any]) -> str:
@@ -508,51 +509,50 @@ def _world_line(r: dict[str, Any]) -> str:
             f"model seed {w['seed']}.")
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """One experiment's report as markdown."""
+def build_report(report: dict[str, Any]) -> Report:
+    """One experiment's report: ``KIND.md``, ``KIND.json`` (``report``) and ``KIND.png``."""
     kind = report["experiment"]
-    lines = [_world_line(report), ""]
+    blocks: list[str | Table] = [_world_line(report)]
     if kind == "hashing":
         d = report["distinct_ids"]
-        lines += [f"Trained online on days 0..{report['world']['days'] - report['eval_days'] - 1}, evaluated frozen on "
-                  f"the last {report['eval_days']} days. Distinct ids in training: "
-                  + ", ".join(f"{s} {n:,}" for s, n in d.items()) + ".", "",
-                  f"| table | buckets (user / item / author / topic) | {_QUALITY_HEADER} |", "|---" * 8 + "|"]
-        for r in report["rows"]:
-            b = "one row per id" if r["buckets"] is None else " / ".join(f"{r['buckets'][s]:,}" for s in SLOTS)
-            lines.append(f"| {r['table']} | {b} | " + " | ".join(_quality_cells(r["quality"])) + " |")
+        blocks += [f"Trained online on days 0..{report['world']['days'] - report['eval_days'] - 1}, evaluated frozen on "
+                   f"the last {report['eval_days']} days. Distinct ids in training: "
+                   + ", ".join(f"{s} {n:,}" for s, n in d.items()) + ".",
+                   Table([Column("table", "table"), Column("buckets (user / item / author / topic)", "buckets",
+                                                           lambda b: " / ".join(f"{b[s]:,}" for s in SLOTS)), *_QUALITY],
+                         [{"table": r["table"], "q": r["quality"],
+                           **({"buckets": "one row per id"} if r["buckets"] is None else {"buckets": r["buckets"]})}
+                          for r in report["rows"]])]
         q = report["rows"][0]["quality"]
-        lines += ["", f"Random order: HIT@3 repin {q['hit3_random']['repin']:.4f}, hide {q['hit3_random']['hide']:.4f}."]
+        blocks.append(f"Random order: HIT@3 repin {q['hit3_random']['repin']:.4f}, hide {q['hit3_random']['hide']:.4f}.")
     elif kind == "drift":
-        lines += [(f"Frozen: the trainer's model on day {report['freeze_day']}, never updated again. Online: the "
-                   f"same trainer continuing, served with a {report['sync_ms'] // MINUTE_MS}-minute sync."), "",
-                  f"| period | model | {_QUALITY_HEADER} |", "|---" * 8 + "|"]
-        for period, models in report["overall"].items():
-            for name, q in models.items():
-                lines.append(f"| {period} | {name} | " + " | ".join(_quality_cells(q)) + " |")
-        lines += ["", "| day | AUC click online | AUC click frozen | log loss online | log loss frozen | examples |",
-                  "|---" * 6 + "|"]
-        for r in report["rows"]:
-            on, fr = r["online"], r["frozen"]
-            lines.append(f"| {r['day']:.0f} | {_fmt(on['auc']['click'])} | {_fmt(fr['auc']['click'])} | "
-                         f"{on['loss']:.4f} | {fr['loss']:.4f} | {on['examples']:,} |")
+        blocks += [(f"Frozen: the trainer's model on day {report['freeze_day']}, never updated again. Online: the "
+                    f"same trainer continuing, served with a {report['sync_ms'] // MINUTE_MS}-minute sync."),
+                   Table([Column("period", "period"), Column("model", "model"), *_QUALITY],
+                         [{"period": period, "model": name, "q": q}
+                          for period, models in report["overall"].items() for name, q in models.items()]),
+                   Table([Column("day", "day", "{:.0f}"),
+                          Column("AUC click online", "online", lambda w: _fmt(w["auc"]["click"])),
+                          Column("AUC click frozen", "frozen", lambda w: _fmt(w["auc"]["click"])),
+                          Column("log loss online", "online", lambda w: f"{w['loss']:.4f}"),
+                          Column("log loss frozen", "frozen", lambda w: f"{w['loss']:.4f}"),
+                          Column("examples", "online", lambda w: f"{w['examples']:,}")], report["rows"])]
     else:
-        lines += [f"Scored from day {report['eval_from_day']}; one trainer, one served copy per sync interval.", "",
-                  f"| sync interval | period | {_QUALITY_HEADER} |", "|---" * 8 + "|"]
-        for period in report["periods"]:
-            for r in report["rows"]:
-                lines.append(f"| {r['sync']} | {period} | " + " | ".join(_quality_cells(r[period])) + " |")
-    return "\n".join(lines) + "\n"
+        blocks += [f"Scored from day {report['eval_from_day']}; one trainer, one served copy per sync interval.",
+                   Table([Column("sync interval", "sync"), Column("period", "period"), *_QUALITY],
+                         [{"sync": r["sync"], "period": period, "q": r[period]}
+                          for period in report["periods"] for r in report["rows"]])]
+    return Report(kind, data=report, blocks=blocks, figures=[Figure(lambda: _plot(report))])
 
 
-def _plot(report: dict[str, Any], png: Path) -> None:
-    import matplotlib
+def render_markdown(report: dict[str, Any]) -> str:
+    """One experiment's report as markdown."""
+    return build_report(report).markdown()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _plot(report: dict[str, Any]):
     kind = report["experiment"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 3.8))
     if kind == "hashing":
         rows = report["rows"]
         base, mod = rows[0]["quality"], [r for r in rows if r["fraction"] is not None]
@@ -591,22 +591,12 @@ def _plot(report: dict[str, Any], png: Path) -> None:
         axes[1].legend(fontsize=8)
         fig.suptitle("Sync interval of the served model vs quality", fontsize=11)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    return fig
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``<experiment>.json``, ``.md`` and ``.png`` into ``out_dir``; returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = report["experiment"]
-    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
-    write_json(report, paths[0])
-    paths[1].write_text(render_markdown(report))
-    _plot(report, paths[2])
-    return paths
+    return build_report(report).write(out_dir)
 
 
 EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {

@@ -1,6 +1,6 @@
 """The online joiner: impressions joined with the actions that follow them, emitted as labelled examples.
 
-Monolith trains from a stream of joined examples (DESIGN.md, "Monolith embeddings and online
+Monolith trains from a stream of joined examples (docs/design.md, "Monolith:
 training"): an impression waits a while for the user's reaction, then becomes a training
 example, positive for every head whose action came in time and negative otherwise.
 :class:`OnlineJoiner` does this over a stream of events (:data:`~lifelong.monolith.stream.EVENT_DTYPE`

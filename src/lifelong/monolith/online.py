@@ -1,6 +1,6 @@
 """Online training from an event stream, with exactly-once checkpoints and incremental parameter export.
 
-:class:`OnlineTrainer` is Monolith's training loop (DESIGN.md, "Monolith embeddings and online
+:class:`OnlineTrainer` is Monolith's training loop (docs/design.md, "Monolith:
 training"): read events from a stream offset, join impressions with their actions
 (:class:`~lifelong.monolith.joiner.OnlineJoiner`), train the
 :class:`~lifelong.monolith.ranker.OnlineRanker` on every emitted example once (dense weights with
@@ -72,6 +72,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lifelong.core.config import build
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.metrics import auc
 from lifelong.core.sorted_index import positions_in
@@ -177,12 +178,7 @@ class OnlineConfig:
         Raises:
             ConfigError: unknown or invalid fields.
         """
-        try:
-            nested = {"model": OnlineRankerConfig.from_dict(d.get("model", {})),
-                      "joiner": JoinerConfig(**d.get("joiner", {}))}
-            return cls(**{**d, **nested})
-        except TypeError as exc:
-            raise ConfigError(f"invalid OnlineConfig: {exc}") from exc
+        return build(cls, d)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from lifelong.core.config import build
 from lifelong.core.errors import ConfigError
 from lifelong.core.sorted_index import positions_in
 from lifelong.data.io import read_table
@@ -127,11 +128,7 @@ class OnlineRankerConfig:
         Raises:
             ConfigError: unknown or invalid fields.
         """
-        tables = {slot: TableConfig.from_dict(d[slot]) for slot in SLOTS if slot in d}
-        try:
-            return cls(**{**d, **tables})
-        except TypeError as exc:
-            raise ConfigError(f"invalid OnlineRankerConfig: {exc}") from exc
+        return build(cls, d)
 
 
 class ItemCatalog:

@@ -1,6 +1,6 @@
 """Event streams for online training: an embedded append-only log and Redis Streams, one interface.
 
-Monolith trains from a stream (DESIGN.md, "Monolith embeddings and online training"). A producer
+Monolith trains from a stream (docs/design.md, "Online training"). A producer
 appends events (:func:`replay` plays a world's ``events.parquet`` in time order); the online
 trainer reads them in batches, joins them into examples (:mod:`lifelong.monolith.joiner`) and
 trains. Events travel as numpy structured arrays of :data:`EVENT_DTYPE` (39 packed
@@ -51,14 +51,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
-import redis
 
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import read_table
+from lifelong.store.urls import EVENT_STREAM, connect_redis, parse_url
 
 __all__ = [
     "DEFAULT_KEY", "EVENT_DTYPE", "Delivery", "EventStream", "LogStream", "Offset", "RedisStream", "ReplayStats",
@@ -79,8 +78,6 @@ DEFAULT_KEY = "lifelong:events"
 
 Offset = int | str
 """A position in a stream: a record number (:class:`LogStream`) or an entry id (:class:`RedisStream`)."""
-
-URL_HELP = "redis://host:port/db[?key=name], log:///absolute/path or a directory path"
 
 # splitmix64's finalizer; the seed is nonzero so that an all-zero (never written) record fails.
 _SEED = np.uint64(0x243F6A8885A308D3)
@@ -403,26 +400,6 @@ def _next_id(entry_id: bytes | str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
-def _redis_client(url: str, connect_timeout_s: float) -> redis.Redis:
-    parsed = urlparse(url)
-    db = parsed.path.lstrip("/")
-    try:  # .port raises on a non-numeric port
-        valid = (parsed.scheme in ("redis", "rediss") and bool(parsed.hostname) and parsed.port != 0
-                 and (db == "" or db.isdigit()) and not parsed.query and not parsed.fragment)
-    except ValueError:
-        valid = False
-    if not valid:
-        # redis-py would accept some of these and silently use another database.
-        raise ConfigError(f"bad Redis URL {url!r}: expected redis://host:port/db with db a number "
-                          "(give the stream key separately)")
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s)
-        client.ping()
-    except (redis.RedisError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot reach Redis at {url}: {exc}") from None
-    return client
-
-
 @dataclass(frozen=True)
 class Delivery:
     """One stream entry delivered to a consumer of a group.
@@ -468,7 +445,7 @@ class RedisStream(EventStream):
             raise ConfigError(f"entry_records must be at least 1, got {entry_records}")
         if not key:
             raise ConfigError("the Redis stream key is empty")
-        self._client = _redis_client(url, connect_timeout_s)
+        self._client = connect_redis(url, connect_timeout_s)
         self.key = key
         self.url = f"{url}?key={key}"
         self.entry_records = entry_records
@@ -544,6 +521,8 @@ class RedisStream(EventStream):
             last_id: the group delivers entries after this id: ``"0"`` everything, ``"$"``
                 only entries appended from now on.
         """
+        import redis  # loaded already: connect_redis imported it
+
         try:
             self._client.xgroup_create(self.key, group, id=last_id, mkstream=True)
         except redis.ResponseError as exc:
@@ -577,6 +556,8 @@ class RedisStream(EventStream):
         Raises:
             ConfigError: the group does not exist.
         """
+        import redis  # loaded already: connect_redis imported it
+
         slot = (group, consumer)
         while True:
             cursor = self._cursors.get(slot, "0")
@@ -632,25 +613,10 @@ def open_stream(url: str | os.PathLike[str], **kwargs: Any) -> EventStream:
         ...
         lifelong.core.errors.ConfigError: unknown event stream URL scheme 'kafka' in 'kafka://broker/events': expected redis://host:port/db[?key=name], log:///absolute/path or a directory path
     """
-    text = os.fspath(url)
-    if not text:
-        raise ConfigError(f"empty event stream URL: expected {URL_HELP}")
-    scheme = urlparse(text).scheme if "://" in text else ""
-    if scheme in ("redis", "rediss"):
-        parsed = urlparse(text)
-        query = parse_qs(parsed.query, keep_blank_values=True)
-        if set(query) - {"key"} or len(query.get("key", [])) > 1:
-            raise ConfigError(f"bad Redis stream URL {text!r}: the only query parameter is one key=")
-        key = query.get("key", [DEFAULT_KEY])[0]
-        return RedisStream(parsed._replace(query="").geturl(), key=key, **kwargs)
-    if scheme == "log":
-        parsed = urlparse(text)
-        if parsed.netloc or not parsed.path.startswith("/"):
-            raise ConfigError(f"bad log URL {text!r}: expected log:///absolute/path (three slashes)")
-        return LogStream(unquote(parsed.path), **kwargs)
-    if scheme:
-        raise ConfigError(f"unknown event stream URL scheme {scheme!r} in {text!r}: expected {URL_HELP}")
-    return LogStream(text, **kwargs)
+    target = parse_url(url, EVENT_STREAM)
+    if target.scheme == "redis":
+        return RedisStream(target.location, key=target.params.get("key", DEFAULT_KEY), **kwargs)
+    return LogStream(target.location, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from lifelong.core.config import build
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import atomic_output_dir, write_json
 from lifelong.monolith.cuckoo import GOLDEN, CuckooConfig, CuckooIndex, as_id_array, mix64, unit_float
@@ -161,12 +162,7 @@ class TableConfig:
         Raises:
             ConfigError: unknown or invalid fields.
         """
-        try:
-            return cls(**{**d, "index": CuckooConfig(**d.get("index", {})),
-                          "filter": FilterConfig(**d.get("filter", {})),
-                          "optimizer": OptimizerConfig(**d.get("optimizer", {}))})
-        except TypeError as exc:
-            raise ConfigError(f"invalid TableConfig: {exc}") from exc
+        return build(cls, d)
 
 
 @dataclass(frozen=True)

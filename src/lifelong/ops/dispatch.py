@@ -1,6 +1,6 @@
 """One dispatcher for the serving ops: each op registers an implementation per backend.
 
-Backends (DESIGN.md "Serving"):
+Backends (docs/design.md, "Serving"):
 
 - ``reference``: plain PyTorch, written to be obviously right; the others must agree with it.
 - ``cpu``: the optimized CPU path.

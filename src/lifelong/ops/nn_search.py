@@ -1,7 +1,7 @@
 """De-duplicated int8 nearest-neighbour search: NN(S, c) over a jagged batch of sequences.
 
 A serving batch holds each user's int8 sequence once (``values`` plus per-user ``starts`` and
-``lengths``, DESIGN.md "Serving" step 2) and candidates that point at their user. For each
+``lengths``, docs/design.md "Serving") and candidates that point at their user. For each
 candidate, the tokens are dequantized (:func:`~lifelong.core.quantization.dequantize_int8`),
 L2-normalised (:func:`~lifelong.ops.nn_select.l2_normalize`) and dotted with the
 (normalised) candidate; the top ``k`` come back by descending score, ties to the newer (larger)

@@ -152,3 +152,40 @@ def _score_chunk(values, offsets, seq_len, reqs, c_start, c_count, cand, k, l_ma
     slot = np.arange(cand_rows.size) - np.repeat(cand_off[:-1], c_count)
     positions[cand_rows, :kk] = idx[cand_pos, slot].numpy()
     scores[cand_rows, :kk] = top[cand_pos, slot].numpy()
+
+
+def nn_topk_segments(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, cand_key: torch.Tensor,
+                     cand: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`nn_topk` over segments of one token table: the row builder's NN search.
+
+    The search :func:`lifelong.transact.sequence_layout.assemble_s_all` and its halves take
+    (``Search``). Segments laid end to end (as the builder lays them) are searched in place.
+
+    Args:
+        values: ``(T, d)`` float normalised token embeddings.
+        starts, lengths: ``(U,)`` int64 range of each segment in ``values``.
+        cand_key: ``(N,)`` int64 segment of each candidate, non-decreasing.
+        cand: ``(N, d)`` normalised candidate embeddings.
+        k: tokens to select.
+
+    Returns:
+        ``(N, k)`` int64 positions within each candidate's segment (-1 = none), descending score,
+        ties to the newer token.
+
+    Example::
+
+        >>> values = torch.tensor([[0., 1.], [1., 0.], [0., 1.], [1., 0.]])
+        >>> nn_topk_segments(values, torch.tensor([0, 2]), torch.tensor([2, 2]), torch.tensor([1]),
+        ...                  torch.tensor([[0., 1.]]), k=1).tolist()
+        [[0]]
+    """
+    starts_np, lengths_np = starts.numpy().astype(np.int64), lengths.numpy().astype(np.int64)
+    data = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    first = int(starts_np[0]) if starts_np.size else 0
+    if starts_np.size and np.array_equal(starts_np[1:], starts_np[:-1] + lengths_np[:-1]):
+        end = first + int(lengths_np.sum())
+        tokens = Jagged(data[first:end], np.r_[starts_np - first, end - first])
+    else:
+        tokens = Jagged.from_ranges(data, starts_np, lengths_np)
+    positions, _ = nn_topk(tokens, cand, cand_key.numpy(), k)
+    return torch.from_numpy(positions)

@@ -16,7 +16,7 @@ import numpy as np
 
 from lifelong.core.errors import DataError
 from lifelong.core.quantization import dequantize_4bit, from_words_4bit, words_per_row_4bit
-from lifelong.store.feature_store import FeatureStore, LMDBStore, open_store, user_key
+from lifelong.store.feature_store import FeatureStore, open_store, user_key
 
 POINTER_KEY = b"dv365:current"
 REGISTRY_KEY = b"dv365:versions"
@@ -115,7 +115,7 @@ class EmbeddingReader:
         ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         # LMDB reads pointer and rows in one transaction, one snapshot; Redis in two round trips,
         # so rows missing there may mean the version was collected in between: then read again.
-        snapshot = isinstance(self._store, LMDBStore)
+        snapshot = self._store.snapshot_reads
         for _ in range(3):
             with self._store.reader() as r:
                 [raw] = r.values([POINTER_KEY])

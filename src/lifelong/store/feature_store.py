@@ -1,14 +1,14 @@
 """The serving feature store: users' sequences, the item table and metadata in a key-value store.
 
-Serving (DESIGN.md, "Serving") fetches each user's full stored history once per request and the
+Serving (docs/design.md, "Serving") fetches each user's full stored history once per request and the
 item table once at startup. Both live in a key-value store behind one interface,
 :class:`FeatureStore`, with two backends:
 
-- :class:`LMDBStore` (the embedded default): a memory-mapped LMDB environment; reads inside a
-  read transaction return ``memoryview`` s into the map, so decoded arrays are views of the
-  page cache, copied nowhere;
-- :class:`RedisStore` (multi-host): a Redis database; many users are fetched in one ``MGET``
-  round trip and decoded as views over the returned ``bytes``.
+- :class:`~lifelong.store.lmdb_store.LMDBStore` (the embedded default): a memory-mapped LMDB
+  environment; reads inside a read transaction return ``memoryview`` s into the map, so
+  decoded arrays are views of the page cache, copied nowhere;
+- :class:`~lifelong.store.redis_store.RedisStore` (multi-host): a Redis database; many users
+  are fetched in one ``MGET`` round trip and decoded as views over the returned ``bytes``.
 
 Keys (the same in both; Redis prefixes them with ``lifelong:`` so that ``clear`` leaves other
 data of a shared database alone):
@@ -19,7 +19,8 @@ data of a shared database alone):
 
 :func:`load_store` fills a store from a built dataset (``lifelong transact build``) and its source
 events; ``meta`` is written last, so a store whose ``meta`` is present holds a complete load.
-:func:`open_store` picks the backend from a URL.
+:func:`open_store` picks the backend from a URL (:mod:`lifelong.store.urls`) and imports only
+that backend's module and client library (``lmdb`` or ``redis``).
 
 Example::
 
@@ -37,21 +38,16 @@ import abc
 import contextlib
 import json
 import os
-import re
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import unquote, urlparse
 
-import lmdb
 import numpy as np
-import redis
 
 import lifelong
-from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.errors import DataError
 from lifelong.core.progress import progress as progress_bar
 from lifelong.core.quantization import INT8_SCALE
 from lifelong.data.io import load_dataset
@@ -65,10 +61,11 @@ from lifelong.store.sequences import (
     UserSequences,
     iter_user_sequences,
 )
+from lifelong.store.urls import FEATURE_STORE, parse_url
 
 __all__ = [
-    "FeatureStore", "ItemRecords", "LMDBStore", "RedisStore", "StoreReader", "TimelineRanges",
-    "UserSequences", "load_store", "open_store", "user_key",
+    "FeatureStore", "ItemRecords", "StoreReader", "TimelineRanges", "UserSequences", "load_store", "open_store",
+    "user_key",
 ]
 
 USER_PREFIX = b"u:"
@@ -141,6 +138,10 @@ class FeatureStore(abc.ABC):
         url: where the store lives, for messages.
     """
 
+    snapshot_reads: bool = False
+    """Whether the reads of one :meth:`reader` block all see one snapshot (LMDB: one read
+    transaction); otherwise each call is atomic on its own (Redis: one ``MGET``)."""
+
     def __init__(self, url: str):
         self.url = url
 
@@ -194,170 +195,6 @@ class FeatureStore(abc.ABC):
         return len(blob)
 
 
-_OPEN_ENVS: dict[str, tuple[lmdb.Environment, bool, int]] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-class LMDBStore(FeatureStore):
-    """The embedded backend: an LMDB environment (a directory holding ``data.mdb``).
-
-    Args:
-        path: the environment's directory.
-        writable: open for loading (created if missing); otherwise read-only, for serving.
-        map_size: the most bytes the store may hold. The map is reserved address space, not
-            disk: the file grows only as data is written, so a generous size costs nothing.
-
-    Raises:
-        DataError: a read-only open of a path that holds no store, or LMDB refuses to open it.
-
-    Example::
-
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as d, LMDBStore(d, writable=True) as store:
-        ...     _ = store.write_users([UserSequences.empty(5)])
-        ...     with store.reader() as r:
-        ...         [u.n_explicit for u in r.users([5])], r.users([6])
-        ([0], [None])
-    """
-
-    def __init__(self, path: str | os.PathLike[str], writable: bool = False, map_size: int = 64 << 30):
-        self.path = Path(path)
-        super().__init__(f"lmdb://{self.path.resolve()}")
-        self.writable = writable
-        if writable:
-            self.path.mkdir(parents=True, exist_ok=True)
-        elif not (self.path / "data.mdb").is_file():
-            raise DataError(self.path, "no LMDB feature store here (fill one with load_store first)")
-        self._key = str(self.path.resolve())
-        with _OPEN_LOCK:
-            # LMDB allows one environment per file and process: stores opened twice share it.
-            if self._key in _OPEN_ENVS:
-                env, was_writable, count = _OPEN_ENVS[self._key]
-                if was_writable != writable:
-                    raise DataError(self.path, "already open in this process in another mode (read-only vs writable)")
-            else:
-                try:
-                    # readahead=False: serving reads scattered users, and readahead would fill the
-                    # page cache with neighbours nobody asked for once the store outgrows memory.
-                    env = lmdb.open(str(self.path), map_size=map_size, readonly=not writable, readahead=False)
-                except lmdb.Error as exc:
-                    raise DataError(self.path, f"cannot open the LMDB store ({exc})") from None
-                count = 0
-            _OPEN_ENVS[self._key] = (env, writable, count + 1)
-        self._env = env
-
-    @contextlib.contextmanager
-    def reader(self) -> Iterator[StoreReader]:
-        # buffers=True: values are memoryviews into the map, valid while the transaction is.
-        with self._env.begin(buffers=True) as txn:
-            yield StoreReader(lambda keys: [txn.get(k) for k in keys], self.url)
-
-    def _require_writable(self) -> None:
-        if not self.writable:
-            raise ConfigError(f"{self.url} was opened read-only; open it with writable=True to change it")
-
-    def put(self, pairs: Sequence[tuple[bytes, bytes]]) -> None:
-        self._require_writable()
-        try:
-            with self._env.begin(write=True) as txn:
-                txn.cursor().putmulti(pairs)
-        except lmdb.MapFullError:
-            raise DataError(self.path, f"the store is full (map_size {self._env.info()['map_size']:,} bytes); "
-                                       "open it with a larger map_size") from None
-
-    def clear(self) -> None:
-        self._require_writable()
-        with self._env.begin(write=True) as txn:
-            txn.drop(self._env.open_db(txn=txn), delete=False)
-
-    def delete_prefix(self, prefix: bytes) -> int:
-        self._require_writable()
-        deleted = 0
-        with self._env.begin(write=True) as txn, txn.cursor() as cursor:
-            # Keys are sorted, so a prefix's keys are one run from its first key on.
-            found = cursor.set_range(prefix)
-            while found and bytes(cursor.key()).startswith(prefix):
-                found = cursor.delete()  # moves to the next key
-                deleted += 1
-        return deleted
-
-    def close(self) -> None:
-        with _OPEN_LOCK:
-            if self._key not in _OPEN_ENVS:
-                return  # closed already
-            env, writable, count = _OPEN_ENVS.pop(self._key)
-            if count > 1:
-                _OPEN_ENVS[self._key] = (env, writable, count - 1)
-            else:
-                env.close()
-
-
-class RedisStore(FeatureStore):
-    """The multi-host backend: a Redis database, keys prefixed with ``lifelong:``.
-
-    Args:
-        url: ``redis://host:port/db`` (or ``rediss://`` for TLS).
-        connect_timeout_s: how long to wait for the server before giving up.
-
-    Raises:
-        ConfigError: the URL is malformed or the server does not answer a PING.
-    """
-
-    NAMESPACE = b"lifelong:"
-
-    def __init__(self, url: str, connect_timeout_s: float = 5.0):
-        super().__init__(url)
-        parsed = urlparse(url)
-        db = parsed.path.lstrip("/")
-        try:  # .port raises on a non-numeric port
-            valid = (parsed.scheme in ("redis", "rediss") and bool(parsed.hostname)
-                     and parsed.port != 0 and (db == "" or db.isdigit()))
-        except ValueError:
-            valid = False
-        if not valid:
-            # redis-py would accept some of these and silently use another database.
-            raise ConfigError(f"bad Redis URL {url!r}: expected redis://host:port/db with db a number")
-        try:
-            self._client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s)
-            self._client.ping()
-        except (redis.RedisError, ValueError, TypeError) as exc:
-            raise ConfigError(f"cannot reach Redis at {url}: {exc}") from None
-
-    @contextlib.contextmanager
-    def reader(self) -> Iterator[StoreReader]:
-        yield StoreReader(self._get_many, self.url)
-
-    def _get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        return self._client.mget([self.NAMESPACE + k for k in keys]) if keys else []
-
-    def put(self, pairs: Sequence[tuple[bytes, bytes]]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for key, value in pairs:
-            pipe.set(self.NAMESPACE + key, value)
-        pipe.execute()
-
-    def clear(self) -> None:
-        self.delete_prefix(b"")
-
-    def delete_prefix(self, prefix: bytes) -> int:
-        batch: list[bytes] = []
-        deleted = 0
-        # Glob metacharacters in the prefix match themselves only when escaped.
-        pattern = self.NAMESPACE + re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
-        # SCAN is incremental and safe while keys are deleted; UNLINK frees memory off-thread.
-        for key in self._client.scan_iter(match=pattern, count=10_000):
-            batch.append(key)
-            if len(batch) >= 10_000:
-                deleted += self._client.unlink(*batch)
-                batch.clear()
-        if batch:
-            deleted += self._client.unlink(*batch)
-        return deleted
-
-    def close(self) -> None:
-        self._client.close()
-
-
 def open_store(url: str | os.PathLike[str], writable: bool = False) -> FeatureStore:
     """Open the feature store at ``url``.
 
@@ -377,22 +214,28 @@ def open_store(url: str | os.PathLike[str], writable: bool = False) -> FeatureSt
         ...
         lifelong.core.errors.ConfigError: unknown feature store URL scheme 'ftp' in 'ftp://host/x': expected redis://host:port/db, lmdb:///absolute/path or a directory path
     """
-    text = os.fspath(url)
-    if not text:
-        raise ConfigError("empty feature store URL: expected redis://host:port/db, lmdb:///absolute/path "
-                          "or a directory path")
-    scheme = urlparse(text).scheme if "://" in text else ""
-    if scheme in ("redis", "rediss"):
-        return RedisStore(text)
-    if scheme == "lmdb":
-        parsed = urlparse(text)
-        if parsed.netloc or not parsed.path.startswith("/"):
-            raise ConfigError(f"bad LMDB URL {text!r}: expected lmdb:///absolute/path (three slashes)")
-        return LMDBStore(unquote(parsed.path), writable=writable)
-    if scheme:
-        raise ConfigError(f"unknown feature store URL scheme {scheme!r} in {text!r}: expected "
-                          "redis://host:port/db, lmdb:///absolute/path or a directory path")
-    return LMDBStore(text, writable=writable)
+    target = parse_url(url, FEATURE_STORE)
+    # Each backend's module, and the client library it needs, loads only when a URL names it.
+    if target.scheme == "redis":
+        from lifelong.store.redis_store import RedisStore
+
+        return RedisStore(target.location)
+    from lifelong.store.lmdb_store import LMDBStore
+
+    return LMDBStore(target.location, writable=writable)
+
+
+def __getattr__(name: str) -> type[FeatureStore]:
+    """The backends, imported on first use (``from lifelong.store.feature_store import LMDBStore``)."""
+    if name == "LMDBStore":
+        from lifelong.store.lmdb_store import LMDBStore
+
+        return LMDBStore
+    if name == "RedisStore":
+        from lifelong.store.redis_store import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _read_build(data_dir: Path) -> dict[str, Any]:

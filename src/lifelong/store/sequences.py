@@ -1,6 +1,6 @@
 """Serving records: a user's full history and the item table as flat, zero-copy blobs.
 
-Serving (DESIGN.md, "Serving") fetches a user's sequences once per request and runs the NN
+Serving (docs/design.md, "Serving") fetches a user's sequences once per request and runs the NN
 search over them itself, so a record holds the user's whole stored history, not a timeline:
 :meth:`UserSequences.timeline` cuts S_LL, S_RT and S_imp for any request time afterwards.
 

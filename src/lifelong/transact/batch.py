@@ -11,10 +11,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lifelong.transact.sequence_layout import SequenceLayout
-
-__all__ = ["RankBatch", "SequenceLayout"]  # SequenceLayout re-exported for modules not yet importing it from its home
-
 
 @dataclass
 class RankBatch:

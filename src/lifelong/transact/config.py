@@ -14,7 +14,7 @@ from typing import Any
 from lifelong.core.config import apply_overrides, check, check_dims
 from lifelong.data.schema import EMBED_DIM, HEADS
 from lifelong.modules.row_features import RowFeatureConfig
-from lifelong.transact.batch import SequenceLayout
+from lifelong.transact.sequence_layout import SequenceLayout
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Evaluation of a trained ranker on the evaluation rows (TransAct V2 §4.2, DESIGN.md).
+"""Evaluation of a trained ranker on the evaluation rows (TransAct V2 §4.2; docs/design.md, "Evaluation protocol").
 
 Per head: HIT@3 (requests ordered by ``S = Σ w_h f_h``), NE, AUC and GAUC. On simulated
 worlds the same HIT@3 is computed for the oracle's true probabilities and for a random

@@ -1,7 +1,8 @@
 """The TransAct V2 paper's tables, reproduced on a rows directory (``lifelong transact experiment``).
 
-Each table is a list of rows (a label and a training configuration); every row is trained and
-evaluated once per seed, then summarised as mean ± std over seeds, absolute and relative to the
+Each table is a YAML file of rows (a label and a training configuration), packaged in
+``lifelong/configs/experiments/NAME.yaml`` (:data:`EXPERIMENTS_DIR`, docs/configs.md); a path to
+another such file runs it instead. Every row is trained and evaluated once per seed, then summarised as mean ± std over seeds, absolute and relative to the
 table's baseline row (``(m − m_base) / m_base`` per seed, as the paper reports). Runs are kept
 under ``OUT/runs/<row>/seed<k>`` and an evaluated run is never trained again, so an interrupted
 experiment resumes where it stopped.
@@ -16,14 +17,15 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from lifelong.core.config import build, load_file
 from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import mean_std
+from lifelong.core.report import Column, Figure, Report, hbars, pyplot
+from lifelong.core.report import Table as ReportTable
 from lifelong.data.io import write_json
 from lifelong.transact.evaluate import evaluate_run
 from lifelong.transact.rank_data import RankData
-from lifelong.transact.trainer import TrainConfig, train
+from lifelong.transact.trainer import TrainConfig, build_train_config, train
 
 
 @dataclass(frozen=True)
@@ -36,39 +38,57 @@ class Row:
     user_emb: bool = False
 
 
-_V2 = {"model": "transact_v2", "nal": "impression"}
-TABLES: dict[str, tuple[str, list[Row]]] = {
-    "quickstart": ("Quickstart: sequences and the lifelong sequence (relative to wide&deep)", [
-        Row("wide&deep", {"model": "wide_deep", "nal": "none"}),
-        Row("TransAct (RT)", {"model": "transact", "nal": "none"}),
-        Row("TransAct V2 (RT + LL + NAL impression)", _V2),
-    ]),
-    "table2": ("Table 2: ablation (relative to wide&deep)", [
-        Row("wide&deep", {"model": "wide_deep", "nal": "none"}),
-        Row("BST", {"model": "bst", "nal": "none"}),
-        Row("TransAct", {"model": "transact", "nal": "none"}),
-        Row("TransAct + NAL in-batch", {"model": "transact", "nal": "in_batch"}),
-        Row("TransAct + NAL impression", {"model": "transact", "nal": "impression"}),
-        Row("TransAct V2 (RT + LL + NAL impression)", _V2),
-    ]),
-    "table4": ("Table 4: NAL negative sampling in TransAct V2 (relative to no NAL)", [
-        Row("TransAct V2, no NAL", {"model": "transact_v2", "nal": "none"}),
-        Row("NAL in-batch negatives", {"model": "transact_v2", "nal": "in_batch"}),
-        Row("NAL impression negatives", _V2),
-    ]),
-    "table6": ("Table 6: NAL weight (relative to no NAL)", [
-        Row("w_NAL = 0", {"model": "transact_v2", "nal": "none"}),
-        *[Row(f"w_NAL = {w:g}", {**_V2, "w_nal": w}) for w in (1e-4, 1e-3, 1e-2, 1e-1)],
-    ]),
-    "table7": ("Table 7: NAL loss (relative to sampled softmax)", [
-        Row("sampled softmax", _V2),
-        Row("BCE", {**_V2, "nal_loss": "bce"}),
-    ]),
-    "dv365": ("DV365 user embedding prepended to TransAct V2 (relative to without)", [
-        Row("TransAct V2", _V2),
-        Row("TransAct V2 + DV365 user tokens", _V2, user_emb=True),
-    ]),
-}
+@dataclass(frozen=True)
+class Table:
+    """An experiment file: the report's title and its rows, the first being the baseline."""
+
+    title: str
+    rows: tuple[Row, ...]
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ConfigError("rows: an experiment needs at least one row")
+        labels = [row.label for row in self.rows]
+        if len(set(labels)) < len(labels):
+            raise ConfigError(f"rows: labels must be distinct, got {labels}")
+
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "experiments"
+"""The packaged experiment files (package data of ``lifelong``): ``NAME.yaml`` per table."""
+
+
+def table_names() -> list[str]:
+    """Names of the packaged experiments (``quickstart``, ``table2``, ...)."""
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def load_table(name: str | os.PathLike[str]) -> Table:
+    """The experiment ``name`` (a packaged one, or a path to a YAML file), every row's config checked.
+
+    Raises:
+        ConfigError: no such experiment, an unknown key (``rows[1].config.w_nall``) or value.
+
+    Example::
+
+        >>> [row.label for row in load_table("quickstart").rows][0]
+        'wide&deep'
+    """
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        path = EXPERIMENTS_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown experiment {str(name)!r}; choose one of {', '.join(table_names())} "
+                              "or give the path of a YAML file")
+    try:
+        table = build(Table, load_file(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for i, row in enumerate(table.rows):
+        try:
+            build_train_config(row.config)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: rows[{i}].config ({row.label}): {exc}") from None
+    return table
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -83,11 +103,14 @@ def run_name(cfg: TrainConfig) -> str:
     return f"{cfg.model}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
-def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.PathLike[str], seeds: int = 3,
+def run_experiment(table: str | os.PathLike[str], data_dir: str | os.PathLike[str], out: str | os.PathLike[str], seeds: int = 3,
                    epochs: int = 2, max_rows: int | None = None, log=print,
                    runs: str | os.PathLike[str] | None = None, user_emb: str | None = None,
                    eval_user_emb: str | None = None, **train_overrides) -> dict:
     """Train and evaluate every row of ``table`` for ``seeds`` seeds; write the report to ``out``.
+
+    ``table`` names a packaged experiment (:func:`table_names`) or is the path of a YAML file
+    of the same form (:func:`load_table`).
 
     ``train_overrides`` are TrainConfig fields applied to every row (e.g. ``batch_size``). Runs
     live in ``runs`` (default ``out/runs``), one directory per configuration and seed; a run
@@ -105,11 +128,11 @@ def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.P
 
         summary = run_experiment("table2", "datasets/small", "reports/table2", seeds=3)
     """
-    if table not in TABLES:
-        raise ConfigError(f"unknown experiment {table!r}; choose one of {', '.join(TABLES)}")
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
-    title, rows = TABLES[table]
+    spec = load_table(table)
+    title, rows = spec.title, list(spec.rows)
+    table = Path(table).stem if Path(table).suffix in (".yaml", ".yml", ".json") else str(table)
     if any(row.user_emb for row in rows) and user_emb is None:
         raise ConfigError(f"the {table} table trains with a DV365 user embedding: give --user-emb "
                           "(a `lifelong dv365 export` store)")
@@ -121,8 +144,8 @@ def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.P
         results[row.label] = []
         for seed in range(seeds):
             emb = {"user_emb": user_emb} if row.user_emb else {}
-            cfg = TrainConfig(**{**row.config, "seed": seed, "epochs": epochs, "max_rows": max_rows, **train_overrides,
-                                 **emb})
+            cfg = build_train_config({**row.config, "seed": seed, "epochs": epochs, "max_rows": max_rows,
+                                      **train_overrides, **emb})
             eval_emb = (eval_user_emb or user_emb) if row.user_emb else None
             run = runs_dir / run_name(cfg) / f"seed{seed}"
             done = run / "evaluation.json"
@@ -143,10 +166,7 @@ def run_experiment(table: str, data_dir: str | os.PathLike[str], out: str | os.P
             log(f"{row.label} seed {seed}: HIT@3 repin {ev['per_head']['repin']['hit@3']:.4f}, "
                 f"hide {ev['per_head']['hide']['hit@3']:.4f}")
     summary = summarise(table, title, rows, results, data.oracle is not None)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(summary, out / "report.json")
-    (out / "report.md").write_text(render_markdown(summary))
-    plot_report(summary, out / "report.png")
+    build_report(summary).write(out)
     return summary
 
 
@@ -181,59 +201,54 @@ def summarise(table: str, title: str, rows: list[Row], results: dict[str, list[d
     return summary
 
 
-def render_markdown(summary: dict) -> str:
-    """The report as a markdown table (mean ± std over seeds)."""
+def _ms(pair, pct=False, digits=4, pct_digits=1) -> str:
+    m, s = pair
+    return f"{100 * m:+.{pct_digits}f}% ± {100 * s:.{pct_digits}f}" if pct else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def build_report(summary: dict) -> Report:
+    """The report of a summary: ``report.md`` (mean ± std over seeds), ``report.json`` (the
+    summary) and ``report.png`` (:func:`plot_report`)."""
     oracle = "oracle" in summary
-    lines = [f"### {summary['title']}", "",
-             "| row | HIT@3/repin | Δ repin vs base | HIT@3/hide | Δ hide vs base | NE/repin | AUC/repin |"
-             + (" oracle lift (repin) |" if oracle else "") + " train ex/s |",
-             "|---|---|---|---|---|---|---|" + ("---|" if oracle else "") + "---|"]
-
-    def ms(pair, pct=False, digits=4, pct_digits=1):
-        m, s = pair
-        return f"{100 * m:+.{pct_digits}f}% ± {100 * s:.{pct_digits}f}" if pct else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-    for r in summary["rows"]:
-        cells = [r["label"], ms(r["hit_repin"]), ms(r["rel_repin"], True), ms(r["hit_hide"]), ms(r["rel_hide"], True),
-                 ms(r["ne_repin"]), ms(r["auc_repin"])]
-        if oracle:
-            cells.append(ms(r["lift_repin"], digits=3))
-        cells.append(f"{r['examples_per_s'][0]:,.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
+    columns = [Column("row", "label"), Column("HIT@3/repin", "hit_repin", _ms),
+               Column("Δ repin vs base", "rel_repin", lambda p: _ms(p, True)), Column("HIT@3/hide", "hit_hide", _ms),
+               Column("Δ hide vs base", "rel_hide", lambda p: _ms(p, True)), Column("NE/repin", "ne_repin", _ms),
+               Column("AUC/repin", "auc_repin", _ms)]
     if oracle:
-        lines.append(f"| oracle | {summary['oracle']['repin']:.4f} | | {summary['oracle']['hide']:.4f} | | | |"
-                     " 1.000 | |")
-        lines.append(f"| random order | {summary['random']['repin']:.4f} | | {summary['random']['hide']:.4f} | | | |"
-                     " 0.000 | |")
+        columns.append(Column("oracle lift (repin)", "lift_repin", lambda p: _ms(p, digits=3)))
+    columns.append(Column("train ex/s", "examples_per_s", lambda p: f"{p[0]:,.0f}"))
+    rows = list(summary["rows"])
+    if oracle:
+        rows += [{"label": label, "hit_repin": f"{summary[key]['repin']:.4f}", "hit_hide": f"{summary[key]['hide']:.4f}",
+                  "lift_repin": lift} for label, key, lift in (("oracle", "oracle", "1.000"),
+                                                               ("random order", "random", "0.000"))]
+    blocks: list = [ReportTable(columns, rows)]
     heads = list(summary["rows"][0].get("ne", {}))
     if heads:
-        lines += ["", "NE per head, and its gain over the first row (−ΔNE / NE_base; positive is better):", "",
-                  "| row | " + " | ".join(f"NE/{h}" for h in heads) + " | " + " | ".join(f"gain {h}" for h in heads) + " |",
-                  "|---|" + "---|" * (2 * len(heads))]
-        for r in summary["rows"]:
-            lines.append("| " + " | ".join([r["label"], *(ms(r["ne"][h]) for h in heads),
-                                            *(ms(r["ne_gain"][h], True, pct_digits=2) for h in heads)]) + " |")
-    lines.append("")
+        blocks += ["NE per head, and its gain over the first row (−ΔNE / NE_base; positive is better):",
+                   ReportTable([Column("row", "label"),
+                                *(Column(f"NE/{h}", None, lambda r, h=h: _ms(r["ne"][h])) for h in heads),
+                                *(Column(f"gain {h}", None, lambda r, h=h: _ms(r["ne_gain"][h], True, pct_digits=2))
+                                  for h in heads)], summary["rows"])]
     n = summary["rows"][0]["seeds"]
-    lines.append(f"{n} seed{'s' if n > 1 else ''} per row; ± is the standard deviation over seeds.")
-    return "\n".join(lines) + "\n"
+    blocks.append(f"{n} seed{'s' if n > 1 else ''} per row; ± is the standard deviation over seeds.")
+    return Report("report", data=summary, blocks=blocks, title=summary["title"],
+                  figures=[Figure(lambda: plot_report(summary))])
 
 
-def plot_report(summary: dict, png: Path) -> None:
-    """Bar chart of HIT@3 for repin and hide per row, with std error bars and oracle/random lines."""
-    import matplotlib
+def render_markdown(summary: dict) -> str:
+    """The report as a markdown table (mean ± std over seeds)."""
+    return build_report(summary).markdown()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot_report(summary: dict):
+    """Bar chart of HIT@3 for repin and hide per row, with std error bars and oracle/random lines (a
+    matplotlib figure)."""
     rows = summary["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2.2))
     for ax, head in zip(axes, ("repin", "hide")):
-        means = [r[f"hit_{head}"][0] for r in rows]
-        stds = [r[f"hit_{head}"][1] for r in rows]
-        y = np.arange(len(rows))[::-1]
-        ax.barh(y, means, xerr=stds, color="#3b6ea8", capsize=3)
-        ax.set_yticks(y, [r["label"] for r in rows], fontsize=8)
+        hbars(ax, [r["label"] for r in rows], [r[f"hit_{head}"][0] for r in rows], [r[f"hit_{head}"][1] for r in rows],
+              color="#3b6ea8", fontsize=8)
         if "oracle" in summary:
             ax.axvline(summary["oracle"][head], color="#27ae60", linestyle="--", label="oracle")
             ax.axvline(summary["random"][head], color="#c0392b", linestyle=":", label="random order")
@@ -241,7 +256,4 @@ def plot_report(summary: dict, png: Path) -> None:
         ax.set_xlabel(f"HIT@3/{head} ({'higher' if head == 'repin' else 'lower'} is better)")
     fig.suptitle(summary["title"], fontsize=11)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    return fig

@@ -19,7 +19,8 @@ import torch
 from lifelong.core.errors import DataError
 from lifelong.core.quantization import dequantize_int8
 from lifelong.store.embeddings import EmbeddingReader, decode_records
-from lifelong.transact.batch import RankBatch, SequenceLayout
+from lifelong.transact.batch import RankBatch
+from lifelong.transact.sequence_layout import SequenceLayout
 
 
 def split_window_ms(directory: str | os.PathLike[str], split: str) -> tuple[int, int]:

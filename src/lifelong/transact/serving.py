@@ -4,16 +4,19 @@ Two paths, chosen at start-up, give the same scores:
 
 - ``optimized``: a batch of requests holds each (user, request time) history once in a token
   table (values + offsets) assembled in a reusable :class:`Arena`; the NN search runs over that
-  jagged layout through the op dispatcher, and TransAct's encoder runs as
-  :class:`~lifelong.transact.fused_encoder.FusedTransActEncoder` over token indices, never over per-candidate
-  copies of the tokens.
+  jagged layout through the op dispatcher. A model declaring the ``token_table`` ability
+  (:mod:`lifelong.transact.abilities`; TransAct) scores the rows over token indices with its own
+  ``score_token_table``, never over per-candidate copies of the tokens; any other model gets
+  the gathered :class:`~lifelong.transact.batch.RankBatch` and its ``forward``.
 - ``naive``: the paper's baseline, one request at a time: every candidate gets its own copy of
   its user's sequences (:func:`~lifelong.ops.nn_search.nn_search_naive`), the rows are gathered
-  into a full :class:`~lifelong.transact.batch.RankBatch` and TransAct's encoder is PyTorch's
-  ``nn.TransformerEncoder`` with the same weights.
+  into a full :class:`~lifelong.transact.batch.RankBatch` and the model's own ``forward`` (plain
+  PyTorch layers) scores them.
 
-Both compute ``S_all`` exactly as ``lifelong transact build`` logged it (same timelines, same tie rule),
-which is what makes the scores of served and offline rows equal.
+Both assemble ``S_all`` with :func:`~lifelong.transact.sequence_layout.assemble_s_all`, the
+rule ``lifelong transact build`` logged it with (same timelines, same tie rule), which is what
+makes the scores of served and offline rows equal. Only the blocks the model declares it reads
+are searched. Nothing here depends on the model's name or class: only on its abilities.
 """
 
 from __future__ import annotations
@@ -31,17 +34,15 @@ from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS
 from lifelong.core.quantization import INT8_SCALE, dequantize_int8
 from lifelong.data.schema import EMBED_DIM
-from lifelong.modules.layers import attention_bias, causal_attention_mask
 from lifelong.ops.nn_search import nn_search, nn_search_naive
 from lifelong.ops.nn_select import l2_normalize
 from lifelong.serving.ranking import RankRequest, RankResult
 from lifelong.store.feature_store import FeatureStore, ItemRecords
-from lifelong.transact.batch import RankBatch, SequenceLayout
-from lifelong.transact.fused_encoder import FusedTransActEncoder
-from lifelong.transact.model import TransAct
+from lifelong.transact.abilities import abilities_of
+from lifelong.transact.batch import RankBatch
+from lifelong.transact.sequence_layout import SEGMENTS, SequenceLayout, assemble_s_all
 
 PATHS = ("optimized", "naive")
-NN_BLOCKS = (("ll_nn", "ll"), ("rt_nn", "rt"), ("imp_nn", "imp"))
 
 
 class Arena:
@@ -131,7 +132,8 @@ class Ranker:
         if model_layout is not None and model_layout != self.layout:
             raise ConfigError(f"the model was trained on layout {model_layout}, the store holds {self.layout}; "
                               "load the store from the model's dataset")
-        if getattr(getattr(model, "cfg", None), "user_tokens", None) is not None:
+        self.abilities = abilities_of(model)
+        if self.abilities.user_tokens:
             raise ConfigError("the model prepends DV365 user-embedding tokens, which the ranking service does not "
                               "fetch yet: serve a model trained without user_tokens")
         self.heads: tuple[str, ...] = tuple(meta["heads"])
@@ -146,9 +148,9 @@ class Ranker:
             self.items: ItemRecords = r.items().copy()
         self.item_emb = dequantize_int8(torch.from_numpy(self.items.emb_int8), self.scale)
         self.item_unit = l2_normalize(self.item_emb)
-        self.transact = model if isinstance(model, TransAct) else None
-        self.fused = FusedTransActEncoder(model) if self.transact is not None and path == "optimized" else None
-        self.torch_encoder = _torch_encoder(model) if self.transact is not None and path == "naive" else None
+        # The positions of S_all the model reads, in its order: what its token-table path indexes.
+        self.read_positions = self.layout.positions(self.abilities.blocks)
+        self.token_table = path == "optimized" and self.abilities.token_table
         self.arena = Arena(rows=4096, tokens=1 << 16, seq_len=self.layout.total)
 
     # -- validation ---------------------------------------------------------------------------
@@ -221,23 +223,16 @@ class Ranker:
 
     def _token_index(self, hist: list[_History], key_of_row: np.ndarray, cand_unit: torch.Tensor,
                      tokens: torch.Tensor, search) -> torch.Tensor:
-        """(N, |S_all|) token-table index of every row's ``S_all`` (-1 = padding)."""
-        layout, n = self.layout, key_of_row.size
-        out = self.arena.tok_index[:n]
-        out.fill_(-1)
-        cand_user = torch.from_numpy(key_of_row)
-        for block, seg in NN_BLOCKS:
-            starts = torch.tensor([getattr(h, seg)[0] for h in hist], dtype=torch.int64)
-            lengths = torch.tensor([getattr(h, seg)[1] for h in hist], dtype=torch.int64)
-            k = getattr(layout, block)
-            pos, _ = search(tokens, starts, lengths, cand_user, cand_unit, k, self.scale)
-            out[:, layout.block_slice(block)] = torch.where(pos >= 0, pos + starts[cand_user].unsqueeze(1), -1)
-        # S_RT[:r] is chronological and left-aligned, the same for every candidate of a key.
-        rt_start = torch.tensor([h.rt[0] for h in hist], dtype=torch.int64)[cand_user]
-        rt_len = torch.tensor([h.rt[1] for h in hist], dtype=torch.int64)[cand_user]
-        slot = torch.arange(layout.rt)
-        out[:, layout.block_slice("rt")] = torch.where(slot < rt_len.unsqueeze(1), rt_start.unsqueeze(1) + slot, -1)
-        return out
+        """(N, |S_all|) token-table index of every row's ``S_all`` (-1 = padding; blocks the model
+        does not read stay padding)."""
+        segments = {seg: (torch.tensor([getattr(h, seg)[0] for h in hist], dtype=torch.int64),
+                          torch.tensor([getattr(h, seg)[1] for h in hist], dtype=torch.int64)) for seg in SEGMENTS}
+
+        def search_segments(starts, lengths, cand_key, cand, k):
+            return search(tokens, starts, lengths, cand_key, cand, k, self.scale)[0]
+
+        return assemble_s_all(self.layout, segments, torch.from_numpy(key_of_row), cand_unit, search_segments,
+                              out=self.arena.tok_index[:key_of_row.size], blocks=self.abilities.blocks)
 
     def _rows(self, requests: list[RankRequest], n: int) -> tuple[torch.Tensor, ...]:
         ids = self.arena.ids[:, :n]
@@ -260,16 +255,16 @@ class Ranker:
         search = functools.partial(nn_search, backend=self.backend)
         tok_index = self._token_index(hist, key_of_row, self.item_unit[items], tokens, search)
         cand_emb = self.item_emb[items]
-        if self.fused is not None:
-            tok_index = tok_index.index_select(1, self.transact.token_index)
+        if self.token_table:
+            tok_index = tok_index.index_select(1, self.read_positions)
         # Only the tokens some row selected enter the model: a 10^4-token S_LL contributes a few
         # hundred, and per-token work (dequantization, the fused first layer) scales with those.
         used, tok_index = _compact(tok_index)
         tok_emb = dequantize_int8(tokens[used], self.scale)
         tok_action, tok_surface = self.arena.tok_action[used], self.arena.tok_surface[used]
-        if self.fused is not None:
-            h, valid = self.fused(tok_emb, tok_action, tok_surface, tok_index, cand_emb, backend=self.backend)
-            logits = self.transact.score(h, valid, self.model.row(_RowInputs(ids, cand_emb)))
+        if self.token_table:
+            logits = self.model.score_token_table(tok_emb, tok_action, tok_surface, tok_index, cand_emb,
+                                                  _RowInputs(ids, cand_emb), backend=self.backend)
         else:
             batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface)
             logits = self.model(batch).logits
@@ -287,11 +282,7 @@ class Ranker:
         batch = _gather_batch(ids, cand_emb, tok_index, dequantize_int8(tokens, self.scale),
                               self.arena.tok_action[:self.n_tokens].clone(),
                               self.arena.tok_surface[:self.n_tokens].clone())
-        if self.transact is not None:
-            logits = _transact_with_torch_encoder(self.transact, self.torch_encoder, batch)
-        else:
-            logits = self.model(batch).logits
-        return self._finish(logits, [n], cold)[0]
+        return self._finish(self.model(batch).logits, [n], cold)[0]
 
 
 def _compact(tok_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,27 +323,3 @@ def _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface) ->
         seq_valid=valid, nal_pos_emb=empty_f, nal_pos_item=empty_i, nal_pos_valid=empty_b,
         nal_neg_emb=empty_f, nal_neg_item=empty_i, nal_neg_valid=empty_b,
         labels=torch.zeros(n, 1), request_id=torch.zeros(n, dtype=torch.int64))
-
-
-def _torch_encoder(model: TransAct) -> nn.TransformerEncoder:
-    """``nn.TransformerEncoder`` holding the model's encoder weights (the naive path's encoder)."""
-    cfg = model.cfg
-    layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.attn_heads, cfg.ffn_dim, dropout=0.0, batch_first=True)
-    enc = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
-    state = {}
-    for i, mine in enumerate(model.encoder.layers):
-        for name, p in mine.state_dict().items():
-            name = name.replace("self_attn.in_proj.weight", "self_attn.in_proj_weight")
-            name = name.replace("self_attn.in_proj.bias", "self_attn.in_proj_bias")
-            state[f"layers.{i}.{name}"] = p
-    enc.load_state_dict(state)
-    return enc.eval()
-
-
-def _transact_with_torch_encoder(model: TransAct, encoder: nn.TransformerEncoder, batch: RankBatch) -> torch.Tensor:
-    """TransAct's logits with ``nn.TransformerEncoder`` in place of its own encoder."""
-    valid = model._read(batch.seq_valid)
-    x = model.embed_tokens(model._read(batch.seq_emb), model._read(batch.seq_action),
-                           model._read(batch.seq_surface), batch.cand_emb)
-    mask = attention_bias(causal_attention_mask(valid), x.dtype).repeat_interleave(model.cfg.attn_heads, dim=0)
-    return model.score(encoder(x, mask=mask), valid, model.row(batch))

@@ -10,21 +10,24 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 import lifelong
 from lifelong.core.checkpoint import save_atomic
+from lifelong.core.config import apply_overrides, apply_sets, build, merge, parse_set
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.progress import progress
 from lifelong.data.io import write_json
 from lifelong.modules.heads import ranking_loss
 from lifelong.transact.nal import next_action_loss
 from lifelong.transact.rank_data import RankData
-from lifelong.transact.registry import MODEL_NAMES, build_model, model_abilities
+from lifelong.transact.registry import MODEL_NAMES, build_model, default_config, model_abilities
 
 NAL_MODES = ("none", "in_batch", "impression")
 NAL_LOSSES = ("softmax", "bce")
@@ -46,6 +49,8 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         seed: seeds weights, shuffling and in-batch negative sampling.
         max_rows: train on a seeded random subset of this many rows (None: all).
+        model_overrides: fields of the model's config (e.g. ``{"mlp_dims": (128, 64)}``);
+            :func:`build_train_config` fills it from a ``model:`` section.
         user_emb: a store holding a ``lifelong dv365 export``: each row's frozen user embedding
             is prepended as tokens (``TransActConfig.user_tokens``; transact models only). The
             export should predate the training rows (``--as-of-ms``), or its embedding has seen
@@ -82,9 +87,48 @@ class TrainConfig:
         if self.nal != "none" and not abilities.causal:
             raise ConfigError(f"the Next Action Loss needs a causal sequence model; {self.model} has none (use --nal none)")
         if self.user_emb is not None and not abilities.accepts_user_tokens:
-            raise ConfigError(f"--user-emb prepends user tokens to a model's sequence; {self.model} reads none")
+            raise ConfigError(f"--user-emb prepends user tokens to a model's sequence; {self.model} has none")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+
+
+_SET_BY_DATA = ("layout", "n_heads", "user_tokens")
+
+
+def build_train_config(data: Mapping[str, Any] | None = None,
+                       overrides: Iterable[str | tuple[str, Any]] = ()) -> TrainConfig:
+    """A :class:`TrainConfig` from nested plain data and ``key=value`` overrides (:func:`lifelong.core.config.build`).
+
+    ``model`` is a model name, or a section ``{name: NAME, <fields of that model's config>}``
+    whose other keys become ``model_overrides``, checked against the model's config, so
+    ``--set model.d_model=64`` reaches the model. ``--set model=bst`` sets the name only.
+
+    Raises:
+        ConfigError: an unknown key (named with its dotted key) or an invalid value.
+
+    Example::
+
+        >>> cfg = build_train_config({"model": "bst", "nal": "none"}, ["model.mlp_dims=[64, 32]", "lr=1e-3"])
+        >>> cfg.model, cfg.model_overrides, cfg.lr
+        ('bst', {'mlp_dims': [64, 32]}, 0.001)
+    """
+    data = dict(data or {})
+    model = data.get("model", TrainConfig.model)
+    data["model"] = dict(model) if isinstance(model, Mapping) else {"name": model}
+    sets = []
+    for item in overrides:
+        key, value = parse_set(item) if isinstance(item, str) else item
+        sets.append(("model.name" if key == "model" and not isinstance(value, Mapping) else key, value))
+    data = apply_sets(data, sets)
+    model = dict(data.pop("model"))
+    name = model.pop("name", TrainConfig.model)
+    model_overrides = merge(data.pop("model_overrides", None) or {}, model)
+    for key in _SET_BY_DATA:
+        if key in model_overrides:
+            raise ConfigError(f"model.{key}: set by the rows directory (and --user-emb), not by the config")
+    if isinstance(name, str) and name in MODEL_NAMES:
+        apply_overrides(default_config(name), model_overrides, prefix="model")  # names a bad key as model.<key>
+    return build(TrainConfig, {**data, "model": name, "model_overrides": model_overrides})
 
 
 def make_model(cfg: TrainConfig, data: RankData) -> torch.nn.Module:
@@ -184,9 +228,9 @@ def load_model(run: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
     if not (run / "model.pt").is_file():
         raise DataError(run, "not a finished run (no model.pt); run `lifelong transact train` first")
     saved = torch.load(run / "model.pt", weights_only=False)
-    from lifelong.transact.batch import SequenceLayout
+    from lifelong.transact.sequence_layout import SequenceLayout
 
-    cfg = TrainConfig(**{**saved["train"], "head_weights": tuple(saved["train"]["head_weights"])})
+    cfg = build(TrainConfig, saved["train"])
     tokens = {} if saved.get("user_tokens") is None else {"user_tokens": tuple(saved["user_tokens"])}
     model = build_model(saved["name"], layout=SequenceLayout(**saved["layout"]), n_heads=saved["n_heads"],
                         **cfg.model_overrides, **tokens)

@@ -1,4 +1,4 @@
-"""Training and evaluation rows with NN feature logging (TransAct V2 §3.3, DESIGN.md).
+"""Training and evaluation rows with NN feature logging (TransAct V2 §3.3; docs/design.md, "NN feature logging").
 
 ``build_rows`` turns a dataset directory into rows, one per shown (request, candidate) pair:
 training rows from the ``train_days`` before the protocol's cutoff, evaluation rows from the
@@ -16,6 +16,7 @@ the int8 item table and are dequantized when a batch is assembled (:mod:`rank_da
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +33,15 @@ from lifelong.data.io import Dataset, atomic_output_dir, load_dataset, write_jso
 from lifelong.data.protocol import Protocol
 from lifelong.data.schema import EMBED_DIM, HEAD_BITS, HEADS, POSITIVE_BITS, Action
 from lifelong.data.timelines import EventIndex, Jagged, TimelineConfig, build_timelines
-from lifelong.ops.nn_select import l2_normalize, nn_topk
-from lifelong.transact.batch import SequenceLayout
+from lifelong.ops.nn_select import l2_normalize, nn_topk_segments
+from lifelong.transact.sequence_layout import (
+    BLOCK_SOURCES,
+    NN_BLOCKS,
+    SEGMENTS,
+    SequenceLayout,
+    nn_block_index,
+    rt_block_index,
+)
 
 
 @dataclass(frozen=True)
@@ -139,13 +147,22 @@ def _left_aligned(j: Jagged, width: int, take_newest: bool) -> np.ndarray:
     return out
 
 
-def _nn_event_rows(seq: Jagged, emb: torch.Tensor, item_idx: np.ndarray, cand: torch.Tensor,
-                   cand_req: np.ndarray, k: int) -> np.ndarray:
-    """Event rows of NN(seq, c) for each candidate: (N, k), -1 padded, descending score."""
-    tokens = Jagged(emb[torch.from_numpy(item_idx[seq.values])].numpy(), seq.offsets)
-    pos, _ = nn_topk(tokens, cand, cand_req, k)
-    flat = np.where(pos >= 0, seq.offsets[cand_req][:, None] + pos, 0)
-    return np.where(pos >= 0, seq.values[flat] if seq.values.size else -1, -1)
+def _segment_table(segments: dict[str, Jagged]) -> tuple[np.ndarray, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The source segments of a chunk's requests laid end to end in one token table of event
+    rows, and each segment's ``(starts, lengths)`` per request in it."""
+    table, ranges, base = [], {}, 0
+    for name in SEGMENTS:
+        seq = segments[name]
+        table.append(np.asarray(seq.values, dtype=np.int64))
+        ranges[name] = (torch.from_numpy(base + seq.offsets[:-1].astype(np.int64)), torch.from_numpy(seq.lengths()))
+        base += seq.values.size
+    return np.concatenate(table), ranges
+
+
+def _event_rows(table: np.ndarray, index: torch.Tensor) -> np.ndarray:
+    """Event rows of token-table indices (-1 stays -1)."""
+    index = index.numpy()
+    return np.where(index >= 0, table[np.maximum(index, 0)] if table.size else -1, -1)
 
 
 @dataclass
@@ -195,9 +212,17 @@ def select_tokens(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, re
             rt, imp = tl.rt, tl.imp  # S_RT is capped at r: it is S_RT[:r]
             imp_nn_seq = Jagged.from_ranges(imp.values, imp.offsets[:-1] + np.maximum(0, imp.lengths() - cfg.imp_cap),
                                             np.minimum(imp.lengths(), cfg.imp_cap))
-            for name, seq in (("ll_nn", tl.ll), ("rt_nn", rt), ("imp_nn", imp_nn_seq)):
-                nn_rows[name][r0:r1] = _nn_event_rows(seq, emb, item_idx, cand[r0:r1], local_req, getattr(layout, name))
-            rt_rows[a:b] = _left_aligned(rt, layout.rt, take_newest=True)
+            # The chunk's segments in one token table; S_all's blocks cut from it as serving cuts them
+            # (lifelong.transact.sequence_layout), S_RT[:r] once per request.
+            table, segments = _segment_table({"ll": tl.ll, "rt": rt, "imp": imp_nn_seq})
+            tokens = emb[torch.from_numpy(item_idx[table])]
+            cand_key = torch.from_numpy(np.asarray(local_req, dtype=np.int64))
+            for name in NN_BLOCKS:
+                starts, lengths = segments[BLOCK_SOURCES[name]]
+                picked = nn_block_index(layout, name, starts, lengths, cand_key, cand[r0:r1],
+                                        functools.partial(nn_topk_segments, tokens))
+                nn_rows[name][r0:r1] = _event_rows(table, picked)
+            rt_rows[a:b] = _event_rows(table, rt_block_index(layout, *segments["rt"]))
             # A user's event rows rise with time: sorting descending puts the newest first, padding last.
             neg_rows[a:b] = np.sort(_left_aligned(imp, cfg.nal_negatives, take_newest=True), axis=1)[:, ::-1]
             advance(b - a)

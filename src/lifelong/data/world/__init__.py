@@ -1,4 +1,4 @@
-"""The world simulator (WORLD.md): a seeded, configurable world with ground-truth probabilities.
+"""The world simulator (docs/world.md): a seeded, configurable world with ground-truth probabilities.
 
 Example::
 

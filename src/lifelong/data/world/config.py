@@ -1,10 +1,11 @@
 """The world simulator's configuration: typed sections, presets and layered loading.
 
-Every number of the generative story (WORLD.md) is a key here. A configuration is built in
+Every number of the generative story (docs/world.md) is a key here. A configuration is built in
 three layers, later ones winning: a preset's defaults, an optional YAML/JSON file (which may
 name its own ``preset``), and ``key=value`` overrides with dotted keys whose values are parsed
-as YAML scalars. Every key and value is checked against the dataclass fields, so a typo is a
-:class:`~lifelong.core.errors.ConfigError` naming the key and the valid alternatives.
+as YAML. :func:`lifelong.core.config.build` checks every key and value against the dataclass
+fields, so a typo is a :class:`~lifelong.core.errors.ConfigError` naming the key and the valid
+alternatives.
 
 Example::
 
@@ -17,17 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import difflib
 import os
 import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lifelong.core.config import build, load_file, merge, parse_set
 from lifelong.core.errors import ConfigError
 from lifelong.data.schema import SURFACES
 
@@ -43,7 +40,7 @@ SOURCES: tuple[str, ...] = ("recent", "long_term", "context", "popular", "random
 class TopicsConfig:
     """Topic centroids (unit vectors in R^32) and their Zipf-like popularity.
 
-    WORLD.md starts from 64 topics; the default is 256 so that users can hold 15–50 interests
+    The first sketch of the world (docs/world.md, "Departures from the first sketch") had 64 topics; the default is 256 so that users can hold 15–50 interests
     (see :class:`InterestsConfig`) while staying sparse.
 
     Args:
@@ -113,7 +110,7 @@ class UsersConfig:
 class InterestsConfig:
     """Long-term interests: a sparse, slowly drifting topic mixture, and disliked topics.
 
-    WORLD.md starts from 3–10 topics. With that few, the last 100 explicit actions (the
+    The first sketch had 3–10 topics. With that few, the last 100 explicit actions (the
     real-time sequence) cover almost every interest, because the long-term retrieval source
     keeps surfacing them, and a lifelong sequence knows nothing the real-time one lacks. With
     15–50 of 256 topics, about a fifth of shown items come from topics absent from the last
@@ -413,65 +410,6 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
-        else:
-            out[key] = value
-    return out
-
-
-def _coerce(kind: Any, value: Any, key: str) -> Any:
-    """Check ``value`` against a field type, converting only lossless cases (int -> float)."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, dt.date):  # YAML reads 2024-01-01 as a date
-            return value.isoformat()
-    else:
-        raise AssertionError(f"unsupported config field type {kind!r} at {key}")
-    raise ConfigError(f"config key {key!r} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Construct dataclass ``cls`` from a nested mapping, rejecting unknown keys and bad types."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config key {prefix.rstrip('.')!r} is a section; expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-            where = f"under {prefix.rstrip('.')!r}" if prefix else "at the top level"
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}; valid keys {where}: {', '.join(names)}")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, data[name], f"{prefix}{name}.")
-        elif isinstance(data[name], Mapping):
-            raise ConfigError(f"config key {prefix + name!r} is a value, not a section")
-        else:
-            kwargs[name] = _coerce(kind, data[name], prefix + name)
-    return cls(**kwargs)
-
-
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"config key {key!r}: {message}")
@@ -573,62 +511,11 @@ def validate(cfg: WorldConfig) -> WorldConfig:
 
 
 def _preset(name: str) -> WorldConfig:
-    return validate(_build(WorldConfig, _merge({"preset": name}, _PRESET_OVERRIDES[name])))
+    return validate(build(WorldConfig, {"preset": name, **_PRESET_OVERRIDES[name]}))
 
 
 PRESETS: Mapping[str, WorldConfig] = types.MappingProxyType({name: _preset(name) for name in _PRESET_OVERRIDES})
-"""Named starting points (WORLD.md): ``tiny``, ``small``, ``bench``, ``lifelong``."""
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} is not of the form key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except (yaml.YAMLError, ValueError):  # e.g. an impossible date: validation names the key
-        value = raw
-    if isinstance(value, (dict, list)):
-        raise ConfigError(f"override {text!r}: the value must be a scalar")
-    return key.split("."), value
-
-
-def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set ``data[a][b]... = value``; unknown sections are created so :func:`_build` names them."""
-    node = data
-    for i, part in enumerate(path[:-1]):
-        if part not in node:
-            node[part] = _nest(path[i + 1:], value)
-            return
-        if not isinstance(node[part], dict):
-            raise ConfigError(f"config key {'.'.join(path[: i + 1])!r} is a value, not a section")
-        node = node[part]
-    if isinstance(node.get(path[-1]), dict):
-        raise ConfigError(f"config key {'.'.join(path)!r} is a section; set one of its keys")
-    node[path[-1]] = value
-
-
-def _nest(path: list[str], value: Any) -> Any:
-    out: Any = value
-    for part in reversed(path):
-        out = {part: out}
-    return out
-
-
-def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    return data
+"""Named starting points (docs/world.md, "Presets"): ``tiny``, ``small``, ``bench``, ``lifelong``."""
 
 
 def load_config(preset: str | None = None, config_file: str | os.PathLike[str] | None = None,
@@ -639,7 +526,7 @@ def load_config(preset: str | None = None, config_file: str | os.PathLike[str] |
         preset: a name in :data:`PRESETS` (default ``small``). A ``preset`` key in the config
             file, being a later layer, replaces it.
         config_file: optional YAML or JSON file of nested keys (``items: {n_items: 1000}``).
-        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML (``a.b=[1, 2]``).
 
     Raises:
         ConfigError: unknown preset or key (naming it and the valid ones), a value of the
@@ -650,14 +537,11 @@ def load_config(preset: str | None = None, config_file: str | os.PathLike[str] |
         >>> load_config("tiny", overrides=["drift.enabled=true", "drift.day=20"]).drift.day
         20
     """
-    layer = _read_file(config_file) if config_file is not None else {}
+    layer = load_file(config_file) if config_file is not None else {}
     name = layer.pop("preset", None) or preset or "small"
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    data = _merge(PRESETS[name].to_dict(), layer)
-    for text in overrides:
-        path, value = _parse_override(text)
-        if path == ["preset"]:
-            raise ConfigError("'preset' cannot be overridden with --set; choose the preset itself")
-        _set_path(data, path, value)
-    return validate(_build(WorldConfig, data))
+    sets = [parse_set(text) for text in overrides]
+    if any(key == "preset" for key, _ in sets):
+        raise ConfigError("'preset' cannot be overridden with --set; choose the preset itself")
+    return validate(build(WorldConfig, merge(PRESETS[name].to_dict(), layer), sets))

@@ -13,7 +13,7 @@ Per user the loop keeps the state "recent actions" needs, instead of a proxy:
   "recently engaged" means "among the last ``retrieval.recent_window`` positive engagements"
   (the real-time sequence), which the ``long_term`` source excludes.
 
-Responses: the affinity of WORLD.md feeds four logistic heads; hide is drawn first and
+Responses: the affinity of docs/world.md feeds four logistic heads; hide is drawn first and
 suppresses the positive heads, so the oracle stores ``p_pos * (1 - p_hide)`` and ``p_hide``,
 the exact marginal probabilities of the recorded bits. A long view is exactly a dwell over
 the long-view threshold (images: ``dwell.long_view_ms``; videos: a watch ratio of
@@ -245,7 +245,7 @@ def simulate_requests(cfg: WorldConfig, cat: Catalog, pop: Population, noise_key
         items, src = _unique_sorted_rows(items, src, n_items, rng)
         source_counts += np.bincount(src.ravel(), minlength=len(SOURCE_LABELS))
 
-        # Affinity (WORLD.md): long-term mixture, session focus, popularity, surface, user,
+        # Affinity (docs/world.md): long-term mixture, session focus, popularity, surface, user,
         # persistent user-item noise, disliked topics.
         it_topic = item_topic[items]
         nt, nk = near_topic[items], near_kernel[items]
