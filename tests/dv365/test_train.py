@@ -106,11 +106,16 @@ def test_load_tower_refuses_a_directory_without_a_run(tmp_path):
 
 
 def test_cli_train(world_dir, tmp_path):
-    res = run_cli("dv365", "train", "--data", str(world_dir), "--out", str(tmp_path / "r"), "--encoders", "lce",
-                  "--out-cols", "3", "--train-days", "2", "--per-group", "4", "--epochs", "1", "--max-users", "0",
-                  "--gap-hours", "0")
+    f = tmp_path / "dv365.yaml"  # flags and --set win over the file
+    f.write_text("train_days: 2\nper_group: 4\nepochs: 3\nfsa: {encoders: [lce], out_cols: 5}\n")
+    res = run_cli("dv365", "train", "--data", str(world_dir), "--out", str(tmp_path / "r"), "--config", str(f),
+                  "--out-cols", "3", "--set", "epochs=1", "--max-users", "0", "--gap-hours", "0")
     assert res.returncode == 0, res.stderr
     assert "eval NE: click" in res.stdout and "(33, 3)" in res.stdout
     assert load_tower(tmp_path / "r").gap_ms == 0
+    train = json.loads((tmp_path / "r" / "run.json").read_text())["train"]
+    assert (train["epochs"], train["train_days"], train["max_users"], train["fsa"]["encoders"]) == (1, 2, None, ["lce"])
+    bad = run_cli("dv365", "train", "--data", str(world_dir), "--out", str(tmp_path / "x"), "--set", "fsa.encoderz=[lce]")
+    assert bad.returncode == 2 and "fsa.encoderz: no such key" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("dv365", "train", "--data", str(world_dir), "--out", str(tmp_path / "x"), "--encoders", "rnn")
     assert bad.returncode == 2 and "unknown FSA encoder 'rnn'" in bad.stderr and "Traceback" not in bad.stderr

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lifelong.core.atomic import write_atomic
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure as MplFigure
@@ -141,22 +143,6 @@ class Report:
             finally:
                 pyplot().close(fig)
         return paths
-
-
-def write_atomic(path: str | os.PathLike[str], content: str | bytes | Callable[[Any], None]) -> None:
-    """Write ``content`` (text, bytes, or a function writing to a binary file) to ``path`` through
-    a temporary file in the same directory and a rename: ``path`` is whole or as it was."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w" if isinstance(content, str) else "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def pyplot():

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lifelong.core.atomic import write_atomic
 from lifelong.core.errors import DataError
 from lifelong.data.schema import TABLES
 from lifelong.data.validate import require_file, validate_table
@@ -78,10 +79,7 @@ def write_parquet(table: pa.Table, path: str | os.PathLike[str]) -> None:
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
     """Write ``obj`` as sorted, indented JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_table(path: str | os.PathLike[str], kind: str, columns: list[str] | None = None) -> pa.Table:
