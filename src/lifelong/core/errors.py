@@ -34,3 +34,23 @@ class DataError(LifelongError):
 
 class ConfigError(LifelongError):
     """A configuration key or value is unknown or invalid."""
+
+
+class StoreUnavailable(LifelongError):
+    """A store cannot answer right now: unreachable, empty (nothing loaded), or holding data of
+    another layout. The ranking service answers 503 with ``Retry-After`` and this reason, never a
+    wrong 200; it recovers by itself when the store comes back.
+
+    Args:
+        url: the store.
+        reason: what is wrong, e.g. "connection refused", "no version loaded".
+    """
+
+    def __init__(self, url: object, reason: str):
+        self.url = str(url)
+        self.reason = reason
+        super().__init__(f"{self.url}: {reason}")
+
+
+class WriterLocked(LifelongError):
+    """Another writer holds the store's writer lock: a second ``store load`` fails at once."""

@@ -49,14 +49,15 @@ class RankResult:
     """Per-head probabilities ``(N, H)`` and final scores ``(N,)`` in the request's order.
 
     ``model_version`` names the parameters that scored it when they change while serving
-    (online sync); None means the service's fixed version.
+    (online sync); None means the service's fixed version. ``store_version`` names the feature
+    store version the whole batch read (None for rankers without a store).
     """
 
     probs: np.ndarray
     scores: np.ndarray
     cold_start: bool
     model_version: str | None = None
-
+    store_version: str | None = None
 
 
 class ServedRanker(Protocol):
@@ -70,7 +71,16 @@ class ServedRanker(Protocol):
         """Item-table rows of ``item_ids`` and the ids that are not in the table."""
 
     def rank(self, requests: list[RankRequest]) -> list[RankResult]:
-        """Score a batch of requests; results in the same order."""
+        """Score a batch of requests; results in the same order.
+
+        Raises:
+            StoreUnavailable: the store cannot answer (the service answers 503, never a wrong 200).
+        """
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the ranker can answer now, and why not (``(True, "ok")`` when it can).
+
+        Cheap: ``/healthz`` calls it on every probe."""
 
 
 @runtime_checkable
