@@ -25,9 +25,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 
 from lifelong.bench.serve import free_port, start_server, stop_process
+from lifelong.data.io import read_parquet
 
 SYNC_LINE = re.compile(r"sync v(\d+): (full, )?([\d,]+) rows, ([\d,]+) KiB, (\d+) ms")
 
@@ -80,8 +80,8 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
-    items = pq.read_table(args.data / "items.parquet", columns=["item_id"]).column("item_id").to_numpy()
-    users = np.unique(pq.read_table(args.data / "users.parquet", columns=["user_id"]).column("user_id").to_numpy())
+    items = read_parquet(args.data / "items.parquet", columns=["item_id"]).column("item_id").to_numpy()
+    users = np.unique(read_parquet(args.data / "users.parquet", columns=["user_id"]).column("user_id").to_numpy())
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(port, ["--online", "--data", str(args.data)])

@@ -302,3 +302,191 @@ def test_load_generator_against_a_live_server(live_server, served):
     text = render({"steps": [{"path": "naive", **step}, {"path": "optimized", **step}], "sustained": None,
                    "requests": len(bodies), "mean_candidates": 5.0})
     assert "1.0x" in text and "| optimized | 3 |" in text
+
+
+# -- reliability: failing loudly, bounded work, the contract (a fake ranker, no model) ----------
+
+
+class FakeRanker:
+    """A ranker whose store can be switched off, and whose batches can be made slow."""
+
+    path = "optimized"
+    heads = ("click", "repin")
+
+    def __init__(self, n_items: int = 2000, delay_s: float = 0.0):
+        self.n_items, self.delay_s = n_items, delay_s
+        self.down: str | None = None
+        self.scored: list[int] = []  # candidates per scored request
+
+    def item_rows(self, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        known = (ids >= 0) & (ids < self.n_items)
+        return np.where(known, ids, 0), ids[~known]
+
+    def rank(self, requests):
+        import time
+
+        from lifelong.core.errors import StoreUnavailable
+        from lifelong.serving.ranking import RankResult
+
+        if self.down:
+            raise StoreUnavailable("redis://fake/0", self.down)
+        time.sleep(self.delay_s)
+        self.scored += [int(r.items.size) for r in requests]
+        return [RankResult(np.tile(r.items[:, None] / self.n_items, (1, 2)), r.items / self.n_items, False,
+                           store_version="v7") for r in requests]
+
+    def readiness(self):
+        return (False, self.down) if self.down else (True, "ok")
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_store_unavailable_is_503_with_retry_after_and_the_service_recovers_by_itself():
+    from lifelong.serving.app import create_app
+
+    fake = FakeRanker()
+    with TestClient(create_app(fake, "m@1"), raise_server_exceptions=False) as c:
+        assert c.post("/rank", json={"user_id": 1, "candidates": [3, 1]}).json()["store_version"] == "v7"
+        fake.down = "connection refused"
+        r = c.post("/rank", json={"user_id": 1, "candidates": [3, 1]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json() == {"detail": "feature store unavailable: connection refused", "cause": "store_unavailable"}
+        live, ready = c.get("/healthz"), c.get("/readyz")
+        assert live.status_code == 200 and live.json()["model_version"] == "m@1" and live.json()["store_version"] == "v7"
+        assert ready.status_code == 503 and ready.json()["reason"] == "connection refused"
+        assert ready.json()["model_version"] == "m@1" and "retry-after" in ready.headers
+        text = c.get("/metrics").text
+        assert _metric(text, "lifelong_store_errors_total") == 1
+        assert _metric(text, 'lifelong_errors_total{cause="store_unavailable"}') == 1
+        assert "lifelong_ready 0" in text
+        fake.down = None  # the store is back: no restart
+        r = c.post("/rank", json={"user_id": 1, "candidates": [3, 1]})
+        assert r.status_code == 200 and r.json()["store_version"] == "v7"
+        assert c.get("/readyz").json()["ready"] is True
+
+
+def test_duplicate_candidates_are_scored_once_and_returned_once():
+    from lifelong.serving.app import create_app
+
+    fake = FakeRanker()
+    with TestClient(create_app(fake, "m@1")) as c:
+        r = c.post("/rank", json={"user_id": 1, "candidates": [5, 9, 5, 5, 2, 9]})
+    assert r.status_code == 200
+    assert [it["item_id"] for it in r.json()["items"]] == [9, 5, 2] and fake.scored == [3]
+
+
+def test_every_non_200_is_counted_by_cause():
+    from lifelong.serving.app import create_app
+
+    with TestClient(create_app(FakeRanker(), "m@1", max_candidates=4), raise_server_exceptions=False) as c:
+        c.post("/rank", json={"user_id": 1, "candidates": [1, 2, 3, 4, 5]})
+        c.post("/rank", json={"user_id": 1, "candidates": [-1]})
+        c.post("/rank", json={"user_id": "x", "candidates": [1]})
+        c.post("/rank", content=b'"\xc3\x28"', headers={"content-type": "application/json"})
+        text = c.get("/metrics").text
+    assert _metric(text, 'lifelong_errors_total{cause="too_many_candidates"}') == 1
+    assert _metric(text, 'lifelong_errors_total{cause="unknown_items"}') == 1
+    assert _metric(text, 'lifelong_errors_total{cause="invalid"}') == 2
+    assert _metric(text, 'lifelong_requests_total{status="400"}') == 0
+
+
+def test_a_request_past_its_deadline_is_504_and_never_scored():
+    from lifelong.serving.app import create_app
+
+    fake = FakeRanker(delay_s=0.3)
+
+    async def main():
+        app = create_app(fake, "m@1", max_latency_ms=5000)
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            slow = asyncio.create_task(c.post("/rank", json={"user_id": 1, "candidates": [1, 2]}))
+            await asyncio.sleep(0.05)  # the first batch is being scored
+            late = await c.post("/rank", json={"user_id": 2, "candidates": list(range(10)), "timeout_ms": 100})
+            return await slow, late, (await c.get("/metrics")).text
+
+    slow, late, text = asyncio.run(main())
+    assert slow.status_code == 200
+    assert late.status_code == 504 and late.json()["cause"] == "deadline"
+    assert fake.scored == [2]
+    assert _metric(text, 'lifelong_dropped_examples_total{cause="deadline"}') == 10
+
+
+def test_the_queue_is_bounded_in_candidates_not_requests():
+    import threading
+
+    gate = threading.Event()
+
+    def run(xs):
+        gate.wait(10)
+        return xs
+
+    async def main():
+        b = DynamicBatcher(run, size=len, cfg=BatchingConfig(max_examples=1, max_queue_examples=10))
+        await b.start()
+        first = asyncio.create_task(b.submit([0] * 50))  # an empty queue takes any size
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(b.submit([i] * 4)) for i in range(2)]
+        await asyncio.sleep(0)
+        refused = await asyncio.gather(b.submit([9] * 4), return_exceptions=True)
+        gate.set()
+        done = await asyncio.gather(first, *waiting)
+        await b.stop()
+        return refused, done
+
+    from lifelong.serving.batcher import QueueFull
+
+    refused, done = asyncio.run(main())
+    assert isinstance(refused[0], QueueFull) and [len(d) for d in done] == [50, 4, 4]
+
+
+def test_the_openapi_schema_states_the_enforced_bounds_and_statuses():
+    from lifelong.serving.app import create_app
+
+    with TestClient(create_app(FakeRanker(), "m@1", max_candidates=7)) as c:
+        text = c.get("/openapi.json").text
+        spec = json.loads(text)
+    body = spec["components"]["schemas"]["RankBody"]["properties"]
+    assert body["user_id"]["maximum"] == 2**63 - 1 and body["user_id"]["minimum"] == -(2**63)
+    assert body["candidates"]["maxItems"] == 7 and body["candidates"]["items"]["maximum"] == 2**63 - 1
+    assert body["request_time"]["anyOf"][0]["maximum"] == 2**62 and "9.223372036854776e+18" not in text
+    assert set(spec["paths"]["/rank"]["post"]["responses"]) == {"200", "408", "413", "422", "503", "504"}
+    assert set(spec["paths"]["/readyz"]["get"]["responses"]) == {"200", "503"}
+
+
+def test_a_half_sent_body_is_answered_408_and_closed():
+    import socket
+
+    from lifelong.serving.app import create_app
+
+    app = create_app(FakeRanker(), "m@1", body_timeout_s=0.5)
+    with serve_in_thread(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /rank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: 100\r\n\r\n{\"user_id\": 1,")
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
+        text = httpx.get(f"{url}/metrics").text
+    assert _metric(text, 'lifelong_errors_total{cause="body_timeout"}') == 1
+
+
+def test_serve_on_a_busy_port_exits_2_with_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-c", "from lifelong.cli import main; main()", "serve", "--run",
+                               str(tmp_path / "run"), "--store", str(tmp_path / "store"), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "already in use" in lines[0] and "serving" not in proc.stderr

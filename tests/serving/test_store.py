@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.errors import ConfigError, DataError, StoreUnavailable
 from lifelong.data.io import load_dataset
 from lifelong.data.schema import EMBED_DIM, Action
 from lifelong.data.timelines import EventIndex, TimelineConfig, build_timelines
@@ -285,7 +285,7 @@ def test_missing_lmdb_store_is_a_data_error_naming_the_path(tmp_path):
 
 def test_unloaded_and_read_only_stores(tmp_path):
     with LMDBStore(tmp_path / "s", writable=True) as store, store.reader() as r, \
-            pytest.raises(DataError, match="never loaded"):
+            pytest.raises(StoreUnavailable, match="no version loaded; run lifelong store load"):
         r.meta()
     with open_store(tmp_path / "s") as store, pytest.raises(ConfigError, match="read-only"):
         store.clear()

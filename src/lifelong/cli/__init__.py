@@ -103,12 +103,23 @@ for _old, _new, _command in (("build", "transact build", transact_cli.build), ("
 def store_load(
     data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build) whose source data to load.")],
     store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
+    drop_embeddings: Annotated[bool, typer.Option("--drop-embeddings", help=(
+        "Also delete the DV365 user embeddings the store holds (kept by default)."))] = False,
 ) -> None:
-    """Load every user's sequences and the item table of a dataset into a feature store."""
+    """Load a dataset into a feature store as a new version, and switch readers to it.
+
+    The served version stays readable while the new one is written; a second load of the same
+    store at the same time fails at once (exit 2). The previous version is kept, older ones
+    are deleted.
+    """
     from lifelong.store.feature_store import load_store
 
-    summary = load_store(data, store)
-    out.print(f"[green]loaded[/green] {store}: {summary['users']:,} users, {summary['items']:,} items, "
+    summary = load_store(data, store, drop_embeddings=drop_embeddings)
+    kept = f"; kept {', '.join(summary['kept'])}" if summary["kept"] else ""
+    deleted = f"; deleted {', '.join(summary['deleted'])}" if summary["deleted"] else ""
+    dropped = f"; dropped {summary['embeddings_dropped']:,} embedding keys" if drop_embeddings else ""
+    out.print(f"[green]loaded[/green] {store} version {summary['version']}{kept}{deleted}{dropped}: "
+              f"{summary['users']:,} users, {summary['items']:,} items, "
               f"{summary['explicit_tokens']:,} explicit tokens, {summary['impressions']:,} impressions, "
               f"{summary['bytes'] / 2**20:,.1f} MiB in {summary['seconds']:.1f} s")
 
@@ -129,26 +140,38 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most candidates per model batch.")] = 2048,
     max_wait_ms: Annotated[float, typer.Option(help="Longest a request waits for its batch to fill.")] = 2.0,
     max_candidates: Annotated[int, typer.Option(help="Most candidates per request (more: 413).")] = 1000,
+    max_latency_ms: Annotated[float, typer.Option(help=(
+        "Every request's deadline from its arrival; one not scored by then is dropped unscored (504). "
+        "A client's timeout_ms can only shorten it."))] = 1000.0,
+    max_queue_examples: Annotated[int, typer.Option(help=(
+        "Candidates waiting for the model at most; beyond it the service sheds load (503). "
+        "Default: what the optimized path scores in ~0.5 s (docs/serving.md)."))] = 640,
+    body_timeout_s: Annotated[float, typer.Option(help="Longest a request body may take to arrive whole (408).")] = 5.0,
 ) -> None:
-    """Serve a trained ranker over HTTP: POST /rank, GET /healthz, GET /metrics, /docs."""
-    import uvicorn
-
-    from lifelong.cli.service import build_online_service, build_service
+    """Serve a trained ranker over HTTP: POST /rank, GET /healthz, /readyz, /metrics, /docs."""
+    from lifelong.cli.service import bind_port, build_online_service, build_service, run_server
     from lifelong.core.errors import ConfigError
 
+    limits = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_candidates=max_candidates,
+                  max_latency_ms=max_latency_ms, max_queue_examples=max_queue_examples, body_timeout_s=body_timeout_s)
     if online:
         if data is None or run is not None or store is not None:
             raise ConfigError("--online serves pushed parameters: give --data WORLD, and neither --run nor --store")
-        app_ = build_online_service(data, max_batch=max_batch, max_wait_ms=max_wait_ms, max_candidates=max_candidates)
-        err.print(f"serving the online ranker on http://{host}:{port}: waiting for `lifelong monolith online --serve "
-                  f"http://{host}:{port}` to push parameters  (OpenAPI: /docs)")
-    else:
-        if run is None or store is None or data is not None:
-            raise ConfigError("serve needs --run RUN and --store URL (or --online --data WORLD)")
-        app_, version = build_service(run, store, path=path, backend=backend, max_batch=max_batch,
-                                      max_wait_ms=max_wait_ms, max_candidates=max_candidates)
-        err.print(f"serving {version} ({path} path) on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    elif run is None or store is None or data is not None:
+        raise ConfigError("serve needs --run RUN and --store URL (or --online --data WORLD)")
+    sock = bind_port(host, port)  # a busy port is one line and exit 2, before the model loads
+    try:
+        if online:
+            app_ = build_online_service(data, **limits)
+            err.print(f"serving the online ranker on http://{host}:{port}: waiting for `lifelong monolith online "
+                      f"--serve http://{host}:{port}` to push parameters  (OpenAPI: /docs)")
+        else:
+            app_, version = build_service(run, store, path=path, backend=backend, **limits)
+            err.print(f"serving {version} ({path} path) on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
+    except BaseException:
+        sock.close()
+        raise
+    run_server(app_, sock)
 
 
 @bench_app.command("ops")

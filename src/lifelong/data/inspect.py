@@ -14,6 +14,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from lifelong.core.atomic import write_atomic
 from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS, final_score, hit_at_k, hit_at_k_random
 from lifelong.core.progress import progress
 from lifelong.data.io import read_meta, read_table
@@ -165,8 +166,8 @@ def plot_history_lengths(report: InspectReport, png: str | os.PathLike[str]) -> 
         ax.set_ylabel("users")
     fig.suptitle(f"{report.path.name}: {report.users:,} users, {report.events:,} events", fontsize=11)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        write_atomic(png, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return png

@@ -5,7 +5,15 @@ A dataset directory (a simulated world or an ingested real dataset) holds ``item
 JSON metadata file (``world.json`` or ``dataset.json``) with the protocol dates.
 
 Writers never leave half-written output: everything goes to a temporary sibling first and is
-renamed into place only when complete.
+renamed into place only when complete; temporaries left by a killed writer are removed by the
+next one (:func:`lifelong.core.atomic.clean_stale_temps`).
+
+Every Parquet file lifelong writes or reads goes through this module, so that each is written
+with page checksums (CRC32 of every data page) and each read verifies them: a flipped byte
+is a :class:`DataError` naming the file, never wrong numbers. Writers: :func:`write_parquet`,
+:func:`parquet_writer`; readers: :func:`read_table` (validated), :func:`read_parquet`,
+:func:`iter_parquet_batches`, :func:`open_dataset`. Files written without checksums (before
+they were added) read as before: there is nothing to verify.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +31,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lifelong.core.atomic import write_atomic
+from lifelong.core.atomic import clean_stale_temps, write_atomic
 from lifelong.core.errors import DataError
 from lifelong.data.schema import TABLES
 from lifelong.data.validate import require_file, validate_table
 
 META_FILES = ("world.json", "dataset.json")
+
+#: Options of every Parquet file lifelong writes. Row groups and statistics are fixed so the
+#: same table always gives the same bytes; page checksums let every read detect corruption.
+PARQUET_WRITE_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_statistics": True, "write_page_checksum": True}
+#: Options of every Parquet read: verify the page checksums (a file without them passes).
+PARQUET_READ_OPTIONS: dict[str, Any] = {"page_checksum_verification": True}
+ROW_GROUP_SIZE = 1 << 20
 
 
 @contextlib.contextmanager
@@ -48,7 +63,8 @@ def atomic_output_dir(out: str | os.PathLike[str], overwrite: bool = True) -> It
     if out.exists() and not overwrite:
         raise DataError(out, "output already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temps(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
@@ -63,18 +79,22 @@ def atomic_output_dir(out: str | os.PathLike[str], overwrite: bool = True) -> It
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike[str]) -> None:
-    """Write ``table`` to ``path`` via a temporary file and a rename.
+def write_parquet(table: pa.Table, path: str | os.PathLike[str], **options: Any) -> None:
+    """Write ``table`` to ``path`` with page checksums, via a temporary file and a rename.
 
-    Row groups and statistics are fixed so the same table always gives the same bytes.
+    Row groups and statistics are fixed so the same table always gives the same bytes;
+    ``options`` (``pyarrow.parquet.write_table`` keywords) override :data:`PARQUET_WRITE_OPTIONS`.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20, write_statistics=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    kw = {**PARQUET_WRITE_OPTIONS, "row_group_size": ROW_GROUP_SIZE, **options}
+    write_atomic(path, lambda f: pq.write_table(table, f, **kw))
+
+
+def parquet_writer(path: str | os.PathLike[str], schema: pa.Schema, **options: Any) -> pq.ParquetWriter:
+    """A ``ParquetWriter`` with lifelong's options (page checksums), for files written in pieces.
+
+    It writes ``path`` in place: open it inside :func:`atomic_output_dir`.
+    """
+    return pq.ParquetWriter(path, schema, **{**PARQUET_WRITE_OPTIONS, **options})
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -99,10 +119,55 @@ def read_table(path: str | os.PathLike[str], kind: str, columns: list[str] | Non
         for name in columns or TABLES[kind].names:
             if name not in present:
                 raise DataError(path, "missing column", column=name)
-        table = pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=columns, **PARQUET_READ_OPTIONS)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(path, f"not a readable Parquet file ({exc})") from None
+        raise _unreadable(path, exc) from None
     return validate_table(table, kind, path, columns=columns)
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    """The one-line error of a Parquet file pyarrow cannot read (truncated, corrupted page, bad checksum)."""
+    return DataError(path, f"not a readable Parquet file ({' '.join(str(exc).split())})")
+
+
+def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file, verifying its page checksums, without schema validation.
+
+    Raises:
+        DataError: the file is missing, unreadable or corrupted.
+    """
+    path = require_file(Path(path))
+    try:
+        return pq.read_table(path, columns=columns, **PARQUET_READ_OPTIONS)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def iter_parquet_batches(path: str | os.PathLike[str], columns: Sequence[str] | None = None,
+                         batch_size: int = 1 << 16) -> Iterator[pa.RecordBatch]:
+    """Record batches of a Parquet file, streamed, with page checksums verified as pages are read.
+
+    Raises:
+        DataError: the file is missing, unreadable or corrupted (possibly after some batches).
+    """
+    path = require_file(Path(path))
+    try:
+        with pq.ParquetFile(path, **PARQUET_READ_OPTIONS) as f:
+            yield from f.iter_batches(batch_size=batch_size, columns=None if columns is None else list(columns))
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def open_dataset(path: str | os.PathLike[str]):
+    """A ``pyarrow.dataset.Dataset`` over Parquet ``path`` whose scans verify page checksums.
+
+    Scans raise ``OSError`` on a corrupted page; callers turn it into a :class:`DataError`.
+    """
+    import pyarrow.dataset as pads
+
+    fmt = pads.ParquetFileFormat(
+        default_fragment_scan_options=pads.ParquetFragmentScanOptions(**PARQUET_READ_OPTIONS))
+    return pads.dataset(path, format=fmt)
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:

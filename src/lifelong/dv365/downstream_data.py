@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from lifelong.core.errors import ConfigError, DataError
-from lifelong.data.io import read_meta, read_table, require_file
+from lifelong.data.io import iter_parquet_batches, read_meta, read_table
 from lifelong.data.protocol import DAY_MS, Protocol
 from lifelong.data.schema import EMBED_DIM, HEAD_BITS, HEADS, POSITIVE_BITS
 
@@ -205,9 +204,8 @@ def load_downstream_data(directory: str | os.PathLike[str], cfg: DownstreamDataC
               _SplitAccumulator("eval", protocol.eval_start_ms, protocol.eval_end_ms, user_ids.size))
     train_impressions = np.zeros(item_ids.size)
 
-    events = pq.ParquetFile(require_file(directory / "events.parquet"))
     columns = ["user_id", "item_id", "ts_ms", "surface", "action_mask"]
-    for batch in events.iter_batches(batch_size=batch_rows, columns=columns):
+    for batch in iter_parquet_batches(directory / "events.parquet", columns, batch_size=batch_rows):
         uid, iid, ts, surface, mask = (batch.column(c).to_numpy() for c in columns)
         user, item = _positions(user_ids, uid), _positions(item_ids, iid)
         if (user < 0).any() or (item < 0).any():

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lifelong.core.atomic import write_atomic
 from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import auc, mean_std, normalized_entropy
 from lifelong.core.quantization import dequantize_4bit, quantize_4bit
@@ -146,9 +147,7 @@ def cached_embeddings(embeddings: EmbeddingFn, directory: str | os.PathLike[str]
             return np.load(path)
         emb = np.asarray(embeddings(user_ids, as_of_ms), dtype=np.float32)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-        np.save(tmp, emb)
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: np.save(f, emb))
         return emb
 
     return embed

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from lifelong.core.checkpoint import save_atomic
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import read_meta, read_table
 from lifelong.data.protocol import DAY_MS, Protocol
@@ -230,9 +231,7 @@ class TokenCache:
                                         label=f"DV365 slice tokens, cut {cut}")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save({**key, "tokens": tokens}, tmp)
-            os.replace(tmp, path)
+            save_atomic({**key, "tokens": tokens}, path)
         self._by_cut[cut] = tokens
         return tokens
 

@@ -24,7 +24,8 @@ read transaction (one snapshot); with Redis they are two round trips, so a versi
 until ``keep - 1`` further switches have passed (a read that finds rows missing re-resolves).
 
 One exporter at a time per store (the scheduler runs them in sequence). ``lifelong store load``
-clears the whole store, exported embeddings included.
+keeps the exported embeddings (its own records are versioned under other keys) unless it is
+given ``--drop-embeddings``.
 
 Example::
 
@@ -54,7 +55,7 @@ from lifelong.core.quantization import (
     quantize_4bit,
     to_words_4bit,
 )
-from lifelong.data.io import read_meta
+from lifelong.data.io import open_dataset, read_meta
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.protocol import Protocol as DataProtocol
 from lifelong.store.embeddings import (
@@ -164,8 +165,8 @@ def active_users(world_dir: str | os.PathLike[str], as_of_ms: int, window_ms: in
         raise DataError(path, "missing: not a dataset directory")
     ts = pads.field("ts_ms")
     try:
-        table = pads.dataset(path).to_table(columns=["user_id"],
-                                            filter=(ts >= int(as_of_ms) - int(window_ms)) & (ts < int(as_of_ms)))
+        table = open_dataset(path).to_table(columns=["user_id"],
+                                           filter=(ts >= int(as_of_ms) - int(window_ms)) & (ts < int(as_of_ms)))
     except (OSError, ValueError) as exc:
         raise DataError(path, f"cannot scan the events ({exc})") from None
     return np.unique(table.column("user_id").to_numpy()).astype(np.int64)

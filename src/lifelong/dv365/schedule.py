@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lifelong.core.atomic import write_atomic
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.quantization import dequantize_4bit, from_words_4bit
 from lifelong.data.protocol import Protocol as DataProtocol
@@ -353,10 +354,9 @@ def _cache(store_url: str, users: np.ndarray, cache_dir: Path, version: int, bat
                                    "whole (another exporter writes to this store?)")
     pointer = parts[0][2]
     path = cache_dir / f"v{version:012d}.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, user_ids=users, words=np.concatenate([w for w, _, _ in parts]), version=version,
-             as_of_ms=pointer["as_of_ms"], rows=pointer["rows"], dim=pointer["dim"])
-    os.replace(tmp, path)  # a cache file is whole or absent
+    words = np.concatenate([w for w, _, _ in parts])
+    write_atomic(path, lambda f: np.savez(f, user_ids=users, words=words, version=version,  # whole or absent
+                                          as_of_ms=pointer["as_of_ms"], rows=pointer["rows"], dim=pointer["dim"]))
     return path
 
 

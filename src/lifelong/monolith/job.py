@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from lifelong.core.errors import ConfigError, LifelongError
+from lifelong.data.io import read_parquet
 from lifelong.monolith.online import OnlineConfig, OnlineTrainer
 from lifelong.monolith.ranker import ItemCatalog
 from lifelong.monolith.stream import EventStream, open_stream, replay
@@ -128,7 +128,7 @@ def stream_records(stream: EventStream) -> int:
 
 def _window(data: Path, last_days: float | None) -> tuple[int | None, int]:
     """(start_ms of the replay, events in it)."""
-    ts = pq.read_table(data / "events.parquet", columns=["ts_ms"]).column("ts_ms").to_numpy()
+    ts = read_parquet(data / "events.parquet", columns=["ts_ms"]).column("ts_ms").to_numpy()
     if last_days is None or not len(ts):
         return None, len(ts)
     start = int(ts.max()) + 1 - int(last_days * DAY_MS)

@@ -86,6 +86,12 @@ class OnlineServingRanker:
         snap = self._snapshot
         return None if snap is None else online_version(snap.version)
 
+    def readiness(self) -> tuple[bool, str]:
+        """Ready once the first full snapshot has arrived (``/readyz``)."""
+        if self._snapshot is None:
+            return False, "no model yet: waiting for the trainer's first sync"
+        return True, "ok"
+
     # -- sync ------------------------------------------------------------------------------------
 
     def apply_sync(self, payload: bytes) -> dict[str, object]:

@@ -51,14 +51,21 @@ class Histogram:
         return out
 
 
+CAUSES = ("invalid", "unknown_items", "too_many_candidates", "body_too_large", "body_timeout", "overloaded",
+          "deadline", "client_gone", "store_unavailable", "no_model", "internal")
+"""Why a ``/rank`` request was not answered 200: the ``cause`` label of ``lifelong_errors_total``."""
+
+
 class ServiceMetrics:
-    """Request counters by status, a latency histogram, batch sizes and the queue depth.
+    """Request counters by status and by cause, a latency histogram, batch sizes, the queue.
 
     Example::
 
         >>> m = ServiceMetrics()
-        >>> m.request(200, 0.004); m.request(422, 0.001)
+        >>> m.request(200, 0.004); m.request(422, 0.001, cause="invalid")
         >>> 'lifelong_requests_total{status="422"} 1' in m.render()
+        True
+        >>> 'lifelong_errors_total{cause="invalid"} 1' in m.render()
         True
     """
 
@@ -71,12 +78,30 @@ class ServiceMetrics:
         self.cold_start = 0
         self.syncs: dict[str, int] = defaultdict(int)
         self.queue_depth = 0
+        self.queue_examples = 0
         self.examples = 0
+        self.errors: dict[str, int] = defaultdict(int)
+        self.dropped_examples: dict[str, int] = defaultdict(int)
+        self.store_errors = 0
+        self.ready: bool | None = None
 
-    def request(self, status: int, seconds: float) -> None:
+    def request(self, status: int, seconds: float, cause: str | None = None) -> None:
+        """A ``/rank`` request was answered ``status``; a non-200 names its ``cause`` (see :data:`CAUSES`)."""
         with self._lock:
             self.requests[status] += 1
             self.latency.observe(seconds)
+            if status != 200:
+                self.errors[cause or ("internal" if status >= 500 else "invalid")] += 1
+
+    def dropped(self, cause: str, n_examples: int) -> None:
+        """``n_examples`` candidates were dropped before scoring (``deadline`` or ``client_gone``)."""
+        with self._lock:
+            self.dropped_examples[cause] += n_examples
+
+    def store_error(self) -> None:
+        """A batch failed because the feature store could not answer."""
+        with self._lock:
+            self.store_errors += 1
 
     def batch(self, n_requests: int, n_examples: int) -> None:
         with self._lock:
@@ -98,9 +123,16 @@ class ServiceMetrics:
             lines = ["# HELP lifelong_requests_total Ranking requests answered, by HTTP status.",
                      "# TYPE lifelong_requests_total counter"]
             lines += [f'lifelong_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            errors = sum(n for s, n in self.requests.items() if s >= 400)
-            lines += ["# HELP lifelong_errors_total Requests answered with a 4xx or 5xx status.",
-                      "# TYPE lifelong_errors_total counter", f"lifelong_errors_total {errors}",
+            lines += ["# HELP lifelong_errors_total Requests not answered 200, by cause (sum them for all errors).",
+                      "# TYPE lifelong_errors_total counter",
+                      *(f'lifelong_errors_total{{cause="{c}"}} {self.errors.get(c, 0)}'
+                        for c in sorted({*CAUSES, *self.errors})),
+                      "# HELP lifelong_store_errors_total Model batches failed because the feature store could not answer.",
+                      "# TYPE lifelong_store_errors_total counter", f"lifelong_store_errors_total {self.store_errors}",
+                      "# HELP lifelong_dropped_examples_total Candidates dropped before scoring, by cause.",
+                      "# TYPE lifelong_dropped_examples_total counter",
+                      *(f'lifelong_dropped_examples_total{{cause="{c}"}} {self.dropped_examples.get(c, 0)}'
+                        for c in sorted({"deadline", "client_gone", *self.dropped_examples})),
                       "# HELP lifelong_request_latency_seconds Time from receiving a request to answering it.",
                       "# TYPE lifelong_request_latency_seconds histogram",
                       *self.latency.lines("lifelong_request_latency_seconds"),
@@ -118,5 +150,10 @@ class ServiceMetrics:
                       "# TYPE lifelong_syncs_total counter",
                       *(f'lifelong_syncs_total{{outcome="{o}"}} {n}' for o, n in sorted(self.syncs.items())),
                       "# HELP lifelong_queue_depth Requests waiting for a batch.",
-                      "# TYPE lifelong_queue_depth gauge", f"lifelong_queue_depth {self.queue_depth}"]
+                      "# TYPE lifelong_queue_depth gauge", f"lifelong_queue_depth {self.queue_depth}",
+                      "# HELP lifelong_queue_examples Candidates waiting for a batch (bounded by max_queue_examples).",
+                      "# TYPE lifelong_queue_examples gauge", f"lifelong_queue_examples {self.queue_examples}"]
+            if self.ready is not None:
+                lines += ["# HELP lifelong_ready Whether the last readiness probe (/readyz) found the ranker ready.",
+                          "# TYPE lifelong_ready gauge", f"lifelong_ready {int(self.ready)}"]
         return "\n".join(lines) + "\n"

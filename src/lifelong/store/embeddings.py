@@ -16,11 +16,12 @@ import numpy as np
 
 from lifelong.core.errors import DataError
 from lifelong.core.quantization import dequantize_4bit, from_words_4bit, words_per_row_4bit
-from lifelong.store.feature_store import FeatureStore, open_store, user_key
+from lifelong.store.feature_store import EMBEDDINGS_PREFIX, FeatureStore, open_store, user_key
 
-POINTER_KEY = b"dv365:current"
-REGISTRY_KEY = b"dv365:versions"
-_VERSION_PREFIX = b"dv365:v:"
+# All under EMBEDDINGS_PREFIX: ``lifelong store load`` keeps them, ``--drop-embeddings`` deletes them.
+POINTER_KEY = EMBEDDINGS_PREFIX + b"current"
+REGISTRY_KEY = EMBEDDINGS_PREFIX + b"versions"
+_VERSION_PREFIX = EMBEDDINGS_PREFIX + b"v:"
 
 
 def version_prefix(version: int) -> bytes:

@@ -7,6 +7,8 @@ a process that opens an LMDB store loads ``lmdb``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -14,10 +16,13 @@ from pathlib import Path
 
 import lmdb
 
-from lifelong.core.errors import ConfigError, DataError
-from lifelong.store.feature_store import FeatureStore, StoreReader
+from lifelong.core.errors import ConfigError, DataError, WriterLocked
+from lifelong.store.feature_store import FeatureStore, StoreReader, WriterLock, holder, locked_message
 
-__all__ = ["LMDBStore"]
+__all__ = ["LOCK_FILE", "LMDBStore"]
+
+LOCK_FILE = "writer.lock"
+"""The writer lock's file, in the environment's directory next to ``data.mdb``."""
 
 _OPEN_ENVS: dict[str, tuple[lmdb.Environment, bool, int]] = {}
 _OPEN_LOCK = threading.Lock()
@@ -78,7 +83,35 @@ class LMDBStore(FeatureStore):
     def reader(self) -> Iterator[StoreReader]:
         # buffers=True: values are memoryviews into the map, valid while the transaction is.
         with self._env.begin(buffers=True) as txn:
-            yield StoreReader(lambda keys: [txn.get(k) for k in keys], self.url)
+            yield StoreReader(lambda keys: [txn.get(k) for k in keys], self.url, snapshot=True)
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[WriterLock]:
+        """An exclusive ``flock`` on ``writer.lock`` in the store's directory, taken without
+        waiting. The kernel drops it when its holder exits, however it exits, so a killed
+        loader never leaves the store locked. (``flock``, unlike ``fcntl``'s record locks, also
+        refuses a second holder inside the same process.)"""
+        self._require_writable()
+        path = self.path / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    held_by = json.loads(os.pread(fd, 4096, 0) or b"null")
+                except ValueError:
+                    held_by = None
+                raise WriterLocked(locked_message(self.url, held_by)) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder()).encode(), 0)
+            try:
+                yield _FileLock(self)
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def _require_writable(self) -> None:
         if not self.writable:
@@ -118,3 +151,13 @@ class LMDBStore(FeatureStore):
                 _OPEN_ENVS[self._key] = (env, writable, count - 1)
             else:
                 env.close()
+
+
+class _FileLock(WriterLock):
+    """A held ``flock``: it cannot be lost while its holder lives, so a write needs no fence."""
+
+    def __init__(self, store: LMDBStore):
+        self._store = store
+
+    def put(self, pairs: Sequence[tuple[bytes, bytes]]) -> None:
+        self._store.put(pairs)

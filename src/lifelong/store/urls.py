@@ -155,12 +155,14 @@ def parse_url(url: str | os.PathLike[str], kind: UrlKind) -> ParsedUrl:
     raise ConfigError(f"unknown {kind.noun} URL scheme {scheme!r} in {text!r}: expected {kind.expected}")
 
 
-def connect_redis(url: str, timeout_s: float = 5.0) -> redis.Redis:
+def connect_redis(url: str, timeout_s: float = 5.0, socket_timeout_s: float | None = None) -> redis.Redis:
     """A client of the Redis server at ``url``, which has answered a PING.
 
     Args:
         url: ``redis://host:port/db`` (see :func:`check_redis_url`).
         timeout_s: how long to wait for the server before giving up.
+        socket_timeout_s: how long any later command may wait for its answer (None: forever,
+            which blocking stream reads need).
 
     Raises:
         ConfigError: a malformed URL, or a server that does not answer.
@@ -169,7 +171,7 @@ def connect_redis(url: str, timeout_s: float = 5.0) -> redis.Redis:
     import redis  # only a process that opens a Redis backend loads the client
 
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s)
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=socket_timeout_s)
         client.ping()
     except (redis.RedisError, ValueError, TypeError) as exc:
         raise ConfigError(f"cannot reach Redis at {url}: {exc}") from None

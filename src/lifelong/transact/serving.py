@@ -17,12 +17,22 @@ Both assemble ``S_all`` with :func:`~lifelong.transact.sequence_layout.assemble_
 rule ``lifelong transact build`` logged it with (same timelines, same tie rule), which is what
 makes the scores of served and offline rows equal. Only the blocks the model declares it reads
 are searched. Nothing here depends on the model's name or class: only on its abilities.
+
+Each batch reads one version of the feature store: one pinned reader
+(:meth:`~lifelong.store.feature_store.FeatureStore.reader`) serves all its users, and every
+result names that version (``RankResult.store_version``). When a batch pins a version other
+than the last one, the item table and the caps are read again before the batch is scored, so a
+``lifelong store load`` takes effect between two batches, never inside one.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import json
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,17 +40,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from lifelong.core.errors import ConfigError
+from lifelong.core.config import build
+from lifelong.core.errors import ConfigError, StoreUnavailable
 from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS
 from lifelong.core.quantization import INT8_SCALE, dequantize_int8
 from lifelong.data.schema import EMBED_DIM
 from lifelong.ops.nn_search import nn_search, nn_search_naive
 from lifelong.ops.nn_select import l2_normalize
 from lifelong.serving.ranking import RankRequest, RankResult
-from lifelong.store.feature_store import FeatureStore, ItemRecords
+from lifelong.store.feature_store import FeatureStore, ItemRecords, StoreReader, VersionGone
 from lifelong.transact.abilities import abilities_of
 from lifelong.transact.batch import RankBatch
+from lifelong.transact.experiments import run_name
 from lifelong.transact.sequence_layout import SEGMENTS, SequenceLayout, assemble_s_all
+from lifelong.transact.trainer import TrainConfig
 
 PATHS = ("optimized", "naive")
 
@@ -99,10 +112,51 @@ class _History:
     imp: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class _StoreVersion:
+    """What the ranker keeps of one store version: its item table (a private copy) and caps.
+
+    Requests carry item rows of the ranker's *catalog*, every item id it has seen in the order
+    first seen, so a row validated against one version (``item_rows``) still names the same item
+    when the batch reads the next one; ``row_of`` maps catalog rows to this version's table.
+    """
+
+    name: str
+    id: str  # StoreReader.version_id: unique even across a wiped and reloaded store
+    items: ItemRecords
+    item_emb: torch.Tensor
+    item_unit: torch.Tensor
+    ll_cap: int
+    imp_cap: int
+    scale: float
+    row_of: np.ndarray      # catalog row -> row of this version's item table (-1: not in it)
+    catalog_of: np.ndarray  # row of this version's item table -> catalog row
+
+
+READINESS_TTL_S = 1.0
+"""``Ranker.readiness`` reads the store's pointer at most this often."""
+
+
 def model_version(run: str | Path) -> str:
-    """Short content hash of a run's weights: it changes whenever the served model does."""
-    h = hashlib.sha256((Path(run) / "model.pt").read_bytes()).hexdigest()
-    return f"{Path(run).name}@{h[:12]}"
+    """Which model a run is: ``<model>-<config hash>/<run directory name>@<weights hash>``.
+
+    ``<model>-<config hash>`` names the run's training configuration, seed aside, exactly as the
+    experiment harness names its run directories (:func:`~lifelong.transact.experiments.run_name`),
+    read from ``run.json`` (from ``model.pt`` for a run without one). ``<weights hash>`` is the
+    start of the SHA-256 of ``model.pt``: it changes whenever the served weights do.
+
+    Example::
+
+        model_version("reports/quickstart/runs/transact_v2-3f2a9c1d07/seed0")
+        # 'transact_v2-3f2a9c1d07/seed0@ab12cd34ef56'
+    """
+    run = Path(run)
+    weights = (run / "model.pt").read_bytes()
+    try:
+        train_cfg = json.loads((run / "run.json").read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        train_cfg = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=False)["train"]
+    return f"{run_name(build(TrainConfig, train_cfg))}/{run.name}@{hashlib.sha256(weights).hexdigest()[:12]}"
 
 
 class Ranker:
@@ -126,7 +180,7 @@ class Ranker:
         if path not in PATHS:
             raise ConfigError(f"unknown serving path {path!r}; choose one of {', '.join(PATHS)}")
         self.model, self.store, self.path, self.backend = model.eval(), store, path, backend
-        meta = store.meta()
+        meta = store.meta()  # StoreUnavailable when nothing is loaded: serve after `lifelong store load`
         self.layout = SequenceLayout(**meta["layout"])
         model_layout = getattr(getattr(model, "cfg", None), "layout", None)
         if model_layout is not None and model_layout != self.layout:
@@ -141,35 +195,148 @@ class Ranker:
         if n_heads != len(self.heads):
             raise ConfigError(f"the model has {n_heads} heads, the store's dataset {len(self.heads)} ({', '.join(self.heads)})")
         self.weights = np.array([head_weights.get(h, 0.0) for h in self.heads], dtype=np.float32)
-        self.ll_cap, self.imp_cap = int(meta["ll_cap"]), int(meta["imp_cap"])
-        self.scale = float(meta.get("int8_scale", INT8_SCALE))
+        self._catalog = np.zeros(0, dtype=np.int64)  # item ids, in the order first seen
+        self._catalog_sort = np.zeros(0, dtype=np.int64)  # argsort of _catalog
         with store.reader() as r:
-            # The item table is small and read on every request: one private copy outlives the reader.
-            self.items: ItemRecords = r.items().copy()
-        self.item_emb = dequantize_int8(torch.from_numpy(self.items.emb_int8), self.scale)
-        self.item_unit = l2_normalize(self.item_emb)
+            self._version = self._read_version(r)
+        self._lock = threading.Lock()
+        self._health: tuple[bool, str, float] = (True, "ok", time.monotonic())
         # The positions of S_all the model reads, in its order: what its token-table path indexes.
         self.read_positions = self.layout.positions(self.abilities.blocks)
         self.token_table = path == "optimized" and self.abilities.token_table
         self.arena = Arena(rows=4096, tokens=1 << 16, seq_len=self.layout.total)
 
+    # -- store versions -----------------------------------------------------------------------
+
+    @property
+    def items(self) -> ItemRecords:
+        """The item table of the last version read."""
+        return self._version.items
+
+    @property
+    def store_version(self) -> str:
+        """The name of the store version the last batch read."""
+        return self._version.name
+
+    def _read_version(self, reader: StoreReader) -> _StoreVersion:
+        """The pinned version of ``reader``: its meta checked against the model, its item table copied."""
+        name, version_id, meta = reader.version, reader.version_id, reader.meta()
+        if SequenceLayout(**meta["layout"]) != self.layout or tuple(meta["heads"]) != self.heads:
+            raise StoreUnavailable(self.store.url, f"version {name} holds layout {meta['layout']} and heads "
+                                                   f"{meta['heads']}, the model serves {self.layout} and "
+                                                   f"{list(self.heads)}; load the model's dataset")
+        # The item table is small and read on every request: one private copy outlives the reader.
+        items = reader.items().copy()
+        scale = float(meta.get("int8_scale", INT8_SCALE))
+        item_emb = dequantize_int8(torch.from_numpy(items.emb_int8), scale)
+        previous = getattr(self, "_version", None)
+        if previous is not None and np.array_equal(previous.items.item_id, items.item_id):
+            row_of, catalog_of = previous.row_of, previous.catalog_of  # the same ids: the same rows
+        else:
+            row_of, catalog_of = self._extend_catalog(items.item_id)
+        return _StoreVersion(name, version_id, items, item_emb, l2_normalize(item_emb), int(meta["ll_cap"]),
+                             int(meta["imp_cap"]), scale, row_of, catalog_of)
+
+    def _extend_catalog(self, item_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add the ids the catalog lacks (at its end: earlier rows never move); returns the
+        version's ``row_of`` and ``catalog_of``."""
+        if self._catalog.size:
+            pos = np.searchsorted(self._catalog, item_id, sorter=self._catalog_sort)
+            hit = self._catalog_sort[np.minimum(pos, self._catalog.size - 1)]
+            found = self._catalog[hit] == item_id
+        else:
+            hit, found = np.zeros(item_id.size, dtype=np.int64), np.zeros(item_id.size, dtype=bool)
+        catalog_of = hit.astype(np.int64, copy=True)
+        catalog_of[~found] = self._catalog.size + np.arange(int((~found).sum()))
+        catalog = np.concatenate([self._catalog, item_id[~found]])
+        row_of = np.full(catalog.size, -1, dtype=np.int64)
+        row_of[catalog_of] = np.arange(item_id.size)
+        # Published whole, sort last: item_rows of another thread reads a version, never these.
+        self._catalog, self._catalog_sort = catalog, np.argsort(catalog, kind="stable")
+        return row_of, catalog_of
+
+    def _pin(self, reader: StoreReader) -> _StoreVersion:
+        """The version ``reader`` pinned, read anew when it is not the last batch's."""
+        if reader.version_id != self._version.id:
+            self._version = self._read_version(reader)
+        return self._version
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the store can serve now: the last batch's outcome, or at most one pointer read
+        a second (:data:`READINESS_TTL_S`). ``(False, reason)`` when it is unreachable, empty or
+        serves a version of another layout."""
+        ok, reason, at = self._health
+        if time.monotonic() - at < READINESS_TTL_S:
+            return ok, reason
+        try:
+            with self.store.reader() as r:
+                name = r.version
+                if r.version_id != self._version.id:  # a new version: is it servable? (meta only, no item table)
+                    meta = r.meta()
+                    if SequenceLayout(**meta["layout"]) != self.layout or tuple(meta["heads"]) != self.heads:
+                        raise StoreUnavailable(self.store.url, f"version {name} holds layout {meta['layout']}, "
+                                                               f"the model serves {self.layout}")
+            self._health = (True, "ok", time.monotonic())
+        except StoreUnavailable as exc:
+            self._health = (False, exc.reason, time.monotonic())
+        return self._health[:2]
+
     # -- validation ---------------------------------------------------------------------------
 
     def item_rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Item-table rows of ``item_ids`` and the ids that are not in the table."""
-        rows, known = self.items.index_of(np.asarray(item_ids, dtype=np.int64))
-        return rows, np.asarray(item_ids)[~known]
+        """Rows of ``item_ids`` (in the ranker's catalog) and the ids the served item table lacks."""
+        version = self._version
+        rows, known = version.items.index_of(np.asarray(item_ids, dtype=np.int64))
+        catalog_rows = np.full(rows.shape, -1, dtype=np.int64)
+        catalog_rows[known] = version.catalog_of[rows[known]]
+        return catalog_rows, np.asarray(item_ids)[~known]
 
     # -- scoring ------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def rank(self, requests: list[RankRequest]) -> list[RankResult]:
-        """Score a batch of requests; results in the same order."""
+        """Score a batch of requests, all from one store version; results in the same order.
+
+        Raises:
+            StoreUnavailable: the store is unreachable or empty, or serves a version of another
+                layout (the service answers 503).
+        """
         if not requests:
             return []
-        if self.path == "naive":
-            return [self._rank_naive(r) for r in requests]
-        return self._rank_optimized(requests)
+        with self._lock:  # one batch at a time: the arena and the version are the batch's
+            try:
+                results = self._rank_pinned(requests)
+            except StoreUnavailable as exc:
+                self._health = (False, exc.reason, time.monotonic())
+                raise
+            self._health = (True, "ok", time.monotonic())
+            return results
+
+    def _rank_pinned(self, requests: list[RankRequest]) -> list[RankResult]:
+        for _ in range(3):
+            try:
+                with self.store.reader() as reader:
+                    version = self._pin(reader)
+                    rows = [self._version_rows(r.items, version) for r in requests]
+                    if self.path == "naive":
+                        results = [self._rank_naive(r, rows_, reader, version) for r, rows_ in zip(requests, rows)]
+                    else:
+                        results = self._rank_optimized(requests, rows, reader, version)
+            except VersionGone:  # Redis: the pinned version was deleted mid-batch; pin the served one
+                continue
+            for result in results:
+                result.store_version = version.name
+            return results
+        raise StoreUnavailable(self.store.url, "the served version changed during each of three reads (loads too frequent)")
+
+    def _version_rows(self, catalog_rows: np.ndarray, version: _StoreVersion) -> np.ndarray:
+        rows = np.asarray(catalog_rows, dtype=np.int64)
+        inside = rows < version.row_of.size
+        out = np.where(inside, version.row_of[np.where(inside, rows, 0)], -1)
+        if (out < 0).any():
+            raise StoreUnavailable(self.store.url, f"a candidate is not in the item table of version {version.name} "
+                                                   "(the store switched while the request was validated); retry")
+        return out
 
     def _finish(self, logits: torch.Tensor, counts: list[int], cold: list[bool]) -> list[RankResult]:
         probs = torch.sigmoid(logits).numpy()
@@ -177,23 +344,24 @@ class Ranker:
         bounds = np.cumsum([0, *counts])
         return [RankResult(probs[a:b], scores[a:b], c) for a, b, c in zip(bounds[:-1], bounds[1:], cold)]
 
-    def _histories(self, requests: list[RankRequest]) -> tuple[np.ndarray, list[bool], list[_History]]:
+    def _histories(self, requests: list[RankRequest], reader: StoreReader,
+                   version: _StoreVersion) -> tuple[np.ndarray, list[bool], list[_History]]:
         """Each request's (user, time) key, whether each request is cold-start, and where each
-        key's history sits in the arena's token table (keys de-duplicated)."""
+        key's history sits in the arena's token table (keys de-duplicated). One read of
+        ``reader`` (the batch's pinned version) fetches every user."""
         t_key = np.array([-1 if r.request_ms is None else r.request_ms for r in requests], dtype=np.int64)
         keys = np.stack([np.array([r.user_id for r in requests], dtype=np.int64), t_key], axis=1)
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-        with self.store.reader() as reader:
-            users = reader.users([int(u) for u in np.unique(uniq[:, 0])])
-            by_id = dict(zip(np.unique(uniq[:, 0]).tolist(), users))
-            spans = []
-            for user_id, t in uniq.tolist():
-                seq = by_id[user_id]
-                spans.append(None if seq is None else
-                             (seq, seq.timeline(None if t < 0 else t, self.ll_cap, self.layout.rt, self.imp_cap)))
-            # Copy what the batch needs out of the store's buffers while the reader is open.
-            inverse = inverse.reshape(-1)
-            return inverse, [spans[k] is None for k in inverse], self._fill_tokens(spans)
+        users = reader.users([int(u) for u in np.unique(uniq[:, 0])])
+        by_id = dict(zip(np.unique(uniq[:, 0]).tolist(), users))
+        spans = []
+        for user_id, t in uniq.tolist():
+            seq = by_id[user_id]
+            spans.append(None if seq is None else
+                         (seq, seq.timeline(None if t < 0 else t, version.ll_cap, self.layout.rt, version.imp_cap)))
+        # Copy what the batch needs out of the store's buffers while the reader is open.
+        inverse = inverse.reshape(-1)
+        return inverse, [spans[k] is None for k in inverse], self._fill_tokens(spans)
 
     def _fill_tokens(self, spans: list) -> list[_History]:
         """Write each key's LL + RT and impression tokens into the arena's token table."""
@@ -222,45 +390,47 @@ class Ranker:
         return out
 
     def _token_index(self, hist: list[_History], key_of_row: np.ndarray, cand_unit: torch.Tensor,
-                     tokens: torch.Tensor, search) -> torch.Tensor:
+                     tokens: torch.Tensor, search, scale: float) -> torch.Tensor:
         """(N, |S_all|) token-table index of every row's ``S_all`` (-1 = padding; blocks the model
         does not read stay padding)."""
         segments = {seg: (torch.tensor([getattr(h, seg)[0] for h in hist], dtype=torch.int64),
                           torch.tensor([getattr(h, seg)[1] for h in hist], dtype=torch.int64)) for seg in SEGMENTS}
 
         def search_segments(starts, lengths, cand_key, cand, k):
-            return search(tokens, starts, lengths, cand_key, cand, k, self.scale)[0]
+            return search(tokens, starts, lengths, cand_key, cand, k, scale)[0]
 
         return assemble_s_all(self.layout, segments, torch.from_numpy(key_of_row), cand_unit, search_segments,
                               out=self.arena.tok_index[:key_of_row.size], blocks=self.abilities.blocks)
 
-    def _rows(self, requests: list[RankRequest], n: int) -> tuple[torch.Tensor, ...]:
+    def _rows(self, requests: list[RankRequest], rows: list[np.ndarray], n: int,
+              version: _StoreVersion) -> tuple[torch.Tensor, ...]:
         ids = self.arena.ids[:, :n]
-        items = np.concatenate([r.items for r in requests])
+        items = np.concatenate(rows)
         ids[0].numpy()[:] = np.repeat([r.user_id for r in requests], [r.items.size for r in requests])
-        ids[1].numpy()[:] = self.items.item_id[items]
-        ids[2].numpy()[:] = self.items.author_id[items]
-        ids[3].numpy()[:] = self.items.topic_id[items]
+        ids[1].numpy()[:] = version.items.item_id[items]
+        ids[2].numpy()[:] = version.items.author_id[items]
+        ids[3].numpy()[:] = version.items.topic_id[items]
         ids[4].numpy()[:] = np.repeat([r.surface for r in requests], [r.items.size for r in requests])
         return ids, torch.from_numpy(items)
 
-    def _rank_optimized(self, requests: list[RankRequest]) -> list[RankResult]:
+    def _rank_optimized(self, requests: list[RankRequest], rows: list[np.ndarray], reader: StoreReader,
+                        version: _StoreVersion) -> list[RankResult]:
         counts = [int(r.items.size) for r in requests]
         n = sum(counts)
         self.arena.reserve(n, 0)
-        key_of_request, cold, hist = self._histories(requests)
+        key_of_request, cold, hist = self._histories(requests, reader, version)
         key_of_row = np.repeat(key_of_request, counts)
-        ids, items = self._rows(requests, n)
+        ids, items = self._rows(requests, rows, n, version)
         tokens = self.arena.tok_int8[:self.n_tokens]
         search = functools.partial(nn_search, backend=self.backend)
-        tok_index = self._token_index(hist, key_of_row, self.item_unit[items], tokens, search)
-        cand_emb = self.item_emb[items]
+        tok_index = self._token_index(hist, key_of_row, version.item_unit[items], tokens, search, version.scale)
+        cand_emb = version.item_emb[items]
         if self.token_table:
             tok_index = tok_index.index_select(1, self.read_positions)
         # Only the tokens some row selected enter the model: a 10^4-token S_LL contributes a few
         # hundred, and per-token work (dequantization, the fused first layer) scales with those.
         used, tok_index = _compact(tok_index)
-        tok_emb = dequantize_int8(tokens[used], self.scale)
+        tok_emb = dequantize_int8(tokens[used], version.scale)
         tok_action, tok_surface = self.arena.tok_action[used], self.arena.tok_surface[used]
         if self.token_table:
             logits = self.model.score_token_table(tok_emb, tok_action, tok_surface, tok_index, cand_emb,
@@ -270,16 +440,17 @@ class Ranker:
             logits = self.model(batch).logits
         return self._finish(logits, counts, cold)
 
-    def _rank_naive(self, request: RankRequest) -> RankResult:
+    def _rank_naive(self, request: RankRequest, rows: np.ndarray, reader: StoreReader,
+                    version: _StoreVersion) -> RankResult:
         n = int(request.items.size)
-        _, cold, hist = self._histories([request])
+        _, cold, hist = self._histories([request], reader, version)
         tokens = self.arena.tok_int8[:self.n_tokens].clone()
-        ids, items = self._rows([request], n)
+        ids, items = self._rows([request], [rows], n, version)
         ids = ids.clone()
-        tok_index = self._token_index(hist, np.zeros(n, dtype=np.int64), self.item_unit[items], tokens,
-                                      nn_search_naive).clone()
-        cand_emb = self.item_emb[items]
-        batch = _gather_batch(ids, cand_emb, tok_index, dequantize_int8(tokens, self.scale),
+        tok_index = self._token_index(hist, np.zeros(n, dtype=np.int64), version.item_unit[items], tokens,
+                                      nn_search_naive, version.scale).clone()
+        cand_emb = version.item_emb[items]
+        batch = _gather_batch(ids, cand_emb, tok_index, dequantize_int8(tokens, version.scale),
                               self.arena.tok_action[:self.n_tokens].clone(),
                               self.arena.tok_surface[:self.n_tokens].clone())
         return self._finish(self.model(batch).logits, [n], cold)[0]

@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import lifelong
 from lifelong.core.errors import ConfigError
 from lifelong.core.progress import progress
-from lifelong.data.io import atomic_output_dir, write_json, write_parquet
+from lifelong.data.io import ROW_GROUP_SIZE, atomic_output_dir, parquet_writer, write_json, write_parquet
 from lifelong.data.protocol import Protocol
 from lifelong.data.schema import EVENTS_SCHEMA, EXPLICIT_BITS, HEAD_BITS, HEADS, ORACLE_SCHEMA, USERS_SCHEMA
 from lifelong.data.users import users_from_events
@@ -41,7 +40,6 @@ from lifelong.data.world.requests import SOURCE_LABELS, Responses, simulate_requ
 CHUNK_USERS = 512
 """Users per block. Part of the sampling definition: each block has its own random stream."""
 
-_ROW_GROUP = 1 << 20  # same row-group size as lifelong.data.io.write_parquet
 
 
 @dataclass
@@ -260,10 +258,6 @@ def write_world(world: World, out_dir: str | os.PathLike[str]) -> Path:
     return out_dir
 
 
-def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    return pq.ParquetWriter(path, schema, compression="zstd", write_statistics=True)
-
-
 def simulate_to(cfg: WorldConfig, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Simulate a world block by block, streaming it to ``out_dir`` (atomic; bounded memory).
 
@@ -283,11 +277,12 @@ def simulate_to(cfg: WorldConfig, out_dir: str | os.PathLike[str]) -> dict[str, 
     with atomic_output_dir(out_dir) as tmp:
         write_parquet(catalog.table, tmp / "items.parquet")
         users = []
-        with _writer(tmp / "events.parquet", EVENTS_SCHEMA) as ev, _writer(tmp / "oracle.parquet", ORACLE_SCHEMA) as orc:
+        with (parquet_writer(tmp / "events.parquet", EVENTS_SCHEMA) as ev,
+              parquet_writer(tmp / "oracle.parquet", ORACLE_SCHEMA) as orc):
             for chunk in chunks:
                 stats.add(chunk)
-                ev.write_table(chunk.events, row_group_size=_ROW_GROUP)
-                orc.write_table(chunk.oracle, row_group_size=_ROW_GROUP)
+                ev.write_table(chunk.events, row_group_size=ROW_GROUP_SIZE)
+                orc.write_table(chunk.oracle, row_group_size=ROW_GROUP_SIZE)
                 users.append(chunk.users)
         write_parquet(pa.concat_tables(users) if users else USERS_SCHEMA.empty_table(), tmp / "users.parquet")
         meta = stats.meta(cfg, catalog, protocol)
