@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from lifelong.data.schema import EXPLICIT_BITS, HEAD_BITS, HEADS, Action
 from lifelong.data.world import load_config, simulate_to
 from lifelong.monolith.joiner import EXAMPLE_DTYPE, JoinerConfig, OnlineJoiner
-from lifelong.monolith.stream import EVENT_DTYPE, LogStream, replay
+from lifelong.store.stream import EVENT_DTYPE, LogStream, replay
 
 IMP, CLICK, REPIN, HIDE, LONG = (int(a) for a in (Action.IMPRESSION, Action.CLICK, Action.REPIN, Action.HIDE,
                                                   Action.LONG_VIEW))

@@ -31,7 +31,7 @@ from lifelong.monolith.online import (
     latest_checkpoint,
 )
 from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineRankerConfig, default_table
-from lifelong.monolith.stream import LogStream, RedisStream, replay
+from lifelong.store.stream import LogStream, RedisStream, replay
 
 
 def small_table(seed: int, **changes):
@@ -331,7 +331,7 @@ def test_adam_dense_optimizer_state_is_checkpointed(world, tmp_path):
 
 
 def test_late_examples_count_in_the_oldest_open_window(tmp_path):
-    from lifelong.monolith.stream import EVENT_DTYPE
+    from lifelong.store.stream import EVENT_DTYPE
 
     ev = np.zeros(4, EVENT_DTYPE)
     ev["item_id"], ev["request_id"] = [1, 2, 3, 1], [1, 2, 3, 4]

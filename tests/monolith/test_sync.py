@@ -27,8 +27,8 @@ from lifelong.monolith.joiner import EXAMPLE_DTYPE, JoinerConfig, OnlineJoiner
 from lifelong.monolith.online import ExampleAudit, OnlineConfig, OnlineTrainer
 from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRankerConfig, default_table
 from lifelong.monolith.serving import NoModelYet, OnlineServingRanker, online_version
-from lifelong.monolith.stream import LogStream, replay, to_records
 from lifelong.monolith.sync import Syncer, decode_delta, encode_delta
+from lifelong.store.stream import LogStream, replay, to_records
 from lifelong.transact.serving import RankRequest
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import httpx
 import numpy as np
@@ -317,6 +318,7 @@ class FakeRanker:
         self.n_items, self.delay_s = n_items, delay_s
         self.down: str | None = None
         self.scored: list[int] = []  # candidates per scored request
+        self.busy = threading.Event()  # set while a batch is being scored
 
     def item_rows(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
@@ -331,7 +333,9 @@ class FakeRanker:
 
         if self.down:
             raise StoreUnavailable("redis://fake/0", self.down)
+        self.busy.set()
         time.sleep(self.delay_s)
+        self.busy.clear()
         self.scored += [int(r.items.size) for r in requests]
         return [RankResult(np.tile(r.items[:, None] / self.n_items, (1, 2)), r.items / self.n_items, False,
                            store_version="v7") for r in requests]
@@ -403,7 +407,8 @@ def test_a_request_past_its_deadline_is_504_and_never_scored():
         transport = httpx.ASGITransport(app=app)
         async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             slow = asyncio.create_task(c.post("/rank", json={"user_id": 1, "candidates": [1, 2]}))
-            await asyncio.sleep(0.05)  # the first batch is being scored
+            while not fake.busy.is_set():  # the first batch is being scored
+                await asyncio.sleep(0.005)
             late = await c.post("/rank", json={"user_id": 2, "candidates": list(range(10)), "timeout_ms": 100})
             return await slow, late, (await c.get("/metrics")).text
 

@@ -59,7 +59,7 @@ from lifelong.monolith.ranker import (
     OnlineRankerConfig,
     default_table,
 )
-from lifelong.monolith.stream import LogStream, replay
+from lifelong.store.stream import LogStream, replay
 
 __all__ = ["EXPERIMENTS", "SYNC_INTERVALS", "Quality", "ServedPredictions", "StreamWorld", "build_model",
            "drift_experiment", "hashing_experiment", "load_stream", "quality", "render_markdown", "seeded_config",
@@ -79,7 +79,7 @@ class StreamWorld:
     """A world's events in stream order, with what the experiments need to know about it.
 
     Args:
-        records: :data:`~lifelong.monolith.stream.EVENT_DTYPE` events, in replay order.
+        records: :data:`~lifelong.store.stream.EVENT_DTYPE` events, in replay order.
         catalog: item metadata.
         start_ms: midnight of the world's first day.
         days: days covered by ``records``.

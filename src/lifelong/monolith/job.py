@@ -3,7 +3,7 @@
 Three parts run together in one process:
 
 1. **The producer** (a thread) appends the world's events to the stream in time order
-   (:func:`~lifelong.monolith.stream.replay`), as fast as possible or paced by ``speedup``.
+   (:func:`~lifelong.store.stream.replay`), as fast as possible or paced by ``speedup``.
    Restarted on a stream that already holds some of them, it appends only the rest, so a
    killed job resumed with the same arguments neither loses nor repeats an event.
 2. **The trainer** (:class:`~lifelong.monolith.online.OnlineTrainer`) reads the stream, joins,
@@ -37,8 +37,8 @@ from lifelong.core.errors import ConfigError, LifelongError
 from lifelong.data.io import read_parquet
 from lifelong.monolith.online import OnlineConfig, OnlineTrainer
 from lifelong.monolith.ranker import ItemCatalog
-from lifelong.monolith.stream import EventStream, open_stream, replay
 from lifelong.monolith.sync import Syncer, SyncReply
+from lifelong.store.stream import EventStream, open_stream, replay
 
 __all__ = ["JobSummary", "OnlineJob", "run_online_job", "stream_records"]
 

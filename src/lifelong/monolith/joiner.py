@@ -3,7 +3,7 @@
 Monolith trains from a stream of joined examples (docs/design.md, "Monolith:
 training"): an impression waits a while for the user's reaction, then becomes a training
 example, positive for every head whose action came in time and negative otherwise.
-:class:`OnlineJoiner` does this over a stream of events (:data:`~lifelong.monolith.stream.EVENT_DTYPE`
+:class:`OnlineJoiner` does this over a stream of events (:data:`~lifelong.store.stream.EVENT_DTYPE`
 records, in time order), one batch at a time, with numpy sorts and scans, no loop per event:
 per batch, a pass over the open windows plus a sort of the batch's actions together with the
 windows that share their (user, item).
@@ -184,7 +184,7 @@ class OnlineJoiner:
 
     Example::
 
-        >>> from lifelong.monolith.stream import EVENT_DTYPE
+        >>> from lifelong.store.stream import EVENT_DTYPE
         >>> ev = np.zeros(3, EVENT_DTYPE)
         >>> ev["user_id"], ev["request_id"], ev["item_id"] = 1, 5, [7, 8, 7]
         >>> ev["ts_ms"] = [0, 0, 60_000]
@@ -226,7 +226,7 @@ class OnlineJoiner:
 
         Args:
             events: a structured array with the fields of
-                :data:`~lifelong.monolith.stream.EVENT_DTYPE` (``dwell_ms`` is not used).
+                :data:`~lifelong.store.stream.EVENT_DTYPE` (``dwell_ms`` is not used).
 
         Returns:
             :data:`EXAMPLE_DTYPE` examples, in order of (window end, stream position).

@@ -82,8 +82,8 @@ from lifelong.modules.heads import ranking_loss
 from lifelong.monolith.joiner import JoinerConfig, OnlineJoiner
 from lifelong.monolith.modules import sparse_step
 from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRanker, OnlineRankerConfig
-from lifelong.monolith.stream import EventStream, Offset, open_stream
 from lifelong.monolith.table import EmbeddingTable
+from lifelong.store.stream import EventStream, Offset, open_stream
 
 __all__ = [
     "Delta", "ExampleAudit", "OnlineConfig", "OnlineCounters", "OnlineTrainer", "ParameterReplica", "RunStats",
@@ -568,7 +568,7 @@ class OnlineTrainer:
         cfg: the job; on restore it must match the checkpoint's, except for ``read_records``,
             ``batch_size``, ``checkpoint_every``, ``keep_checkpoints``, ``delta_format`` and
             ``dense_every``.
-        stream: an open stream, or a URL for :func:`~lifelong.monolith.stream.open_stream`
+        stream: an open stream, or a URL for :func:`~lifelong.store.stream.open_stream`
             (then the trainer closes it).
         catalog: item metadata.
         ckpt_dir: the checkpoint directory (created if missing).
@@ -583,7 +583,7 @@ class OnlineTrainer:
     Example::
 
         >>> import tempfile
-        >>> from lifelong.monolith.stream import EVENT_DTYPE, LogStream
+        >>> from lifelong.store.stream import EVENT_DTYPE, LogStream
         >>> ev = np.zeros(3, EVENT_DTYPE); ev["item_id"] = [1, 2, 1]; ev["action_mask"] = [1, 3, 1]
         >>> ev["ts_ms"] = [0, 10, 5_000]  # the last event closes the first two windows
         >>> cat = ItemCatalog([1, 2], author_ids=[7, 7], topic_ids=[0, 1], embeddings=np.zeros((2, 32)))
@@ -658,7 +658,7 @@ class OnlineTrainer:
         Args:
             max_events: consume at most this many events.
             until_offset: stop at this offset (record-number offsets, i.e. a
-                :class:`~lifelong.monolith.stream.LogStream`, only).
+                :class:`~lifelong.store.stream.LogStream`, only).
             max_seconds: stop after the first read that ends this long after the call began
                 (a sync cadence: train, checkpoint, push the delta, go on).
 

@@ -174,6 +174,9 @@ class _RankGuard:
                 return await receive()
 
             await self.app(scope, replay, send_counted)
+        except Exception:
+            status[0], scope[_CAUSE] = 500, "internal"
+            raise
         finally:
             if status[0] == CLIENT_GONE:
                 scope.setdefault(_CAUSE, "client_gone")

@@ -72,11 +72,20 @@ class RedisStore(FeatureStore):
         except _UNREACHABLE as exc:
             raise StoreUnavailable(self.url, f"cannot reach Redis ({exc})") from None
 
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn a lost connection into :class:`StoreUnavailable` (one line from the CLI, 503 from the service)."""
+        try:
+            yield
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(self.url, f"cannot reach Redis ({exc})") from None
+
     def put(self, pairs: Sequence[tuple[bytes, bytes]]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for key, value in pairs:
             pipe.set(self.NAMESPACE + key, value)
-        pipe.execute()
+        with self._reachable():
+            pipe.execute()
 
     def clear(self) -> None:
         self.delete_prefix(b"")
@@ -87,13 +96,14 @@ class RedisStore(FeatureStore):
         # Glob metacharacters in the prefix match themselves only when escaped.
         pattern = self.NAMESPACE + re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
         # SCAN is incremental and safe while keys are deleted; UNLINK frees memory off-thread.
-        for key in self._client.scan_iter(match=pattern, count=10_000):
-            batch.append(key)
-            if len(batch) >= 10_000:
+        with self._reachable():
+            for key in self._client.scan_iter(match=pattern, count=10_000):
+                batch.append(key)
+                if len(batch) >= 10_000:
+                    deleted += self._client.unlink(*batch)
+                    batch.clear()
+            if batch:
                 deleted += self._client.unlink(*batch)
-                batch.clear()
-        if batch:
-            deleted += self._client.unlink(*batch)
         return deleted
 
     @contextlib.contextmanager
@@ -104,8 +114,10 @@ class RedisStore(FeatureStore):
         key = self.NAMESPACE + WRITER_KEY
         ttl_ms = int(self.lock_ttl_s * 1000)
         token = json.dumps({"token": uuid.uuid4().hex, **holder()})
-        if not self._client.set(key, token, nx=True, px=ttl_ms):
-            raw = self._client.get(key)
+        with self._reachable():
+            taken = self._client.set(key, token, nx=True, px=ttl_ms)
+            raw = None if taken else self._client.get(key)
+        if not taken:
             try:
                 held_by = None if raw is None else json.loads(raw)
             except ValueError:
@@ -145,6 +157,9 @@ class _RedisLock(WriterLock):
 
     def put(self, pairs: Sequence[tuple[bytes, bytes]]) -> None:
         keys = [self._key, *(self._store.NAMESPACE + k for k, _ in pairs)]
-        if self.lost or not self._store._client.eval(_FENCED_SET, len(keys), *keys, self._token, *(v for _, v in pairs)):
+        with self._store._reachable():
+            done = not self.lost and self._store._client.eval(_FENCED_SET, len(keys), *keys, self._token,
+                                                              *(v for _, v in pairs))
+        if not done:
             raise WriterLocked(f"{self._store.url}: this load lost the writer lock (it stalled for more than "
                                f"{self._store.lock_ttl_s:g} s and the lock expired); nothing was switched, run it again")

@@ -1,7 +1,7 @@
 """Where a feature store or an event stream lives: one URL parser and one Redis connect path.
 
 Stores (:func:`lifelong.store.feature_store.open_store`) and streams
-(:func:`lifelong.monolith.stream.open_stream`) take the same three forms of URL, each naming a
+(:func:`lifelong.store.stream.open_stream`) take the same three forms of URL, each naming a
 backend:
 
 - ``redis://host:port/db`` (``rediss://`` for TLS): a Redis server, shared by many hosts;

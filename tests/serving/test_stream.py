@@ -12,7 +12,7 @@ import redis
 
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.world import load_config, simulate_to
-from lifelong.monolith.stream import (
+from lifelong.store.stream import (
     EVENT_DTYPE,
     LOG_DTYPE,
     LogStream,
