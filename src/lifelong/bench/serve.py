@@ -151,7 +151,10 @@ def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.
     steps, sustained = [], None
     for path in paths:
         port = free_port()
-        proc = start_server(port, ["--run", str(run), "--store", store, "--path", path])
+        # A throughput benchmark measures the model, not the load shedder: the queue bound and the
+        # deadline are lifted far above what the closed loop of clients can queue.
+        proc = start_server(port, ["--run", str(run), "--store", store, "--path", path,
+                                   "--max-queue-examples", "10000000", "--max-latency-ms", "600000"])
         url = f"http://127.0.0.1:{port}/rank"
         try:
             asyncio.run(closed_loop(url, bodies, max(concurrency), warmup_s))

@@ -43,12 +43,11 @@ class LMDBStore(FeatureStore):
     Example::
 
         >>> import tempfile
-        >>> from lifelong.store.sequences import UserSequences
         >>> with tempfile.TemporaryDirectory() as d, LMDBStore(d, writable=True) as store:
-        ...     _ = store.write_users([UserSequences.empty(5)])
-        ...     with store.reader() as r:
-        ...         [u.n_explicit for u in r.users([5])], r.users([6])
-        ([0], [None])
+        ...     store.put([(b"k", b"v")])
+        ...     with store.writer_lock() as lock, store.reader() as r:
+        ...         [None if v is None else bytes(v) for v in r.values([b"k", b"x"])]
+        [b'v', None]
     """
 
     snapshot_reads = True
