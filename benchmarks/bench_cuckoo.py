@@ -36,8 +36,8 @@ import numba
 import numpy as np
 
 from lifelong.bench.machine import cpu_model
-from lifelong.monolith.cuckoo import CuckooIndex
-from lifelong.monolith.table import EmbeddingTable, TableConfig
+from lifelong.tables.cuckoo import CuckooIndex
+from lifelong.tables.table import EmbeddingTable, TableConfig
 
 DIM = 16
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lifelong.core.errors import ConfigError
-from lifelong.monolith.cuckoo import CuckooConfig, CuckooIndex
+from lifelong.tables.cuckoo import CuckooConfig, CuckooIndex
 
 # A small pool makes repeats, re-inserts and removals of present ids common; extremes check
 # that no int64 value is special (no sentinel key).

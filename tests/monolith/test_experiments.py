@@ -25,9 +25,9 @@ from lifelong.monolith.experiments import (
     sync_experiment,
     write_report,
 )
-from lifelong.monolith.hashed import ModuloEmbedding
 from lifelong.monolith.joiner import OnlineJoiner
 from lifelong.monolith.online import OnlineConfig
+from lifelong.tables.hashed import ModuloEmbedding
 
 CFG = OnlineConfig(batch_size=256)
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lifelong.core.errors import ConfigError
-from lifelong.monolith.filters import CountingFilter, FilterConfig, ProbabilisticFilter, make_filter
+from lifelong.tables.filters import CountingFilter, FilterConfig, ProbabilisticFilter, make_filter
 
 
 def counting(width: int = 2**16, threshold: int = 3, n_hashes: int = 3) -> CountingFilter:

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lifelong.core.errors import ConfigError
-from lifelong.monolith.cuckoo import mix64
-from lifelong.monolith.hashed import ModuloEmbedding, bucket_of
-from lifelong.monolith.modules import CollisionlessEmbedding, sparse_step
-from lifelong.monolith.table import TableConfig
+from lifelong.tables.cuckoo import mix64
+from lifelong.tables.embedding import CollisionlessEmbedding, sparse_step
+from lifelong.tables.hashed import ModuloEmbedding, bucket_of
+from lifelong.tables.table import TableConfig
 
 CFG = TableConfig(dim=3, init_scale=0.1, seed=7)
 ids64 = st.integers(min_value=-2**63, max_value=2**63 - 1)

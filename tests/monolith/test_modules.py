@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lifelong.monolith.filters import FilterConfig
-from lifelong.monolith.modules import CollisionlessEmbedding, collisionless_modules, sparse_step
-from lifelong.monolith.table import OptimizerConfig, TableConfig
+from lifelong.tables.embedding import CollisionlessEmbedding, collisionless_modules, sparse_step
+from lifelong.tables.filters import FilterConfig
+from lifelong.tables.table import OptimizerConfig, TableConfig
 
 
 def test_matches_nn_embedding_with_dense_adagrad():

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lifelong.core.errors import ConfigError, DataError
-from lifelong.monolith.cuckoo import CuckooConfig
-from lifelong.monolith.filters import FilterConfig
-from lifelong.monolith.table import EmbeddingTable, OptimizerConfig, TableConfig
+from lifelong.tables.cuckoo import CuckooConfig
+from lifelong.tables.filters import FilterConfig
+from lifelong.tables.table import EmbeddingTable, OptimizerConfig, TableConfig
 
 TTL = 100
 IDS = st.lists(st.one_of(st.integers(-3, 25), st.integers(-2**63, 2**63 - 1)), max_size=16)

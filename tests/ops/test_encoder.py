@@ -163,3 +163,37 @@ def test_bad_shapes_are_value_errors(change, message):
             "cand_emb": torch.zeros(2, EMBED_DIM)} | change
     with pytest.raises(ValueError, match=message):
         model.encode_token_table(**args)
+
+
+@pytest.mark.parametrize("variant", ["v2", "v1", "v2_two_heads"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_user_tokens_on_the_token_table_equal_transact_encode(variant, backend):
+    """With DV365 user tokens (one embedding per distinct user, rows indexing it), the token-table
+    path prepends them as ``encode`` does: the same output at real positions and the same logits."""
+    import dataclasses
+
+    torch.manual_seed(3)
+    model = TransAct(dataclasses.replace(encoder(variant).cfg, user_tokens=(3, 8))).eval()
+    valid = random_batch(9, SMALL_LAYOUT, 3, seed=5, pattern="random").seq_valid.clone()
+    valid[0] = False  # a row without any token: only the user tokens are real
+    batch = random_batch(9, SMALL_LAYOUT, 3, seed=5, seq_valid=valid)
+    user_emb = torch.randn(4, 3, 8)
+    user_index = torch.tensor([0, 1, 1, 3, 2, 0, 3, 3, 1])
+    batch.user_emb = user_emb[user_index]
+    with torch.inference_mode():
+        h, valid = model.encode(batch)
+        h_t, valid_t = model.encode_token_table(*_as_table(model, batch), backend=backend, user_emb=user_emb,
+                                                user_index=user_index)
+        logits = model.score_token_table(*_as_table(model, batch), rows=batch, backend=backend, user_emb=user_emb,
+                                         user_index=user_index)
+        expected = model(batch).logits
+    assert torch.equal(valid_t, valid) and bool(valid[:, :3].all())
+    torch.testing.assert_close(h_t[valid], h[valid], rtol=0, atol=0 if backend == "reference" else 1e-5)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="user tokens"):
+        model.encode_token_table(*_as_table(model, batch), backend=backend)
+    with pytest.raises(ValueError, match="user_index"):
+        model.encode_token_table(*_as_table(model, batch), backend=backend, user_emb=user_emb,
+                                 user_index=user_index[:3])
+    with pytest.raises(ValueError, match="reads no user tokens"):
+        encoder(variant).encode_token_table(*_as_table(encoder(variant), batch), backend=backend, user_emb=user_emb)

@@ -143,7 +143,8 @@ def test_loads_while_serving_give_no_wrong_answers_and_no_errors(fx, backend, ht
     _check(chaos(fx, _store(backend, tmp_path, request), SECONDS, http=http, cli=False), min_loads=2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["lmdb", "redis"])
+# The acceptance run: 20 s of `lifelong store load` processes into the store a live server
+# reads. LMDB runs in the default suite; Redis, whose loads take as long, with the slow tests.
+@pytest.mark.parametrize("backend", ["lmdb", pytest.param("redis", marks=pytest.mark.slow)])
 def test_cli_loads_for_20_s_through_a_live_server(fx, backend, tmp_path, request):
     _check(chaos(fx, _store(backend, tmp_path, request), 20.0, http=True, cli=True), min_loads=3)

@@ -150,14 +150,15 @@ def test_store_of_another_layout_is_refused(served, tmp_path):
         Ranker(net, store)
 
 
-def test_model_with_dv365_user_tokens_is_refused(served):
+def test_model_with_dv365_user_tokens_needs_an_export_store(served):
+    """Served with one: tests/serving/test_user_tokens.py."""
     import dataclasses
 
     from lifelong.transact.model import TransAct
 
     net, _ = load_model(served / "transact_v2")
     with_tokens = TransAct(dataclasses.replace(net.cfg, user_tokens=(2, 8)))
-    with open_store(str(served / "store")) as store, pytest.raises(ConfigError, match="user-embedding tokens"):
+    with open_store(str(served / "store")) as store, pytest.raises(ConfigError, match="DV365 user tokens"):
         Ranker(with_tokens, store)
 
 

@@ -47,7 +47,7 @@ def test_abilities_follow_the_config_not_the_name():
                                                     token_table=True)
     assert model_abilities("transact_v2", blocks=("ll_nn", "imp_nn")).causal is False  # no rt: no rt_states
     with_tokens = model_abilities("transact_v2", user_tokens=(2, 8))
-    assert with_tokens.user_tokens and not with_tokens.token_table
+    assert with_tokens.user_tokens and with_tokens.token_table  # the token-table path prepends them too
     assert model_abilities("bst") == Abilities(blocks=("rt",))
     assert model_abilities("wide_deep") == Abilities()
     assert model_abilities("din", blocks=("rt",)).blocks == ("rt",)

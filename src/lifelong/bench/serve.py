@@ -5,6 +5,9 @@ the evaluation requests of a rows directory (the same users, request times and c
 offline evaluation scores) from ``c`` concurrent clients, each sending its next request as soon
 as the previous one is answered. Reported per (path, concurrency): requests/s, examples/s
 (candidates scored per second), latency percentiles, non-200 answers and 5xx.
+
+``free_port``, ``start_server`` and ``stop_process`` live in :mod:`lifelong.core.processes`
+(shared with ``lifelong abtest``) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ import httpx
 import numpy as np
 
 from lifelong.core.errors import DataError
+from lifelong.core.processes import free_port, start_server, stop_process
 from lifelong.data.schema import SURFACES
 from lifelong.transact.rank_data import RankData
 
@@ -49,12 +51,6 @@ def eval_requests(data_dir: str | os.PathLike[str], limit: int | None = None) ->
     return bodies
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve_in_thread(app, timeout_s: float = 30.0) -> Iterator[str]:
     """Run an ASGI ``app`` under uvicorn in a daemon thread on a free port; yields its base URL."""
@@ -72,34 +68,6 @@ def serve_in_thread(app, timeout_s: float = 30.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-def start_server(port: int, serve_args: list[str], timeout_s: float = 120.0) -> subprocess.Popen:
-    """A ``lifelong serve --port PORT *serve_args`` process, returned once ``/healthz`` answers."""
-    cmd = [sys.executable, "-c", "from lifelong.cli import main; main()", "serve", "--port", str(port), *serve_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"lifelong serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_process(proc)
-    raise RuntimeError(f"lifelong serve did not answer /healthz within {timeout_s:.0f} s")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """Terminate a child process by pid, killing it if it has not exited within 10 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:

@@ -24,9 +24,11 @@ from rich.table import Table
 from lifelong.cli import monolith as monolith_cli
 from lifelong.cli import transact as transact_cli
 from lifelong.cli.dv365 import dv365_app
+from lifelong.cli.loop import abtest
 from lifelong.cli.options import STORE_HELP, moved_alias
 from lifelong.core.console import err, out
 from lifelong.core.errors import LifelongError
+from lifelong.store.urls import STREAM_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lifelong: recommendation with lifelong user action sequences.")
@@ -92,6 +94,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(transact_cli.transact_app, name="transact")
 app.add_typer(dv365_app, name="dv365")
 app.add_typer(monolith_cli.monolith_app, name="monolith")
+app.command("abtest")(abtest)
 for _old, _new, _command in (("build", "transact build", transact_cli.build), ("train", "transact train", transact_cli.train),
                              ("evaluate", "transact evaluate", transact_cli.evaluate),
                              ("experiment", "transact experiment", transact_cli.experiment),
@@ -124,6 +127,38 @@ def store_load(
               f"{summary['bytes'] / 2**20:,.1f} MiB in {summary['seconds']:.1f} s")
 
 
+@store_app.command("follow")
+def store_follow(
+    store: Annotated[str, typer.Option("--store", help=STORE_HELP)],
+    stream: Annotated[str, typer.Option("--stream", help=STREAM_HELP)],
+    once: Annotated[bool, typer.Option("--once", help="Apply what the stream holds now, then exit.")] = False,
+    batch: Annotated[int, typer.Option("--batch", help="Most events per batch (one lock, one atomic write).")] = 4096,
+    poll_ms: Annotated[float, typer.Option("--poll-ms", help="Pause when caught up before reading again.")] = 50.0,
+) -> None:
+    """Append a stream's new events to the served store version: real-time S_RT, S_LL, S_imp (docs/serving.md)."""
+    from lifelong.store.realtime import RealtimeConsumer
+
+    def report(s) -> None:
+        lag = f", newest event {time.time() - s.newest_ms / 1000:.1f} s old" if s.newest_ms is not None else ""
+        new = f" (new version: re-applying from offset {s.start_offset})" if s.new_version else ""
+        err.print(f"{s.version}{new}: {s.events:,} events -> +{s.explicit:,} explicit, +{s.impressions:,} impressions "
+                  f"({s.users:,} users, {s.late:,} late; skipped {s.in_load:,} in the load, {s.unknown_item:,} "
+                  f"unknown items, {s.other:,} other) offset {s.offset}{lag}", highlight=False)
+
+    with RealtimeConsumer(store, stream, batch=batch) as consumer:
+        if once:
+            done = consumer.run_until_caught_up(on_batch=report)
+            out.print(f"[green]followed[/green] {store} {done[-1].version}: {sum(s.events for s in done):,} events "
+                      f"in {sum(s.seconds for s in done):.1f} s, offset {done[-1].offset}")
+            return
+        err.print(f"following {stream} into {store} (Ctrl-C to stop)")
+        try:
+            consumer.run(poll_s=poll_ms / 1000, on_batch=report,
+                         on_error=lambda exc: err.print(f"[yellow]waiting:[/yellow] {exc}", highlight=False))
+        except KeyboardInterrupt:
+            consumer.stop.set()
+
+
 @app.command()
 def serve(
     run: Annotated[Path | None, typer.Option("--run", help="Run directory (lifelong transact train).")] = None,
@@ -147,6 +182,12 @@ def serve(
         "Candidates waiting for the model at most; beyond it the service sheds load (503). "
         "Default: what the optimized path scores in ~0.5 s (docs/serving.md)."))] = 640,
     body_timeout_s: Annotated[float, typer.Option(help="Longest a request body may take to arrive whole (408).")] = 5.0,
+    user_emb: Annotated[str | None, typer.Option("--user-emb", help=(
+        "For a run trained with --user-emb: the DV365 export store (URL) whose users' embeddings each batch reads "
+        "[default: the store in the run's run.json]."))] = None,
+    accept_sync: Annotated[bool, typer.Option("--accept-sync", help=(
+        "Take parameter pushes of `lifelong monolith online --model-run RUN --serve URL` (POST /admin/sync), applied "
+        "in place between batches; always on for a run with collision-less id tables."))] = False,
 ) -> None:
     """Serve a trained ranker over HTTP: POST /rank, GET /healthz, /readyz, /metrics, /docs."""
     from lifelong.cli.service import bind_port, build_online_service, build_service, run_server
@@ -159,6 +200,8 @@ def serve(
             raise ConfigError("--online serves pushed parameters: give --data WORLD, and neither --run nor --store")
     elif run is None or store is None or data is not None:
         raise ConfigError("serve needs --run RUN and --store URL (or --online --data WORLD)")
+    if online and user_emb is not None:
+        raise ConfigError("--user-emb serves a run trained with one: not with --online")
     sock = bind_port(host, port)  # a busy port is one line and exit 2, before the model loads
     try:
         if online:
@@ -166,7 +209,8 @@ def serve(
             err.print(f"serving the online ranker on http://{host}:{port}: waiting for `lifelong monolith online "
                       f"--serve http://{host}:{port}` to push parameters  (OpenAPI: /docs)")
         else:
-            app_, version = build_service(run, store, path=path, backend=backend, **limits)
+            app_, version = build_service(run, store, path=path, backend=backend, user_emb=user_emb,
+                                          accept_sync=accept_sync, **limits)
             err.print(f"serving {version} ({path} path) on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
     except BaseException:
         sock.close()

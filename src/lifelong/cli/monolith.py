@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from lifelong.core.console import err, out
-from lifelong.store.urls import STREAM_HELP
+from lifelong.store.urls import STORE_HELP, STREAM_HELP
 
 monolith_app = typer.Typer(no_args_is_help=True, help="Monolith: online training from a stream, collision-less tables.")
 
@@ -33,12 +33,27 @@ def online(
     batch_size: Annotated[int, typer.Option(help="Examples per optimizer step.")] = 512,
     lr: Annotated[float, typer.Option(help="Dense learning rate.")] = 0.01,
     delta_format: Annotated[str, typer.Option(help="Rows on the wire: fp16 | fp32.")] = "fp16",
+    model_run: Annotated[Path | None, typer.Option("--model-run", help=(
+        "Train this `lifelong transact train` run (TransAct V2) online instead of Monolith's ranker: its rows are "
+        "read from --store at each impression's time; push to `lifelong serve --run RUN --accept-sync`."))] = None,
+    store: Annotated[str | None, typer.Option("--store", help="With --model-run: the (real-time) feature store. "
+                                              + STORE_HELP)] = None,
 ) -> None:
     """Online training: replay a world into a stream, join, train continuously, push deltas to serving."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lifelong.core.errors import ConfigError
     from lifelong.monolith.job import OnlineJob, run_online_job
     from lifelong.monolith.online import OnlineConfig
+
+    model = None
+    if (model_run is None) != (store is None):
+        raise ConfigError("--model-run RUN and --store URL go together (the run's rows are read from the store)")
+    if model_run is not None:
+        from lifelong.store.feature_store import open_store
+        from lifelong.transact.online import TransActOnline
+
+        model = TransActOnline.from_run(model_run, open_store(store))
 
     job = OnlineJob(data=data, stream=stream or str(ckpt / "stream"), ckpt_dir=ckpt, serve=serve,
                     sync_every_s=sync_every, last_days=last_days, speedup=speedup, replay_events=replay_events,
@@ -54,7 +69,8 @@ def online(
             status = f"{summary.examples:,} examples" + (f", served v{last.version}" if last and last.applied else "")
             bar.update(task, completed=consumed, total=total, status=status)
 
-        summary = run_online_job(job, log=lambda line: bar.console.print(line, highlight=False), progress=progress)
+        summary = run_online_job(job, log=lambda line: bar.console.print(line, highlight=False), progress=progress,
+                                 model=model)
     applied = [s for s in summary.syncs if s.applied]
     out.print(f"[green]done[/green] in {summary.seconds:.1f} s: replayed {summary.replayed:,} events "
               f"({summary.skipped:,} already in the stream), trained {summary.examples:,} examples from "

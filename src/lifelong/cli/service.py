@@ -14,7 +14,10 @@ from lifelong.monolith.ranker import ItemCatalog
 from lifelong.monolith.serving import OnlineServingRanker
 from lifelong.serving.app import create_app
 from lifelong.serving.batcher import BatchingConfig
+from lifelong.store.embeddings import EmbeddingReader
 from lifelong.store.feature_store import open_store
+from lifelong.transact.abilities import abilities_of
+from lifelong.transact.online import SyncedTransActRanker, id_tables, run_config
 from lifelong.transact.serving import Ranker, model_version
 from lifelong.transact.trainer import load_model
 
@@ -29,7 +32,8 @@ MAX_CONNECTIONS = 1024
 def build_service(run: str | os.PathLike[str], store: str, path: str = "optimized", backend: str | None = None,
                   max_batch: int = 2048, max_wait_ms: float = 2.0, max_candidates: int = 1000,
                   max_latency_ms: float = 1000.0, max_queue_examples: int = 640,
-                  body_timeout_s: float = 5.0) -> tuple[FastAPI, str]:
+                  body_timeout_s: float = 5.0, user_emb: str | None = None,
+                  accept_sync: bool = False) -> tuple[FastAPI, str]:
     """The FastAPI app serving ``run`` over ``store`` and the model version it reports.
 
     Args:
@@ -42,14 +46,34 @@ def build_service(run: str | os.PathLike[str], store: str, path: str = "optimize
         max_latency_ms: every request's deadline from its arrival (a client's ``timeout_ms`` may shorten it).
         max_queue_examples: candidates waiting at most before the service sheds load (503).
         body_timeout_s: longest a request body may take to arrive whole (408).
+        user_emb: for a run trained with ``--user-emb``: the DV365 export store to read users'
+            embeddings from, per batch [default: the store recorded in its ``run.json``]; refused
+            for a run without user tokens.
+        accept_sync: take parameter pushes of ``lifelong monolith online --model-run RUN``
+            (``POST /admin/sync``, applied in place between batches; every response names the
+            version that scored it). Always on for a run with collision-less id tables.
 
     Example::
 
         app, version = build_service("runs/v2", "lmdb:///tmp/store")
     """
-    model, _ = load_model(run)
-    ranker = Ranker(model, open_store(store), path=path, backend=backend)
+    model, meta = load_model(run)
+    feature_store = open_store(store)
+    reader = None
+    if abilities_of(model).user_tokens:
+        url = user_emb or meta.get("train", {}).get("user_emb")
+        if url is None:
+            raise ConfigError(f"{run} reads DV365 user tokens and its run.json names no export store: give --user-emb")
+        reader = EmbeddingReader(url)  # read-only, as the feature store (it may be the same LMDB environment)
+    elif user_emb is not None:
+        raise ConfigError(f"{run} was trained without a user embedding; drop --user-emb")
     version = model_version(Path(run))
+    if accept_sync or id_tables(model):
+        if reader is not None:
+            raise ConfigError("parameter pushes are not taken by a run with DV365 user tokens (--user-emb)")
+        ranker = SyncedTransActRanker(model, feature_store, version, run_config(run), path=path, backend=backend)
+    else:
+        ranker = Ranker(model, feature_store, path=path, backend=backend, user_emb=reader)
     app = create_app(ranker, version, _batching(max_batch, max_wait_ms, max_queue_examples),
                      max_candidates=max_candidates, max_latency_ms=max_latency_ms, body_timeout_s=body_timeout_s)
     return app, version

@@ -10,7 +10,7 @@ from the trainer to serving does. Predictions are then matched to the labels the
 the impressions and scored with the project's metrics (AUC per head, log loss, HIT@3 by request).
 
 - :func:`hashing_experiment`: collision-less tables vs modulo-hashed ones
-  (:class:`~lifelong.monolith.hashed.ModuloEmbedding`) with 10%..100% buckets per distinct id,
+  (:class:`~lifelong.tables.hashed.ModuloEmbedding`) with 10%..100% buckets per distinct id,
   trained on the stream up to a held-out tail, evaluated frozen on the tail.
 - :func:`drift_experiment`: on a world with the drift switch on, the model kept training and
   synced every minute vs the same model frozen a few days before the drift; quality per day.
@@ -47,9 +47,7 @@ from lifelong.core.report import Column, Figure, Report, Table, pyplot
 from lifelong.data.io import read_meta
 from lifelong.data.schema import HEADS
 from lifelong.modules.heads import ranking_loss
-from lifelong.monolith.hashed import ModuloEmbedding
 from lifelong.monolith.joiner import OnlineJoiner
-from lifelong.monolith.modules import sparse_step
 from lifelong.monolith.online import OnlineConfig, WindowMetrics
 from lifelong.monolith.ranker import (
     SLOTS,
@@ -60,6 +58,8 @@ from lifelong.monolith.ranker import (
     default_table,
 )
 from lifelong.store.stream import LogStream, replay
+from lifelong.tables.embedding import sparse_step
+from lifelong.tables.hashed import ModuloEmbedding
 
 __all__ = ["EXPERIMENTS", "SYNC_INTERVALS", "Quality", "ServedPredictions", "StreamWorld", "build_model",
            "drift_experiment", "hashing_experiment", "load_stream", "quality", "render_markdown", "seeded_config",

@@ -35,7 +35,7 @@ import numpy as np
 
 from lifelong.core.errors import ConfigError, LifelongError
 from lifelong.data.io import read_parquet
-from lifelong.monolith.online import OnlineConfig, OnlineTrainer
+from lifelong.monolith.online import OnlineConfig, OnlineModel, OnlineTrainer
 from lifelong.monolith.ranker import ItemCatalog
 from lifelong.monolith.sync import Syncer, SyncReply
 from lifelong.store.stream import EventStream, open_stream, replay
@@ -136,11 +136,14 @@ def _window(data: Path, last_days: float | None) -> tuple[int | None, int]:
 
 
 def run_online_job(job: OnlineJob, log: Callable[[str], None] = lambda _: None,
-                   progress: Callable[[int, int, JobSummary], None] | None = None) -> JobSummary:
+                   progress: Callable[[int, int, JobSummary], None] | None = None,
+                   model: OnlineModel | None = None) -> JobSummary:
     """Run the job to its end; see the module docstring.
 
     Args:
         job: what to run.
+        model: the model to train (default: Monolith's online ranker over the world's item
+            catalog); e.g. a TransAct run, composed by ``lifelong monolith online --model-run``.
         log: called with a line per push and per notable event.
         progress: called after every training slice with (events consumed in this run,
             events the stream will hold in all, the summary so far).
@@ -153,7 +156,7 @@ def run_online_job(job: OnlineJob, log: Callable[[str], None] = lambda _: None,
     data = Path(job.data)
     summary = JobSummary()
     start_ms, total = _window(data, job.last_days)
-    catalog = ItemCatalog.from_dataset(data)
+    catalog = ItemCatalog.from_dataset(data) if model is None else None
     producer_error: list[BaseException] = []
     done = threading.Event()
     producer: threading.Thread | None = None
@@ -178,7 +181,7 @@ def run_online_job(job: OnlineJob, log: Callable[[str], None] = lambda _: None,
         producer.start()
     else:
         done.set()
-    trainer = OnlineTrainer(job.training, job.stream, catalog, job.ckpt_dir)
+    trainer = OnlineTrainer(job.training, job.stream, catalog, job.ckpt_dir, model=model)
     syncer = Syncer(trainer, job.serve) if job.serve else None
     consumed_before = trainer.counters.events
     try:

@@ -63,14 +63,15 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lifelong.core.config import build
 from lifelong.core.errors import ConfigError, DataError
@@ -80,14 +81,15 @@ from lifelong.data.io import write_json
 from lifelong.data.schema import HEADS
 from lifelong.modules.heads import ranking_loss
 from lifelong.monolith.joiner import JoinerConfig, OnlineJoiner
-from lifelong.monolith.modules import sparse_step
-from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineBatch, OnlineRanker, OnlineRankerConfig
-from lifelong.monolith.table import EmbeddingTable
+from lifelong.monolith.ranker import ItemCatalog, OnlineRanker, OnlineRankerConfig
+from lifelong.serving.sync import Delta, ParameterReplica, TableDelta
 from lifelong.store.stream import EventStream, Offset, open_stream
+from lifelong.tables.embedding import CollisionlessEmbedding
+from lifelong.tables.table import EmbeddingTable
 
 __all__ = [
-    "Delta", "ExampleAudit", "OnlineConfig", "OnlineCounters", "OnlineTrainer", "ParameterReplica", "RunStats",
-    "TableDelta", "WindowMetrics", "latest_checkpoint",
+    "Delta", "ExampleAudit", "OnlineBatchLike", "OnlineConfig", "OnlineCounters", "OnlineModel", "OnlineTrainer",
+    "ParameterReplica", "RunStats", "TableDelta", "WindowMetrics", "latest_checkpoint",
 ]
 
 FORMAT = "lifelong.monolith.online/1"
@@ -179,6 +181,49 @@ class OnlineConfig:
             ConfigError: unknown or invalid fields.
         """
         return build(cls, d)
+
+
+class OnlineBatchLike(Protocol):
+    """What the trainer reads of a featurized batch; everything else only the model reads."""
+
+    labels: torch.Tensor
+    """(B, H) float32 0/1 labels, in :data:`~lifelong.data.schema.HEADS` order."""
+    known_items: int
+    """How many of the B examples' items the model's catalog knew."""
+
+    def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class OnlineModel(Protocol):
+    """What :class:`OnlineTrainer` needs of a model, whichever room it comes from.
+
+    Monolith's :class:`~lifelong.monolith.ranker.OnlineRanker` implements it, and so does
+    TransAct V2 (``lifelong.transact.online.TransActOnline``, composed by the command line: this
+    room never imports another). The model is in training mode while the trainer holds it.
+    """
+
+    tables: Mapping[str, CollisionlessEmbedding]
+    """Slot -> its collision-less table (checkpointed, expired, and pushed row by row)."""
+
+    def featurize(self, examples: np.ndarray) -> tuple[OnlineBatchLike, np.ndarray]:
+        """The batch of joined examples (:data:`~lifelong.monolith.joiner.EXAMPLE_DTYPE`) and the
+        ascending indices of the examples it holds (a model may skip examples it cannot featurize)."""
+
+    def logits(self, batch: Any, now_ms: int) -> torch.Tensor:
+        """(B, H) logits of a training forward; rows admitted by it are stamped ``now_ms``."""
+
+    def dense_parameters(self) -> Iterable[nn.Parameter]:
+        """What the dense ``torch.optim`` optimizer owns (never the tables' rows)."""
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The dense weights, checkpointed and pushed as :attr:`Delta.dense`."""
+
+    def load_dense_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`dense_state_dict`."""
+
+    def wire_model(self) -> tuple[str, dict[str, Any]]:
+        """The model's kind and configuration (plain data), sent with every delta."""
 
 
 @dataclass(frozen=True)
@@ -345,138 +390,6 @@ class ExampleAudit:
         self._fingerprint = np.array(state["fingerprint"], dtype=np.uint64).reshape(1)
 
 
-@dataclass(frozen=True)
-class TableDelta:
-    """The change of one table between two deltas (or all of it, in a full snapshot).
-
-    Args:
-        ids: (n,) int64 ascending: rows to insert or replace.
-        values: (n, dim) float16 or float32: their new values.
-        removed: (m,) int64 ascending, disjoint from ``ids``: ids whose row was dropped
-            (expired); they read ``default`` from now on.
-        default: (dim,) float32: what ids without a row read.
-    """
-
-    ids: np.ndarray
-    values: np.ndarray
-    removed: np.ndarray
-    default: np.ndarray
-
-
-@dataclass(frozen=True)
-class Delta:
-    """What serving needs to catch up with the trainer.
-
-    Args:
-        version: increases with every delta a trainer lineage hands out, restarts included.
-        base_version: the version this delta applies on top of; None for a full snapshot,
-            which replaces everything.
-        watermark_ms: the trainer's event time (None before any event).
-        offset: the stream offset of the next event the trainer will read.
-        tables: slot -> its rows.
-        dense: the dense weights (``OnlineRanker.dense.state_dict()`` as float32 arrays), or
-            None when this delta leaves them as they were.
-        lineage: the trainer lineage (checkpoint directory) the versions belong to.
-    """
-
-    version: int
-    base_version: int | None
-    watermark_ms: int | None
-    offset: Offset
-    tables: dict[str, TableDelta]
-    dense: dict[str, np.ndarray] | None
-    lineage: str = ""
-
-    @property
-    def full(self) -> bool:
-        return self.base_version is None
-
-    @property
-    def n_rows(self) -> int:
-        """Rows carried, over all tables."""
-        return sum(len(t.ids) for t in self.tables.values())
-
-
-class ParameterReplica:
-    """The receiving end of :meth:`OnlineTrainer.delta`: tables and dense weights as serving holds them.
-
-    Rows are kept as float32 (fp16 deltas are widened), sorted by id.
-
-    Example::
-
-        >>> replica = ParameterReplica()
-        >>> d = lambda v, base, ids: Delta(v, base, None, 0, {"item_id": TableDelta(
-        ...     np.array(ids), np.ones((len(ids), 2), np.float16) * v, np.zeros(0, np.int64), np.zeros(2, np.float32))},
-        ...     None)
-        >>> replica.apply(d(1, None, [3, 5])); replica.apply(d(2, 1, [5, 8]))
-        >>> replica.version, replica.vectors("item_id", [3, 5, 8, 9])[:, 0].tolist()
-        (2, [1.0, 2.0, 2.0, 0.0])
-        >>> replica.apply(d(4, 3, [1]))
-        Traceback (most recent call last):
-        ...
-        lifelong.core.errors.DataError: delta 4: based on version 3, the replica holds version 2 (wait for a full snapshot)
-    """
-
-    def __init__(self) -> None:
-        self.version: int | None = None
-        self.lineage: str | None = None
-        self.ids: dict[str, np.ndarray] = {}
-        self.values: dict[str, np.ndarray] = {}
-        self.defaults: dict[str, np.ndarray] = {}
-        self.dense: dict[str, np.ndarray] | None = None
-
-    def apply(self, delta: Delta) -> None:
-        """Apply a delta; a full snapshot always applies.
-
-        Raises:
-            DataError: an incremental delta whose ``base_version`` is not this replica's version.
-        """
-        if not delta.full and delta.lineage != self.lineage:
-            raise DataError(f"delta {delta.version}", f"from trainer lineage {delta.lineage!r}, the replica holds "
-                                                      f"lineage {self.lineage!r} (wait for a full snapshot)")
-        if not delta.full and delta.base_version != self.version:
-            raise DataError(f"delta {delta.version}", f"based on version {delta.base_version}, the replica holds "
-                                                      f"version {self.version} (wait for a full snapshot)")
-        if delta.full:
-            self.ids, self.values, self.defaults = {}, {}, {}
-        for slot, t in delta.tables.items():
-            new = np.asarray(t.values, dtype=np.float32)
-            if slot in self.ids:
-                keep = ~np.isin(self.ids[slot], np.concatenate([t.removed, t.ids]))
-                ids = np.concatenate([self.ids[slot][keep], t.ids])
-                values = np.concatenate([self.values[slot][keep], new])
-                order = np.argsort(ids, kind="stable")
-                self.ids[slot], self.values[slot] = ids[order], values[order]
-            else:
-                self.ids[slot], self.values[slot] = t.ids.copy(), new
-            self.defaults[slot] = np.array(t.default, dtype=np.float32)
-        if delta.dense is not None:
-            self.dense = {k: v.copy() for k, v in delta.dense.items()}
-        self.version, self.lineage = delta.version, delta.lineage
-
-    def _positions(self, slot: str, ids: object) -> tuple[np.ndarray, np.ndarray]:
-        return positions_in(self.ids[slot], np.asarray(ids, dtype=np.int64))
-
-    def has_rows(self, slot: str, ids: object) -> np.ndarray:
-        """Which ``ids`` have a row of their own (the others read the default).
-
-        Raises:
-            KeyError: no delta has carried ``slot``.
-        """
-        return self._positions(slot, ids)[1]
-
-    def vectors(self, slot: str, ids: object) -> np.ndarray:
-        """(n, dim) float32 rows of ``ids``; ids without a row read the table's default.
-
-        Raises:
-            KeyError: no delta has carried ``slot``.
-        """
-        pos, hit = self._positions(slot, ids)
-        if not len(self.ids[slot]):
-            return np.tile(self.defaults[slot], (len(hit), 1))
-        return np.where(hit[:, None], self.values[slot][pos], self.defaults[slot])
-
-
 @dataclass
 class OnlineCounters:
     """Totals over the trainer's whole lineage (restored with each checkpoint).
@@ -558,7 +471,8 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
 
 
 class OnlineTrainer:
-    """Trains an :class:`~lifelong.monolith.ranker.OnlineRanker` from a stream, resumably; see the module docstring.
+    """Trains an :class:`OnlineModel` (by default an :class:`~lifelong.monolith.ranker.OnlineRanker`) from a
+    stream, resumably; see the module docstring.
 
     Opening a trainer on a directory that holds a checkpoint restores it (and its offset);
     otherwise training starts from ``start_offset``. Leftovers of a checkpoint being written
@@ -570,10 +484,12 @@ class OnlineTrainer:
             ``dense_every``.
         stream: an open stream, or a URL for :func:`~lifelong.store.stream.open_stream`
             (then the trainer closes it).
-        catalog: item metadata.
+        catalog: item metadata of the default model (unused with ``model``).
         ckpt_dir: the checkpoint directory (created if missing).
         start_offset: where a fresh trainer starts reading (default: the stream's start).
         log: called with a line per checkpoint and per finished metric window.
+        model: the model to train (None: an ``OnlineRanker(cfg.model, catalog)``); a
+            checkpoint in ``ckpt_dir`` replaces its tables and dense weights.
 
     Raises:
         ConfigError: another trainer holds ``ckpt_dir``, or the checkpoint was made with
@@ -598,9 +514,9 @@ class OnlineTrainer:
         (3, 2, 3, (3, 2, [1, 1]))
     """
 
-    def __init__(self, cfg: OnlineConfig, stream: EventStream | str | os.PathLike[str], catalog: ItemCatalog,
+    def __init__(self, cfg: OnlineConfig, stream: EventStream | str | os.PathLike[str], catalog: ItemCatalog | None,
                  ckpt_dir: str | os.PathLike[str], start_offset: Offset | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, model: OnlineModel | None = None):
         self.cfg = cfg
         self.catalog = catalog
         self.ckpt_dir = Path(ckpt_dir)
@@ -609,8 +525,9 @@ class OnlineTrainer:
         self._owns_stream = not isinstance(stream, EventStream)
         try:
             self.stream = open_stream(stream) if self._owns_stream else stream
-            self.model = OnlineRanker(cfg.model)
-            params = self.model.dense.parameters()
+            self.model: OnlineModel = OnlineRanker(cfg.model, catalog) if model is None else model
+            self.slots: tuple[str, ...] = tuple(self.model.tables)
+            params = self.model.dense_parameters()
             self.optimizer = (torch.optim.Adagrad(params, lr=cfg.lr) if cfg.optimizer == "adagrad"
                               else torch.optim.Adam(params, lr=cfg.lr))
             self.joiner = OnlineJoiner(cfg.joiner)
@@ -621,8 +538,8 @@ class OnlineTrainer:
             self._next_expire_ms: int | None = None
             self._unsaved_events = self._unsaved_examples = 0
             # Delta bookkeeping is per process: the first delta is full, so none of it is saved.
-            self._touched: dict[str, list[np.ndarray]] = {slot: [] for slot in SLOTS}
-            self._expired: dict[str, list[np.ndarray]] = {slot: [] for slot in SLOTS}
+            self._touched: dict[str, list[np.ndarray]] = {slot: [] for slot in self.slots}
+            self._expired: dict[str, list[np.ndarray]] = {slot: [] for slot in self.slots}
             self._last_delta: int | None = None
             self._deltas_since_dense = 0
             for stale in self.ckpt_dir.glob(".tmp-*"):  # a checkpoint that was being written when its writer died
@@ -716,13 +633,15 @@ class OnlineTrainer:
             tmp.mkdir()
             for slot, emb in self.model.tables.items():
                 emb.table.save(tmp / "tables" / slot)
-            torch.save({"dense": self.model.dense.state_dict(), "optimizer": self.optimizer.state_dict()},
+            torch.save({"dense": self.model.dense_state_dict(), "optimizer": self.optimizer.state_dict()},
                        tmp / "dense.pt")
             arrays = {f"joiner.{k}": v for k, v in self.joiner.state_dict().items()}
             arrays |= {f"audit.{k}": v for k, v in self.audit.state_dict().items()}
             arrays |= {f"windows.{k}": v for k, v in self._windows.state_dict().items()}
             np.savez(tmp / "state.npz", **arrays)
-            write_json({"format": FORMAT, "config": self.cfg.to_dict(), "stream": self.stream.url,
+            kind, model = self.model.wire_model()
+            write_json({"format": FORMAT, "config": self.cfg.to_dict(), "model_kind": kind, "model": model,
+                        "stream": self.stream.url,
                         "offset": self.offset, "counters": asdict(counters), "next_expire_ms": self._next_expire_ms,
                         "metrics": [asdict(w) for w in self._windows.done]}, tmp / "state.json")
             _fsync_tree(tmp)
@@ -772,11 +691,11 @@ class OnlineTrainer:
         version, lineage = self._next_version()
         out = Delta(version=version, base_version=None if full else self._last_delta, watermark_ms=self.watermark_ms,
                     offset=self.offset, tables=tables, lineage=lineage,
-                    dense={k: v.detach().numpy().copy() for k, v in self.model.dense.state_dict().items()}
+                    dense={k: v.detach().cpu().numpy().copy() for k, v in self.model.dense_state_dict().items()}
                     if with_dense else None)
         self._last_delta = version
-        self._touched = {slot: [] for slot in SLOTS}
-        self._expired = {slot: [] for slot in SLOTS}
+        self._touched = {slot: [] for slot in self.slots}
+        self._expired = {slot: [] for slot in self.slots}
         return out
 
     def close(self) -> None:
@@ -818,22 +737,25 @@ class OnlineTrainer:
 
     def _train_batch(self, examples: np.ndarray, now_ms: int) -> None:
         """One step on a batch of examples: progressive predictions first, then dense and sparse updates."""
-        batch = OnlineBatch.from_examples(examples, self.catalog)
-        logits = self.model(batch, now_ms)
-        loss = ranking_loss(logits, batch.labels, self._head_weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        sparse_step(self.model, now_ms)
-        with torch.no_grad():
-            per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").sum(dim=1)
-            self._windows.add(examples["ts_ms"], torch.sigmoid(logits).numpy(), examples["labels"], per_row.numpy())
+        batch, kept = self.model.featurize(examples)
+        if len(kept):
+            logits = self.model.logits(batch, now_ms)
+            loss = ranking_loss(logits, batch.labels, self._head_weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for slot, emb in self.model.tables.items():  # every id read by this step, before sparse_step forgets them
+                self._track(self._touched[slot], np.unique(emb.pending_ids()))
+            for emb in self.model.tables.values():
+                emb.step(now_ms)
+            with torch.no_grad():
+                per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").sum(dim=1)
+                self._windows.add(examples["ts_ms"][kept], torch.sigmoid(logits).detach().cpu().numpy(),
+                                  examples["labels"][kept], per_row.cpu().numpy())
+            self.counters.steps += 1
         self.audit.add(examples)
-        for slot in SLOTS:
-            self._track(self._touched[slot], np.unique(batch.ids[slot].numpy()))
         self.counters.examples += len(examples)
-        self.counters.steps += 1
-        self.counters.unknown_items += len(batch) - batch.known_items
+        self.counters.unknown_items += len(examples) - batch.known_items
 
     def _expire(self, now_ms: int) -> None:
         if all(emb.table.cfg.ttl_ms is None for emb in self.model.tables.values()):
@@ -896,6 +818,9 @@ class OnlineTrainer:
         mine = json.loads(json.dumps(self.cfg.to_dict()))
         differ = sorted(k for k in mine.keys() | state["config"].keys()
                         if k not in _FREE_ON_RESUME and mine.get(k) != state["config"].get(k))
+        kind, model = self.model.wire_model()
+        if state.get("model_kind", kind) != kind or state.get("model", model) != json.loads(json.dumps(model)):
+            differ.append("model")
         if differ:
             raise ConfigError(f"checkpoint {path} was made with another configuration ({', '.join(differ)} differ): "
                               "resume with its configuration or use a new checkpoint directory")
@@ -906,7 +831,7 @@ class OnlineTrainer:
             for slot, emb in self.model.tables.items():
                 emb.table = EmbeddingTable.load(path / "tables" / slot)
             dense = torch.load(path / "dense.pt", weights_only=True)
-            self.model.dense.load_state_dict(dense["dense"])
+            self.model.load_dense_state_dict(dense["dense"])
             self.optimizer.load_state_dict(dense["optimizer"])
             parts: dict[str, dict[str, np.ndarray]] = {"joiner": {}, "audit": {}, "windows": {}}
             with np.load(path / "state.npz") as npz:

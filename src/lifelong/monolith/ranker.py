@@ -1,14 +1,14 @@
 """The ranker trained online by :mod:`lifelong.monolith.online`: collision-less id tables, a dense head.
 
-One :class:`~lifelong.monolith.modules.CollisionlessEmbedding` per id slot (:data:`SLOTS`: user,
-item, author, topic), each with its own :class:`~lifelong.monolith.table.TableConfig` (counting
+One :class:`~lifelong.tables.embedding.CollisionlessEmbedding` per id slot (:data:`SLOTS`: user,
+item, author, topic), each with its own :class:`~lifelong.tables.table.TableConfig` (counting
 admission filter, no expiry by default); plus a learned surface embedding and the item's 32-d
 content embedding from the catalog. The concatenation goes through a DCN-v2 cross network and
 an MLP (:class:`~lifelong.modules.layers.CrossHead`) to one logit per head of
 :data:`~lifelong.data.schema.HEADS`.
 
 The id tables are not ``nn.Parameter`` s (they grow and carry per-row optimizer state, see
-:mod:`lifelong.monolith.modules`); everything else lives in :attr:`OnlineRanker.dense`, which a
+:mod:`lifelong.tables.embedding`); everything else lives in :attr:`OnlineRanker.dense`, which a
 ``torch.optim`` optimizer owns and a checkpoint saves as one ``state_dict``.
 
 Example::
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,9 @@ from lifelong.core.sorted_index import positions_in
 from lifelong.data.io import read_table
 from lifelong.data.schema import EMBED_DIM, HEADS, SURFACES
 from lifelong.modules.layers import CrossHead, HashedEmbedding
-from lifelong.monolith.filters import FilterConfig
-from lifelong.monolith.modules import CollisionlessEmbedding
-from lifelong.monolith.table import OptimizerConfig, TableConfig
+from lifelong.tables.embedding import CollisionlessEmbedding
+from lifelong.tables.filters import FilterConfig
+from lifelong.tables.table import OptimizerConfig, TableConfig
 
 __all__ = ["SLOTS", "ItemCatalog", "OnlineBatch", "OnlineRanker", "OnlineRankerConfig", "build_dense", "default_table",
            "dense_logits"]
@@ -253,8 +254,12 @@ class OnlineBatch:
 class OnlineRanker(nn.Module):
     """Collision-less id embeddings + surface + content embedding -> cross network + MLP -> one logit per head.
 
+    It is an :class:`~lifelong.monolith.online.OnlineModel` (what the online trainer needs):
+    :meth:`featurize` reads the item catalog, :meth:`logits` is the forward.
+
     Args:
         cfg: the tables and layer widths.
+        catalog: item metadata for :meth:`featurize` (None: featurize is refused).
 
     Example::
 
@@ -267,11 +272,38 @@ class OnlineRanker(nn.Module):
         (['author_id', 'item_id', 'topic_id', 'user_id'], ['head', 'surface'])
     """
 
-    def __init__(self, cfg: OnlineRankerConfig):
+    KIND = "monolith.online_ranker"
+    """The model kind its deltas name on the wire."""
+
+    def __init__(self, cfg: OnlineRankerConfig, catalog: ItemCatalog | None = None):
         super().__init__()
         self.cfg = cfg
+        self.catalog = catalog
         self.tables = nn.ModuleDict({slot: CollisionlessEmbedding(t) for slot, t in cfg.tables.items()})
         self.dense = build_dense(cfg)
+
+    # -- the online trainer's protocol (lifelong.monolith.online.OnlineModel) ----------------------
+
+    def featurize(self, examples: np.ndarray) -> tuple[OnlineBatch, np.ndarray]:
+        """The batch of every example (an unknown item reads unknown author and topic)."""
+        if self.catalog is None:
+            raise ConfigError("OnlineRanker.featurize needs the item catalog (OnlineRanker(cfg, catalog))")
+        return OnlineBatch.from_examples(examples, self.catalog), np.arange(len(examples))
+
+    def logits(self, batch: OnlineBatch, now_ms: int) -> torch.Tensor:
+        return self(batch, now_ms)
+
+    def dense_parameters(self) -> Iterator[nn.Parameter]:
+        return self.dense.parameters()
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.dense.state_dict()
+
+    def load_dense_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.dense.load_state_dict(state)
+
+    def wire_model(self) -> tuple[str, dict[str, Any]]:
+        return self.KIND, self.cfg.to_dict()
 
     def forward(self, batch: OnlineBatch, now_ms: int | None = None) -> torch.Tensor:
         """(B, H) logits.

@@ -1,7 +1,7 @@
 """Serving the Monolith :class:`~lifelong.monolith.ranker.OnlineRanker` from the parameters the trainer pushes.
 
 :class:`OnlineServingRanker` is the request path of ``lifelong serve --online``. It holds no
-trainer tables: its parameters are a :class:`~lifelong.monolith.online.ParameterReplica` that
+trainer tables: its parameters are a :class:`~lifelong.serving.sync.ParameterReplica` that
 deltas (``POST /admin/sync``, :mod:`lifelong.monolith.sync`) bring up to date, and dense layers
 built from the configuration the deltas carry.
 
@@ -34,10 +34,10 @@ from torch import nn
 from lifelong.core.errors import DataError
 from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS
 from lifelong.data.schema import HEADS
-from lifelong.monolith.online import Delta, ParameterReplica
 from lifelong.monolith.ranker import SLOTS, ItemCatalog, OnlineRankerConfig, build_dense, dense_logits
 from lifelong.monolith.sync import decode_delta
 from lifelong.serving.ranking import RankRequest, RankResult
+from lifelong.serving.sync import Delta, ParameterReplica
 
 __all__ = ["NoModelYet", "OnlineServingRanker", "online_version"]
 

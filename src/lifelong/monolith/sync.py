@@ -1,16 +1,17 @@
 """Incremental parameter sync: the trainer's deltas on the wire to a running ``lifelong serve``.
 
-A :class:`~lifelong.monolith.online.Delta` travels as one ``application/octet-stream`` body: an
-uncompressed ``.npz`` (read back with ``allow_pickle=False``, so a payload can only ever be
-arrays) holding every table's ids, values, removed ids and default row, the dense weights when
-the delta carries them, and a ``meta`` entry with the versions, the watermark, the stream offset
-and the ranker's configuration (serving builds the dense layers from it).
+The delta, its wire format and the replicas that apply it are shared with every ranker that
+takes pushes (:mod:`lifelong.serving.sync`); this module is the trainer's side. A delta travels
+as one ``application/octet-stream`` body naming the model's kind and configuration
+(:meth:`~lifelong.monolith.online.OnlineModel.wire_model`): Monolith's online ranker's is its
+:class:`~lifelong.monolith.ranker.OnlineRankerConfig` (serving builds the dense layers from it),
+TransAct's names its run.
 
-:class:`Syncer` is the trainer's side: each :meth:`Syncer.sync` takes the next delta and posts
-it to ``<serve>/admin/sync``. The service answers 200 when it applied it, 409 when the delta
-does not follow the version it holds (it restarted, or an earlier push was lost): the next sync
-is then a full snapshot, as it is after any failed push, because a delta once taken cannot be
-taken again.
+:class:`Syncer` pushes: each :meth:`Syncer.sync` takes the next delta of the trainer (whatever
+model it trains) and posts it to ``<serve>/admin/sync``. The service answers 200 when it applied
+it, 409 when the delta does not follow the version it holds (it restarted, or an earlier push
+was lost): the next sync is then a full snapshot, as it is after any failed push, because a
+delta once taken cannot be taken again.
 
 Example::
 
@@ -21,30 +22,26 @@ Example::
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
-import numpy as np
+import numpy as np  # noqa: F401 - the doctests build deltas
 
-from lifelong.monolith.online import Delta, TableDelta
-from lifelong.monolith.ranker import SLOTS, OnlineRankerConfig
+from lifelong.monolith.ranker import SLOTS, OnlineRanker, OnlineRankerConfig
+from lifelong.serving import sync as wire
 from lifelong.serving.ranking import SYNC_PATH, MalformedDelta
+from lifelong.serving.sync import Delta, TableDelta  # noqa: F401 - TableDelta: the doctests
 
 if TYPE_CHECKING:
     from lifelong.monolith.online import OnlineTrainer
 
 __all__ = ["SYNC_PATH", "MalformedDelta", "SyncReply", "Syncer", "decode_delta", "encode_delta"]
 
-WIRE_FORMAT = "lifelong.monolith.sync/1"
-_TABLE_FIELDS = ("ids", "values", "removed", "default")
-
 
 def encode_delta(delta: Delta, model: OnlineRankerConfig) -> bytes:
-    """The wire form of ``delta`` of a ranker shaped by ``model``.
+    """The wire form of ``delta`` of an online ranker shaped by ``model``.
 
     Example::
 
@@ -54,56 +51,31 @@ def encode_delta(delta: Delta, model: OnlineRankerConfig) -> bytes:
         >>> back.version, back.base_version, back.tables["user_id"].ids.tolist(), back.dense, cfg == OnlineRankerConfig()
         (3, 2, [5], None, True)
     """
-    meta = {"format": WIRE_FORMAT, "version": delta.version, "base_version": delta.base_version,
-            "watermark_ms": delta.watermark_ms, "offset": delta.offset, "lineage": delta.lineage,
-            "model": model.to_dict(),
-            "tables": sorted(delta.tables), "dense": None if delta.dense is None else sorted(delta.dense)}
-    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
-    for slot, t in delta.tables.items():
-        arrays |= {f"table.{slot}.{name}": getattr(t, name) for name in _TABLE_FIELDS}
-    for key, value in (delta.dense or {}).items():
-        arrays[f"dense.{key}"] = value
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+    return wire.encode_delta(delta, OnlineRanker.KIND, model.to_dict())
 
 
 def decode_delta(payload: bytes) -> tuple[Delta, OnlineRankerConfig]:
-    """Inverse of :func:`encode_delta`.
+    """Inverse of :func:`encode_delta`, checked against the online ranker's slots and widths.
 
     Raises:
-        MalformedDelta: the payload is not a delta of this format (truncated, foreign, inconsistent).
+        MalformedDelta: the payload is not a delta of this format (truncated, foreign, inconsistent),
+            or of another model.
     """
+    delta, kind, model_dict = wire.decode_delta(payload)
+    if kind != OnlineRanker.KIND:
+        raise MalformedDelta(f"a delta of a {kind!r} model, this service serves {OnlineRanker.KIND!r}")
     try:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        meta = json.loads(arrays.pop("meta").tobytes())
-    except Exception as exc:  # noqa: BLE001 - numpy/zipfile/json raise many types for a bad body
-        raise MalformedDelta(f"not a delta ({type(exc).__name__}: {exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != WIRE_FORMAT:
-        raise MalformedDelta(f"format {meta.get('format') if isinstance(meta, dict) else meta!r} is not "
-                               f"{WIRE_FORMAT!r}")
-    try:
-        model = OnlineRankerConfig.from_dict(meta["model"])
-        tables = {}
-        for slot in meta["tables"]:
-            if slot not in SLOTS:
-                raise MalformedDelta(f"unknown id slot {slot!r}")
-            t = TableDelta(**{name: arrays[f"table.{slot}.{name}"] for name in _TABLE_FIELDS})
-            dim = model.tables[slot].dim
-            if t.ids.ndim != 1 or t.values.shape != (len(t.ids), dim) or t.default.shape != (dim,):
-                raise MalformedDelta(f"table {slot}: {t.ids.shape} ids, values {t.values.shape} and default "
-                                       f"{t.default.shape} do not fit rows of width {dim}")
-            tables[slot] = t
-        dense = None if meta["dense"] is None else {key: arrays[f"dense.{key}"] for key in meta["dense"]}
-        delta = Delta(version=int(meta["version"]), base_version=meta["base_version"],
-                      watermark_ms=meta["watermark_ms"], offset=meta["offset"], tables=tables, dense=dense,
-                      lineage=str(meta["lineage"]))
-    except MalformedDelta:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a missing key or a bad config: the payload is wrong
+        model = OnlineRankerConfig.from_dict(model_dict)
+    except Exception as exc:  # noqa: BLE001 - a bad config: the payload is wrong
         raise MalformedDelta(f"inconsistent delta ({type(exc).__name__}: {exc})") from None
-    if delta.full and (set(tables) != set(SLOTS) or dense is None):
+    for slot, t in delta.tables.items():
+        if slot not in SLOTS:
+            raise MalformedDelta(f"unknown id slot {slot!r}")
+        dim = model.tables[slot].dim
+        if t.values.shape != (len(t.ids), dim) or t.default.shape != (dim,):
+            raise MalformedDelta(f"table {slot}: {t.ids.shape} ids, values {t.values.shape} and default "
+                                 f"{t.default.shape} do not fit rows of width {dim}")
+    if delta.full and (set(delta.tables) != set(SLOTS) or delta.dense is None):
         raise MalformedDelta(f"full snapshot {delta.version} must carry every table and the dense weights")
     return delta, model
 
@@ -135,7 +107,8 @@ class Syncer:
     """Pushes a trainer's deltas to a ranking service; see the module docstring.
 
     Args:
-        trainer: the online trainer whose :meth:`~lifelong.monolith.online.OnlineTrainer.delta` to push.
+        trainer: the online trainer whose :meth:`~lifelong.monolith.online.OnlineTrainer.delta` to push
+            (of any :class:`~lifelong.monolith.online.OnlineModel`).
         serve_url: the service's base URL, e.g. ``http://127.0.0.1:8000``.
         timeout_s: per-push HTTP timeout.
     """
@@ -150,7 +123,7 @@ class Syncer:
         """Take the next delta (full after a failure) and push it; never raises for a failed push."""
         t0 = time.perf_counter()
         delta = self.trainer.delta(full=self._need_full)
-        payload = encode_delta(delta, self.trainer.cfg.model)
+        payload = wire.encode_delta(delta, *self.trainer.model.wire_model())
         error = None
         try:
             r = self._http.post(self.url, content=payload, headers={"content-type": "application/octet-stream"})

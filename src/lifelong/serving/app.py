@@ -88,6 +88,8 @@ class RankResponse(BaseModel):
     user_id: int
     model_version: str
     store_version: str | None = Field(description="the feature store version the request read (null: no store)")
+    user_emb_version: int | None = Field(default=None, description=(
+        "the DV365 user-embedding export version the request read (null: the model reads none)"))
     cold_start: bool
     items: list[ScoredItem] = Field(description="distinct candidates sorted by final score, best first")
 
@@ -118,6 +120,8 @@ class Health(BaseModel):
     reason: str | None = Field(default=None, description="why not ready (/readyz only)")
     model_version: str | None
     store_version: str | None
+    user_emb_version: int | None = Field(default=None, description=(
+        "the DV365 export version the last batch read (null: the model reads none)"))
     path: str
 
 
@@ -242,7 +246,7 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
         batching = BatchingConfig(max_examples=1, max_wait_ms=0.0, max_queue_examples=batching.max_queue_examples)
     if max_body_bytes is None:
         max_body_bytes = 4096 + 24 * max_candidates  # 20 digits, a sign, ", " per id, and the rest of the body
-    seen: dict[str, str | None] = {"store_version": None}
+    seen: dict[str, Any] = {"store_version": None, "user_emb_version": None}
 
     def run_batch(requests: list[RankRequest]) -> list[RankResult]:
         try:
@@ -253,6 +257,8 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
         for res in results:
             if res.store_version is not None:
                 seen["store_version"] = res.store_version
+            if res.user_emb_version is not None:
+                seen["user_emb_version"] = res.user_emb_version
         return results
 
     batcher: DynamicBatcher[RankRequest, RankResult] = DynamicBatcher(
@@ -275,6 +281,10 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
     def store_version() -> str | None:
         current = getattr(ranker, "store_version", None)
         return current if isinstance(current, str) else seen["store_version"]
+
+    def user_emb_version() -> int | None:
+        current = getattr(ranker, "user_emb_version", None)
+        return current if isinstance(current, int) else seen["user_emb_version"]
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -357,12 +367,14 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
         items = [ScoredItem(item_id=int(ids[i]), score=float(result.scores[i]),
                             probs={h: float(p) for h, p in zip(heads, result.probs[i])}) for i in order]
         return RankResponse(user_id=body.user_id, model_version=result.model_version or version,
-                            store_version=result.store_version, cold_start=result.cold_start, items=items)
+                            store_version=result.store_version, user_emb_version=result.user_emb_version,
+                            cold_start=result.cold_start, items=items)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
         """Liveness: 200 while the process runs and its event loop answers (readiness: /readyz)."""
-        return Health(status="ok", model_version=model_version(), store_version=store_version(), path=ranker.path)
+        return Health(status="ok", model_version=model_version(), store_version=store_version(),
+                      user_emb_version=user_emb_version(), path=ranker.path)
 
     async def ready_now() -> tuple[bool, str]:
         probe = getattr(ranker, "readiness", None)
@@ -383,7 +395,7 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
         ok, reason = await ready_now()
         metrics.ready = ok
         health = Health(status="ready" if ok else "not ready", ready=ok, reason=reason, model_version=model_version(),
-                        store_version=store_version(), path=ranker.path)
+                        store_version=store_version(), user_emb_version=user_emb_version(), path=ranker.path)
         if ok:
             return health
         return JSONResponse(status_code=503, content=health.model_dump(), headers={"Retry-After": str(RETRY_AFTER_S)})

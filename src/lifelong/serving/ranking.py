@@ -50,7 +50,9 @@ class RankResult:
 
     ``model_version`` names the parameters that scored it when they change while serving
     (online sync); None means the service's fixed version. ``store_version`` names the feature
-    store version the whole batch read (None for rankers without a store).
+    store version the whole batch read (None for rankers without a store). ``user_emb_version``
+    names the DV365 export version whose user embeddings the batch read (None for a model
+    without user tokens).
     """
 
     probs: np.ndarray
@@ -58,6 +60,7 @@ class RankResult:
     cold_start: bool
     model_version: str | None = None
     store_version: str | None = None
+    user_emb_version: int | None = None
 
 
 class ServedRanker(Protocol):

@@ -70,6 +70,11 @@ class EmbeddingReader:
         self._store = open_store(store) if self._owned else store
         self.default = default
 
+    @property
+    def url(self) -> str:
+        """The store's URL."""
+        return self._store.url
+
     def __enter__(self) -> Self:
         return self
 

@@ -87,7 +87,8 @@ class TokenTableRanker(RankingModel, Protocol):
 
     def score_token_table(self, tok_emb: torch.Tensor, tok_action: torch.Tensor, tok_surface: torch.Tensor,
                           tok_index: torch.Tensor, cand_emb: torch.Tensor, rows: RowInputs,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None, user_emb: torch.Tensor | None = None,
+                          user_index: torch.Tensor | None = None) -> torch.Tensor:
         """Head logits ``(N, H)`` of rows over a token table.
 
         Args:
@@ -98,6 +99,9 @@ class TokenTableRanker(RankingModel, Protocol):
             cand_emb: ``(N, 32)`` float32 candidate embeddings.
             rows: the rows' ids (:class:`~lifelong.modules.row_features.RowInputs`).
             backend: the ops backend (:func:`lifelong.ops.dispatch.resolve_backend`).
+            user_emb: with ``abilities.user_tokens``: ``(U, R, C)`` float32 DV365 embeddings, one
+                per distinct user of the rows (None otherwise).
+            user_index: ``(N,)`` int64 row of ``user_emb`` of each row (None: one per row).
         """
         ...
 

@@ -22,6 +22,14 @@ projection and the ``(N, S', d)`` concatenation never happen. Without early fusi
 candidate term drops out. The remaining layers run as in the model. The per-model parts
 (:func:`first_layer_parts`) are views of the live weights plus one ``(S', d) × (d, 3d)``
 product, recomputed every call.
+
+With user tokens (``TransActConfig.user_tokens``) every implementation takes ``user_emb``
+``(U, R, C)`` (one per distinct user) and ``user_index`` ``(N,)`` and prepends the R user tokens
+as :meth:`TransAct.encode <lifelong.transact.model.TransAct.encode>` does; outputs and validity
+are then ``(N, R + S', ...)``. The user tokens see only each other, so their input and their
+first-layer q, k, v are computed once per user (``cpu``); over packed rows the mask is the same
+for every row (causal, the R × R corner open), one ``(R + W, R + W)`` bias. SKUT knows only the
+causal mask, so ``triton`` runs the ``cpu`` implementation for such a model.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from lifelong.data.schema import EMBED_DIM
-from lifelong.modules.layers import EncoderLayer, causal_attention_mask
+from lifelong.modules.layers import EncoderLayer, attention_bias, causal_attention_mask
 from lifelong.ops.dispatch import kernel_device, register
 from lifelong.ops.token_table import append_padding, gather_tokens, pack_rows, unpack_rows
 
@@ -66,23 +74,30 @@ def first_layer_parts(model: TransAct) -> tuple[torch.Tensor, torch.Tensor, torc
 @register("transact_encode", "reference")
 def _encode_reference(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor,
                       tok_surface: torch.Tensor, tok_index: torch.Tensor,
-                      cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      cand_emb: torch.Tensor, user_emb: torch.Tensor | None = None,
+                      user_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather RankBatch-style tensors, then exactly ``TransAct.encode``'s math on the blocks read."""
     emb, action, surface, valid = gather_tokens(tok_emb, tok_action, tok_surface, tok_index)
-    return model.encoder(model.embed_tokens(emb, action, surface, cand_emb), causal_attention_mask(valid)), valid
+    x = model.embed_tokens(emb, action, surface, cand_emb)
+    if user_emb is None:
+        return model.encoder(x, causal_attention_mask(valid)), valid
+    x, allowed, valid = model.prepend_user_tokens(x, valid, user_emb.index_select(0, user_index))
+    return model.encoder(x, allowed), valid
 
 
 @register("transact_encode", "cpu")
 def _encode_cpu(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor,
                 tok_surface: torch.Tensor, tok_index: torch.Tensor,
-                cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                cand_emb: torch.Tensor, user_emb: torch.Tensor | None = None,
+                user_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """First layer from per-token, per-candidate and per-position parts; attention over packed rows.
 
     Each row's real tokens are packed to its front, in their order. Causal attention over the
     packed positions is then exactly the model's causal + padding mask for every real token
     (the keys before it are the real tokens before it), so the attention kernel runs with
     ``is_causal`` and no (N, S, S) mask is built; rows are cut to the longest real length.
-    Outputs at padding positions are zeros (the reference's are meaningless too).
+    Outputs at padding positions are zeros (the reference's are meaningless too). User tokens
+    go in front of the packed rows, under one shared mask (module docstring).
     """
     ctx = model.token_context
     first = model.encoder.layers[0]
@@ -109,27 +124,45 @@ def _encode_cpu(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor
         for part, c in zip(qkv, cand_qkv):
             part.add_(c)
 
+    r, bias = 0, None
+    if user_emb is not None:
+        # The user tokens' input and first-layer q, k, v: once per distinct user, then gathered.
+        r = model.n_user_tokens
+        user_x = model.user_token_input(user_emb)  # (U, R, d)
+        user_qkv = F.linear(user_x, first.self_attn.in_proj.weight, first.self_attn.in_proj.bias).view(-1, r, 3, d)
+        x = torch.cat([user_x.index_select(0, user_index), x], dim=1)
+        qkv = [torch.cat([user_qkv[:, :, i].index_select(0, user_index), part], dim=1) for i, part in enumerate(qkv)]
+        allowed = torch.ones(r + width, r + width, dtype=torch.bool).tril_()
+        allowed[:r, :r] = True
+        bias = attention_bias(allowed, x.dtype)
     heads = first.self_attn.n_heads
-    q, k, v = (t.view(n, width, heads, d // heads).transpose(1, 2) for t in qkv)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, width, d)
-    x = first.norm1(x + first.self_attn.out_proj(attn))
+    q, k, v = (t.view(n, r + width, heads, d // heads).transpose(1, 2) for t in qkv)
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None)
+    x = first.norm1(x + first.self_attn.out_proj(attn.transpose(1, 2).reshape(n, r + width, d)))
     x = first.norm2(x + first.linear2(F.relu(first.linear1(x))))
     for layer in model.encoder.layers[1:]:
-        x = layer(x, None, is_causal=True)
+        x = layer(x, bias, is_causal=bias is None)
     packed_valid = torch.arange(width) < lengths.unsqueeze(1)
-    return unpack_rows(x * packed_valid.unsqueeze(-1), slot, s), valid
+    h = unpack_rows(x[:, r:] * packed_valid.unsqueeze(-1), slot, s)
+    if user_emb is None:
+        return h, valid
+    return torch.cat([x[:, :r], h], dim=1), torch.cat([valid.new_ones(n, r), valid], dim=1)
 
 
 @register("transact_encode", "triton")
 def _encode_triton(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor,
                    tok_surface: torch.Tensor, tok_index: torch.Tensor,
-                   cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   cand_emb: torch.Tensor, user_emb: torch.Tensor | None = None,
+                   user_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed first-layer input from the token table, then :func:`skut_encode` (fp32).
 
     The kernels run where :func:`~lifelong.ops.dispatch.kernel_device` says; a model kept on
     the CPU has its (small, ~25k parameters for V2) encoder weights copied there per call, and
-    the result comes back to ``tok_emb``'s device.
+    the result comes back to ``tok_emb``'s device. With user tokens: the ``cpu`` implementation
+    (SKUT has no user-token mask).
     """
+    if user_emb is not None:
+        return _encode_cpu(model, tok_emb, tok_action, tok_surface, tok_index, cand_emb, user_emb, user_index)
     from lifelong.ops.triton_encoder import check_supported, skut_encode  # imports triton: only when asked for
 
     ctx = model.token_context

@@ -57,9 +57,9 @@ class TransAct(nn.Module):
     @classmethod
     def abilities_for(cls, cfg: TransActConfig) -> Abilities:
         """Reads ``cfg.blocks``; causal (NAL) when it reads ``rt``; user tokens when configured; the
-        token-table serving path (:meth:`score_token_table`) without them."""
+        token-table serving path (:meth:`score_token_table`), with or without them."""
         return Abilities(blocks=cfg.blocks, causal="rt" in cfg.blocks, user_tokens=cfg.user_tokens is not None,
-                         accepts_user_tokens=True, token_table=cfg.user_tokens is None)
+                         accepts_user_tokens=True, token_table=True)
 
     @property
     def abilities(self) -> Abilities:
@@ -106,13 +106,24 @@ class TransAct(nn.Module):
         if batch.user_emb is None or tuple(batch.user_emb.shape[1:]) != self.cfg.user_tokens:
             got = None if batch.user_emb is None else tuple(batch.user_emb.shape)
             raise ValueError(f"the model prepends user tokens {self.cfg.user_tokens}; batch.user_emb is {got}")
+        x, allowed, valid = self.prepend_user_tokens(x, valid, batch.user_emb)
+        return self.encoder(x, allowed), valid
+
+    def user_token_input(self, user_emb: torch.Tensor) -> torch.Tensor:
+        """Encoder input ``(U, R, d)`` of the user tokens of ``(U, R, C)`` embeddings (frozen: detached)."""
+        return self.user_token_proj(user_emb.detach()) + self.user_token_position
+
+    def prepend_user_tokens(self, x: torch.Tensor, valid: torch.Tensor,
+                            user_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` (B, S', d) with the user tokens of ``user_emb`` (B, R, C) first, the attention mask
+        ``allowed`` (B, R + S', R + S') and the validity (B, R + S'): the user tokens are real and see
+        each other both ways, every position sees them, the rest is causal."""
         r = self.n_user_tokens
-        user = self.user_token_proj(batch.user_emb.detach()) + self.user_token_position
-        x = torch.cat([user, x], dim=1)
+        x = torch.cat([self.user_token_input(user_emb), x], dim=1)
         valid = torch.cat([valid.new_ones(valid.shape[0], r), valid], dim=1)
         allowed = causal_attention_mask(valid)
         allowed[:, :r, :r] = True
-        return self.encoder(x, allowed), valid
+        return x, allowed, valid
 
     def embed_tokens(self, emb: torch.Tensor, action: torch.Tensor, surface: torch.Tensor,
                      cand_emb: torch.Tensor) -> torch.Tensor:
@@ -131,9 +142,11 @@ class TransAct(nn.Module):
         return self.head(torch.cat([pooled, row], dim=-1))
 
     def encode_token_table(self, tok_emb: torch.Tensor, tok_action: torch.Tensor, tok_surface: torch.Tensor,
-                           tok_index: torch.Tensor, cand_emb: torch.Tensor,
-                           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode` of rows that index a de-duplicated token table: output ``(N, S', d)`` and validity ``(N, S')``.
+                           tok_index: torch.Tensor, cand_emb: torch.Tensor, backend: str | None = None,
+                           user_emb: torch.Tensor | None = None,
+                           user_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode` of rows that index a de-duplicated token table: output ``(N, R + S', d)`` and
+        validity ``(N, R + S')`` (R = 0 without user tokens).
 
         The ``transact_encode`` op (:mod:`lifelong.transact.fused_encoder`) on the chosen
         backend: ``reference`` gathers the rows and runs :meth:`encode`'s math; ``cpu`` fuses the
@@ -149,10 +162,15 @@ class TransAct(nn.Module):
                 -1 = padding.
             cand_emb: ``(N, 32)`` float32 candidate embeddings (dequantized).
             backend: ``reference`` | ``cpu`` | ``triton``; None: ``$LIFELONG_OPS_BACKEND``, else ``triton``
-                where CUDA is present and triton imports, else ``cpu``.
+                where CUDA is present and triton imports, else ``cpu``. SKUT has no user-token mask:
+                with user tokens, ``triton`` runs the ``cpu`` implementation.
+            user_emb: with ``cfg.user_tokens = (R, C)``: ``(U, R, C)`` float32 embeddings, one per
+                distinct user of the batch (the user tokens are prepended as :meth:`encode` does;
+                each user's are projected once).
+            user_index: ``(N,)`` int64 row of ``user_emb`` of each row; None: ``U == N``, one per row.
 
         Raises:
-            ValueError: inconsistent shapes, or the model prepends user tokens (not served here).
+            ValueError: inconsistent shapes, or user tokens missing, misshapen or not read.
             ConfigError: the backend is unknown, unavailable, or lacks this op.
 
         Example::
@@ -165,8 +183,6 @@ class TransAct(nn.Module):
             >>> h.shape, valid.tolist()
             (torch.Size([1, 6, 64]), [[True, True, True, False, True, False]])
         """
-        if self.n_user_tokens:
-            raise ValueError("the token-table encoder does not prepend user tokens; use forward on a RankBatch")
         s = self.cfg.seq_len
         t = tok_emb.shape[0]
         if tok_emb.shape != (t, EMBED_DIM) or tok_action.shape != (t,) or tok_surface.shape != (t,):
@@ -178,17 +194,38 @@ class TransAct(nn.Module):
                              f"got {tuple(tok_index.shape)} and {tuple(cand_emb.shape)}")
         if tok_index.numel() and int(tok_index.max()) >= t:
             raise ValueError(f"tok_index points past the {t} tokens")
+        user = self._user_rows(user_emb, user_index, n)
         op = implementation("transact_encode", backend)
         if n == 0:  # the attention cannot reshape an empty batch
-            return tok_emb.new_zeros(0, s, self.cfg.d_model), tok_index >= 0
-        return op(self, tok_emb, tok_action, tok_surface, tok_index, cand_emb)
+            r = self.n_user_tokens
+            return tok_emb.new_zeros(0, r + s, self.cfg.d_model), torch.zeros(0, r + s, dtype=torch.bool)
+        return op(self, tok_emb, tok_action, tok_surface, tok_index, cand_emb, *user)
+
+    def _user_rows(self, user_emb: torch.Tensor | None, user_index: torch.Tensor | None,
+                   n: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
+        """``(user_emb, user_index)`` checked against ``cfg.user_tokens``; ``()`` without user tokens."""
+        if self.n_user_tokens == 0:
+            if user_emb is not None:
+                raise ValueError("the model reads no user tokens; user_emb given")
+            return ()
+        if user_emb is None or user_emb.dim() != 3 or tuple(user_emb.shape[1:]) != self.cfg.user_tokens:
+            got = None if user_emb is None else tuple(user_emb.shape)
+            raise ValueError(f"the model prepends user tokens {self.cfg.user_tokens}; user_emb is {got}")
+        if user_index is None:
+            user_index = torch.arange(user_emb.shape[0])
+        if user_index.shape != (n,) or (n and not 0 <= int(user_index.min()) <= int(user_index.max()) < user_emb.shape[0]):
+            raise ValueError(f"user_index must be ({n},) rows of the {user_emb.shape[0]} embeddings")
+        return user_emb, user_index
 
     def score_token_table(self, tok_emb: torch.Tensor, tok_action: torch.Tensor, tok_surface: torch.Tensor,
                           tok_index: torch.Tensor, cand_emb: torch.Tensor, rows: RowInputs,
-                          backend: str | None = None) -> torch.Tensor:
-        """Head logits ``(N, H)`` over a token table (the optimized serving path): :meth:`encode_token_table`,
-        then :meth:`score` with the rows' features. Equals ``forward(batch).logits`` on the gathered rows."""
-        h, valid = self.encode_token_table(tok_emb, tok_action, tok_surface, tok_index, cand_emb, backend)
+                          backend: str | None = None, user_emb: torch.Tensor | None = None,
+                          user_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Head logits ``(N, H)`` over a token table (the optimized serving path): :meth:`encode_token_table`
+        (user tokens included), then :meth:`score` with the rows' features. Equals
+        ``forward(batch).logits`` on the gathered rows (``batch.user_emb = user_emb[user_index]``)."""
+        h, valid = self.encode_token_table(tok_emb, tok_action, tok_surface, tok_index, cand_emb, backend,
+                                           user_emb, user_index)
         return self.score(h, valid, self.row(rows))
 
     def forward(self, batch: RankBatch) -> ModelOutput:

@@ -23,6 +23,12 @@ Each batch reads one version of the feature store: one pinned reader
 result names that version (``RankResult.store_version``). When a batch pins a version other
 than the last one, the item table and the caps are read again before the batch is scored, so a
 ``lifelong store load`` takes effect between two batches, never inside one.
+
+A model that prepends DV365 user tokens (``abilities.user_tokens``, trained with ``--user-emb``)
+is served with an :class:`~lifelong.store.embeddings.EmbeddingReader`: each batch reads the
+export's pointer and its distinct users' 4-bit records once (so a new ``lifelong dv365 export``
+takes effect at the next batch), decodes them, and fills a user the version lacks with
+:data:`USER_EMB_FILL`, as training did. Every result names that version (``user_emb_version``).
 """
 
 from __future__ import annotations
@@ -41,13 +47,14 @@ import torch
 from torch import nn
 
 from lifelong.core.config import build
-from lifelong.core.errors import ConfigError, StoreUnavailable
+from lifelong.core.errors import ConfigError, DataError, StoreUnavailable
 from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS
 from lifelong.core.quantization import INT8_SCALE, dequantize_int8
 from lifelong.data.schema import EMBED_DIM
 from lifelong.ops.nn_search import nn_search, nn_search_naive
 from lifelong.ops.nn_select import l2_normalize
 from lifelong.serving.ranking import RankRequest, RankResult
+from lifelong.store.embeddings import EmbeddingReader, decode_records
 from lifelong.store.feature_store import FeatureStore, ItemRecords, StoreReader, VersionGone
 from lifelong.transact.abilities import abilities_of
 from lifelong.transact.batch import RankBatch
@@ -136,6 +143,10 @@ class _StoreVersion:
 READINESS_TTL_S = 1.0
 """``Ranker.readiness`` reads the store's pointer at most this often."""
 
+USER_EMB_FILL = 0.0
+"""Every element of the DV365 embedding of a user the served export lacks: the value training
+filled such users with (:meth:`~lifelong.transact.rank_data.RankData` decodes with ``fill=0.0``)."""
+
 
 def model_version(run: str | Path) -> str:
     """Which model a run is: ``<model>-<config hash>/<run directory name>@<weights hash>``.
@@ -168,6 +179,8 @@ class Ranker:
         path: ``optimized`` or ``naive`` (see the module docstring).
         backend: op backend of the optimized path (``reference``, ``cpu``, ``triton``; None = default).
         head_weights: ``w_h`` of the final score by head name.
+        user_emb: the DV365 export store a model with ``abilities.user_tokens`` reads (required
+            then, refused otherwise); read per batch, so a new export is served from the next one.
 
     Example::
 
@@ -176,7 +189,8 @@ class Ranker:
     """
 
     def __init__(self, model: nn.Module, store: FeatureStore, path: str = "optimized",
-                 backend: str | None = None, head_weights: dict[str, float] = DEFAULT_HEAD_WEIGHTS):
+                 backend: str | None = None, head_weights: dict[str, float] = DEFAULT_HEAD_WEIGHTS,
+                 user_emb: EmbeddingReader | None = None):
         if path not in PATHS:
             raise ConfigError(f"unknown serving path {path!r}; choose one of {', '.join(PATHS)}")
         self.model, self.store, self.path, self.backend = model.eval(), store, path, backend
@@ -187,9 +201,16 @@ class Ranker:
             raise ConfigError(f"the model was trained on layout {model_layout}, the store holds {self.layout}; "
                               "load the store from the model's dataset")
         self.abilities = abilities_of(model)
-        if self.abilities.user_tokens:
-            raise ConfigError("the model prepends DV365 user-embedding tokens, which the ranking service does not "
-                              "fetch yet: serve a model trained without user_tokens")
+        self.user_emb, self.user_emb_version = user_emb, None
+        if self.abilities.user_tokens != (user_emb is not None):
+            raise ConfigError("the model prepends DV365 user tokens: give the export store it reads (--user-emb)"
+                              if user_emb is None else "the model reads no DV365 user tokens: drop --user-emb")
+        if user_emb is not None:
+            pointer = user_emb.current()
+            if pointer is None:
+                raise ConfigError(f"no DV365 embeddings exported to {user_emb.url} yet (run lifelong dv365 export)")
+            self._check_user_emb_shape(pointer, at_start=True)
+            self.user_emb_version = int(pointer["version"])
         self.heads: tuple[str, ...] = tuple(meta["heads"])
         n_heads = getattr(getattr(model, "cfg", None), "n_heads", len(self.heads))
         if n_heads != len(self.heads):
@@ -205,6 +226,39 @@ class Ranker:
         self.read_positions = self.layout.positions(self.abilities.blocks)
         self.token_table = path == "optimized" and self.abilities.token_table
         self.arena = Arena(rows=4096, tokens=1 << 16, seq_len=self.layout.total)
+
+    # -- DV365 user embeddings ----------------------------------------------------------------
+
+    def _check_user_emb_shape(self, pointer: dict, at_start: bool = False) -> None:
+        """ConfigError at start-up, else StoreUnavailable (503): the export is not ``cfg.user_tokens``-shaped."""
+        shape = (int(pointer["rows"]), int(pointer["dim"]))
+        want = tuple(getattr(self.model.cfg, "user_tokens", None) or ())
+        if shape != want:
+            message = (f"DV365 export version {pointer['version']} in {self.user_emb.url} holds {shape[0]} x {shape[1]} "
+                       f"embeddings, the model reads {want[0]} x {want[1]}; export with the model's tower")
+            raise ConfigError(message) if at_start else StoreUnavailable(self.user_emb.url, message)
+
+    def _user_embeddings(self, requests: list[RankRequest]) -> tuple[torch.Tensor, np.ndarray, int] | None:
+        """The served export's embeddings of the batch's distinct users ``(U, R, C)``, each
+        request's row of it, and the version; None for a model without user tokens.
+
+        One pointer read and one read of the U records, decoded here; a user the version lacks
+        gets :data:`USER_EMB_FILL`, as in training.
+
+        Raises:
+            StoreUnavailable: nothing exported, a corrupt record, an export of another shape, or
+                the store unreachable (the service answers 503).
+        """
+        if self.user_emb is None:
+            return None
+        users, request_user = np.unique(np.array([r.user_id for r in requests], dtype=np.int64), return_inverse=True)
+        try:
+            words, found, pointer = self.user_emb.get_words(users)
+        except DataError as exc:
+            raise StoreUnavailable(self.user_emb.url, str(exc)) from None
+        self._check_user_emb_shape(pointer)
+        emb = decode_records(words, found, int(pointer["dim"]), USER_EMB_FILL)
+        return torch.from_numpy(emb), request_user.reshape(-1), int(pointer["version"])
 
     # -- store versions -----------------------------------------------------------------------
 
@@ -276,6 +330,11 @@ class Ranker:
                     if SequenceLayout(**meta["layout"]) != self.layout or tuple(meta["heads"]) != self.heads:
                         raise StoreUnavailable(self.store.url, f"version {name} holds layout {meta['layout']}, "
                                                                f"the model serves {self.layout}")
+            if self.user_emb is not None:  # the export store too (its own reader: never nested)
+                pointer = self.user_emb.current()
+                if pointer is None:
+                    raise StoreUnavailable(self.user_emb.url, "no DV365 embeddings exported yet")
+                self._check_user_emb_shape(pointer)
             self._health = (True, "ok", time.monotonic())
         except StoreUnavailable as exc:
             self._health = (False, exc.reason, time.monotonic())
@@ -313,19 +372,26 @@ class Ranker:
             return results
 
     def _rank_pinned(self, requests: list[RankRequest]) -> list[RankResult]:
+        # Read before the feature store's reader opens (an LMDB export store may be the same
+        # environment): once per distinct user per batch, from the export served now.
+        users = self._user_embeddings(requests)
         for _ in range(3):
             try:
                 with self.store.reader() as reader:
                     version = self._pin(reader)
                     rows = [self._version_rows(r.items, version) for r in requests]
                     if self.path == "naive":
-                        results = [self._rank_naive(r, rows_, reader, version) for r, rows_ in zip(requests, rows)]
+                        results = [self._rank_naive(r, rows_, reader, version,
+                                                    None if users is None else users[0][users[1][k]])
+                                   for k, (r, rows_) in enumerate(zip(requests, rows))]
                     else:
-                        results = self._rank_optimized(requests, rows, reader, version)
+                        results = self._rank_optimized(requests, rows, reader, version, users)
             except VersionGone:  # Redis: the pinned version was deleted mid-batch; pin the served one
                 continue
+            if users is not None:
+                self.user_emb_version = users[2]
             for result in results:
-                result.store_version = version.name
+                result.store_version, result.user_emb_version = version.name, self.user_emb_version
             return results
         raise StoreUnavailable(self.store.url, "the served version changed during each of three reads (loads too frequent)")
 
@@ -414,7 +480,7 @@ class Ranker:
         return ids, torch.from_numpy(items)
 
     def _rank_optimized(self, requests: list[RankRequest], rows: list[np.ndarray], reader: StoreReader,
-                        version: _StoreVersion) -> list[RankResult]:
+                        version: _StoreVersion, users: tuple[torch.Tensor, np.ndarray, int] | None) -> list[RankResult]:
         counts = [int(r.items.size) for r in requests]
         n = sum(counts)
         self.arena.reserve(n, 0)
@@ -432,16 +498,21 @@ class Ranker:
         used, tok_index = _compact(tok_index)
         tok_emb = dequantize_int8(tokens[used], version.scale)
         tok_action, tok_surface = self.arena.tok_action[used], self.arena.tok_surface[used]
+        user_emb = user_index = None
+        if users is not None:  # each distinct user's embedding once; rows index it
+            user_emb, user_index = users[0], torch.from_numpy(np.repeat(users[1], counts))
         if self.token_table:
+            user = {} if user_emb is None else {"user_emb": user_emb, "user_index": user_index}
             logits = self.model.score_token_table(tok_emb, tok_action, tok_surface, tok_index, cand_emb,
-                                                  _RowInputs(ids, cand_emb), backend=self.backend)
+                                                  _RowInputs(ids, cand_emb), backend=self.backend, **user)
         else:
-            batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface)
+            batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface,
+                                  None if user_emb is None else user_emb[user_index])
             logits = self.model(batch).logits
         return self._finish(logits, counts, cold)
 
     def _rank_naive(self, request: RankRequest, rows: np.ndarray, reader: StoreReader,
-                    version: _StoreVersion) -> RankResult:
+                    version: _StoreVersion, user_emb: torch.Tensor | None = None) -> RankResult:
         n = int(request.items.size)
         _, cold, hist = self._histories([request], reader, version)
         tokens = self.arena.tok_int8[:self.n_tokens].clone()
@@ -452,7 +523,8 @@ class Ranker:
         cand_emb = version.item_emb[items]
         batch = _gather_batch(ids, cand_emb, tok_index, dequantize_int8(tokens, version.scale),
                               self.arena.tok_action[:self.n_tokens].clone(),
-                              self.arena.tok_surface[:self.n_tokens].clone())
+                              self.arena.tok_surface[:self.n_tokens].clone(),
+                              None if user_emb is None else user_emb.unsqueeze(0).repeat(n, 1, 1))  # a copy per row
         return self._finish(self.model(batch).logits, [n], cold)[0]
 
 
@@ -478,8 +550,9 @@ class _RowInputs:
     surface = property(lambda self: self.ids[4])
 
 
-def _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface) -> RankBatch:
-    """A full RankBatch from token indices (the per-row copies the naive path makes)."""
+def _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface, user_emb=None) -> RankBatch:
+    """A full RankBatch from token indices (the per-row copies the naive path makes); ``user_emb``
+    ``(N, R, C)``: each row's DV365 embedding, for a model with user tokens."""
     n, s = tok_index.shape
     valid = tok_index >= 0
     idx = tok_index.clamp_min(0)
@@ -493,4 +566,4 @@ def _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface) ->
         seq_action=torch.where(valid, tok_action[idx], 0), seq_surface=torch.where(valid, tok_surface[idx], 0),
         seq_valid=valid, nal_pos_emb=empty_f, nal_pos_item=empty_i, nal_pos_valid=empty_b,
         nal_neg_emb=empty_f, nal_neg_item=empty_i, nal_neg_valid=empty_b,
-        labels=torch.zeros(n, 1), request_id=torch.zeros(n, dtype=torch.int64))
+        labels=torch.zeros(n, 1), request_id=torch.zeros(n, dtype=torch.int64), user_emb=user_emb)

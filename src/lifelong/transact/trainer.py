@@ -25,6 +25,7 @@ from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.progress import progress
 from lifelong.data.io import write_json
 from lifelong.modules.heads import ranking_loss
+from lifelong.tables.embedding import sparse_step
 from lifelong.transact.nal import next_action_loss
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.registry import MODEL_NAMES, build_model, default_config, model_abilities
@@ -202,6 +203,9 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                # Collision-less id tables (row.tables) step with their own sparse optimizers,
+                # their rows stamped with the batch's newest impression time.
+                sparse_step(model, int(data.arrays["ts_ms"][idx].max()) if "ts_ms" in data.arrays else steps)
                 totals["loss"] += float(loss.detach())
                 totals["ce"] += float(ce.detach())
                 steps += 1

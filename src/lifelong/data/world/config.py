@@ -329,6 +329,43 @@ class DwellConfig:
 
 
 @dataclass(frozen=True)
+class InteractiveConfig:
+    """The interactive world (docs/world.md, "Interactive mode"): feeds ranked by a policy.
+
+    Used only when the world is run forward by :mod:`lifelong.data.world.interactive`
+    (``lifelong abtest``); the offline simulator ignores this section.
+
+    Examination: the user scrolls a feed top-down and stops at a random depth; position ``k``
+    (0-based) is examined with probability ``exam[k] = 1 / (1 + k) ** exam_eta``, or
+    ``exam_probs[k]`` when that list is given (non-increasing, in [0, 1]; positions past its end
+    are never examined). Only examined items are logged and can be acted on.
+
+    Continuation: after each request the session goes on with probability
+    ``sigmoid(continue_bias + continue_engagement * positives - continue_hide * hides)``,
+    counting the request's examined positive engagements (click, repin or long view) and hides,
+    up to ``max_session_requests`` requests.
+
+    Args:
+        exam_eta: exponent of the position-bias curve.
+        exam_probs: explicit examination probability per position (empty: use ``exam_eta``).
+        continue_bias: logit of continuing after a request with no engagement and no hide.
+        continue_engagement: logit added per examined positive engagement.
+        continue_hide: logit subtracted per hide.
+        max_session_requests: the most requests one session issues.
+        horizon_days: the world can be run at most this many days past its end (interests keep
+            their weekly random walk that far).
+    """
+
+    exam_eta: float = 0.5
+    exam_probs: tuple[float, ...] = ()
+    continue_bias: float = 0.4
+    continue_engagement: float = 0.6
+    continue_hide: float = 1.0
+    max_session_requests: int = 20
+    horizon_days: int = 365
+
+
+@dataclass(frozen=True)
 class WorldConfig:
     """Everything that determines a simulated world: same config and seed, same files.
 
@@ -339,6 +376,7 @@ class WorldConfig:
         days: length of the world in whole days; the evaluation day is the last.
         topics, items, users, interests, drift, sessions, surfaces, retrieval, affinity, heads,
             dwell: the sections of the generative story.
+        interactive: how a user meets a ranked feed when the world is run interactively.
 
     Example::
 
@@ -362,6 +400,7 @@ class WorldConfig:
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     dwell: DwellConfig = field(default_factory=DwellConfig)
+    interactive: InteractiveConfig = field(default_factory=InteractiveConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The full nested configuration as plain JSON-able values."""
@@ -507,6 +546,15 @@ def validate(cfg: WorldConfig) -> WorldConfig:
     _check(dw.max_watch_ratio > dw.long_view_ratio, "dwell.max_watch_ratio", "must exceed dwell.long_view_ratio")
     _check(0 < dw.engaged_min_fraction < 1, "dwell.engaged_min_fraction", "must be in (0, 1)")
     _check(dw.max_dwell_ms > dw.long_view_ms, "dwell.max_dwell_ms", "must exceed dwell.long_view_ms")
+    ia = cfg.interactive
+    _check(ia.exam_eta >= 0, "interactive.exam_eta", "must be >= 0")
+    _check(all(0 <= p <= 1 for p in ia.exam_probs), "interactive.exam_probs", "every probability must be in [0, 1]")
+    _check(all(a >= b for a, b in zip(ia.exam_probs, ia.exam_probs[1:])), "interactive.exam_probs",
+           "must be non-increasing (the user scrolls top-down)")
+    _check(ia.continue_engagement >= 0, "interactive.continue_engagement", "must be >= 0")
+    _check(ia.continue_hide >= 0, "interactive.continue_hide", "must be >= 0")
+    _check(ia.max_session_requests >= 1, "interactive.max_session_requests", "must be >= 1")
+    _check(ia.horizon_days >= 1, "interactive.horizon_days", "must be >= 1")
     return cfg
 
 

@@ -72,6 +72,7 @@ class Schedule:
         surface: (Q,) surface code.
         focus: (Q,) the session's focus topic.
         period: (Q,) interest period in force.
+        activity: (U,) each user's activity multiplier (sessions per day relative to the median).
     """
 
     n_requests: np.ndarray
@@ -80,6 +81,7 @@ class Schedule:
     surface: np.ndarray
     focus: np.ndarray
     period: np.ndarray
+    activity: np.ndarray
 
 
 @dataclass
@@ -245,4 +247,4 @@ def make_schedule(cfg: WorldConfig, interests: Interests, trending: np.ndarray, 
     period = interests.period_of((ts - start) // DAY_MS).astype(np.int32)
     return Schedule(n_requests=np.bincount(req_user, minlength=n_users).astype(np.int64), user=req_user,
                     ts_ms=ts.astype(np.int64), surface=surface, focus=focus[req_sess].astype(np.int32),
-                    period=period)
+                    period=period, activity=activity)

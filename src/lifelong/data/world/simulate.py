@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from lifelong.data.schema import EVENTS_SCHEMA, EXPLICIT_BITS, HEAD_BITS, HEADS,
 from lifelong.data.users import users_from_events
 from lifelong.data.world.catalog import Catalog, make_catalog
 from lifelong.data.world.config import WorldConfig, validate
-from lifelong.data.world.population import Population, make_interests, make_schedule
+from lifelong.data.world.population import Interests, Population, make_interests, make_schedule
 from lifelong.data.world.requests import SOURCE_LABELS, Responses, simulate_requests
 
 CHUNK_USERS = 512
@@ -108,30 +109,80 @@ def _world_streams(cfg: WorldConfig) -> tuple[np.random.Generator, list[np.rando
     return np.random.Generator(np.random.PCG64(world_seq)), users_seq.spawn(n_chunks)
 
 
-def _generate(cfg: WorldConfig) -> tuple[Catalog, Protocol, Iterator[_Chunk]]:
-    """The catalogue, the protocol, and a lazy stream of user blocks."""
+@dataclass
+class WorldDraws:
+    """What every user block of a world draws from: the catalogue, trending topics, the noise key.
+
+    Args:
+        catalog: the catalogue.
+        trending: (days, trending_per_day) trending topics of each day.
+        noise_key: key of the persistent user-item noise.
+        protocol: the protocol dates.
+        chunk_seqs: the random stream of each block of :data:`CHUNK_USERS` users.
+    """
+
+    catalog: Catalog
+    trending: np.ndarray
+    noise_key: np.uint64
+    protocol: Protocol
+    chunk_seqs: list[np.random.SeedSequence]
+
+
+def world_draws(cfg: WorldConfig) -> WorldDraws:
+    """The world-level draws of ``cfg`` (validated), exactly as :func:`simulate` makes them."""
     validate(cfg)
     world_rng, chunk_seqs = _world_streams(cfg)
     catalog = make_catalog(cfg, world_rng)
     trending = world_rng.choice(catalog.topic_pop.size, (cfg.days, cfg.sessions.trending_per_day),
                                 p=catalog.topic_pop)
     noise_key = np.uint64(world_rng.integers(0, 2**63))
-    protocol = Protocol.fit(cfg.start_ms, cfg.end_ms)
+    return WorldDraws(catalog=catalog, trending=trending, noise_key=noise_key,
+                      protocol=Protocol.fit(cfg.start_ms, cfg.end_ms), chunk_seqs=chunk_seqs)
+
+
+def chunk_population(cfg: WorldConfig, draws: WorldDraws, c: int,
+                     interest_days: int | None = None) -> tuple[Population, np.random.Generator, Interests]:
+    """Block ``c``'s users, and its stream positioned where the request loop starts drawing.
+
+    Args:
+        cfg: the world configuration.
+        draws: from :func:`world_draws`.
+        c: the block index.
+        interest_days: also draw the interests over this many days (at least ``cfg.days``):
+            the world's periods come out identical (they are drawn period by period) and the
+            random walk continues past its end. Returned third; else the world's interests.
+    """
+    rng = np.random.Generator(np.random.PCG64(draws.chunk_seqs[c]))
+    lo = c * CHUNK_USERS
+    n_users = min(CHUNK_USERS, cfg.users.n_users - lo)
+    before = rng.bit_generator.state
+    interests = make_interests(cfg, draws.catalog.topic_pop, n_users, rng)
+    extended = interests
+    if interest_days is not None and interest_days > cfg.days:
+        again = np.random.Generator(np.random.PCG64())
+        again.bit_generator.state = before
+        extended = make_interests(dataclasses.replace(cfg, days=interest_days), draws.catalog.topic_pop, n_users,
+                                  again)
+    schedule = make_schedule(cfg, interests, draws.trending, n_users, rng)
+    bias = (cfg.users.bias_std * rng.standard_normal(n_users)).astype(np.float32)
+    pop = Population(user_ids=np.arange(lo, lo + n_users, dtype=np.int64), bias=bias,
+                     interests=interests, schedule=schedule)
+    return pop, rng, extended
+
+
+def _generate(cfg: WorldConfig) -> tuple[Catalog, Protocol, Iterator[_Chunk]]:
+    """The catalogue, the protocol, and a lazy stream of user blocks."""
+    draws = world_draws(cfg)
+    catalog, protocol = draws.catalog, draws.protocol
     need = cfg.users.min_explicit_before_eval
 
     def chunks() -> Iterator[_Chunk]:
         request_base = 0
         with progress("simulating users", total=cfg.users.n_users) as advance:
-            for c, seq in enumerate(chunk_seqs):
-                rng = np.random.Generator(np.random.PCG64(seq))
-                lo = c * CHUNK_USERS
-                n_users = min(CHUNK_USERS, cfg.users.n_users - lo)
-                interests = make_interests(cfg, catalog.topic_pop, n_users, rng)
-                schedule = make_schedule(cfg, interests, trending, n_users, rng)
-                bias = (cfg.users.bias_std * rng.standard_normal(n_users)).astype(np.float32)
-                pop = Population(user_ids=np.arange(lo, lo + n_users, dtype=np.int64), bias=bias,
-                                 interests=interests, schedule=schedule)
-                resp = simulate_requests(cfg, catalog, pop, noise_key, rng)
+            for c in range(len(draws.chunk_seqs)):
+                pop, rng, _ = chunk_population(cfg, draws, c)
+                lo, n_users = int(pop.user_ids[0]), pop.user_ids.size
+                resp = simulate_requests(cfg, catalog, pop, draws.noise_key, rng)
                 chunk = _chunk_tables(cfg, pop, resp, request_base, protocol)
                 short = chunk.explicit_before_eval < need
                 if short.any():
@@ -140,7 +191,7 @@ def _generate(cfg: WorldConfig) -> tuple[Catalog, Protocol, Iterator[_Chunk]]:
                         f"{lo + n_users} users have fewer than {need} explicit events before the evaluation "
                         f"day (fewest: {int(chunk.explicit_before_eval.min())}); raise sessions.per_day or "
                         f"users.activity_min")
-                request_base += schedule.ts_ms.size
+                request_base += pop.schedule.ts_ms.size
                 advance(n_users)
                 yield chunk
 

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from lifelong.core.errors import ConfigError
-from lifelong.monolith.cuckoo import GOLDEN, as_id_array, mix64, next_random, reduce_range, unit_float
+from lifelong.tables.cuckoo import GOLDEN, as_id_array, mix64, next_random, reduce_range, unit_float
 
 MAX_COUNT = 15  # a 4-bit counter saturates here
 FILTER_KINDS = ("none", "counting", "probabilistic")

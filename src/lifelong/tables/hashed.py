@@ -4,15 +4,15 @@
 tables: ``buckets`` rows, and each id reads row ``hash(id) mod buckets``. With ``buckets`` below
 the number of distinct ids, several ids share a row (and its gradient updates); even at one
 bucket per id about 37% of the buckets are empty and 63% of the ids share theirs, as with any
-hash of arbitrary ids. The raw id is mixed (:func:`~lifelong.monolith.cuckoo.mix64`) before the
+hash of arbitrary ids. The raw id is mixed (:func:`~lifelong.tables.cuckoo.mix64`) before the
 modulo so that the collisions are those of arbitrary 64-bit ids: the simulator numbers its ids
 densely from 0, and ``id mod n`` of ids ``0..n-1`` would collide nowhere.
 
 Everything but the id -> row map is the collision-less module's: the rows live in an
-:class:`~lifelong.monolith.table.EmbeddingTable` keyed by bucket, with the same admission
+:class:`~lifelong.tables.table.EmbeddingTable` keyed by bucket, with the same admission
 filter (it counts bucket occurrences), row initialisation and sparse optimizer, so comparing
-the two isolates the collisions. :func:`~lifelong.monolith.modules.sparse_step` trains it like
-any :class:`~lifelong.monolith.modules.CollisionlessEmbedding`; its table, export and deltas
+the two isolates the collisions. :func:`~lifelong.tables.embedding.sparse_step` trains it like
+any :class:`~lifelong.tables.embedding.CollisionlessEmbedding`; its table, export and deltas
 are keyed by bucket number, not by raw id.
 """
 
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from lifelong.core.errors import ConfigError
-from lifelong.monolith.cuckoo import mix64
-from lifelong.monolith.modules import CollisionlessEmbedding
-from lifelong.monolith.table import EmbeddingTable, TableConfig
+from lifelong.tables.cuckoo import mix64
+from lifelong.tables.embedding import CollisionlessEmbedding
+from lifelong.tables.table import EmbeddingTable, TableConfig
 
 __all__ = ["ModuloEmbedding", "bucket_of"]
 
@@ -45,7 +45,7 @@ def bucket_of(ids: np.ndarray, buckets: int) -> np.ndarray:
 class ModuloEmbedding(CollisionlessEmbedding):
     """Embeddings of raw int64 ids (any shape) from ``buckets`` shared rows: ``mix64(id) mod buckets``.
 
-    Same interface as :class:`~lifelong.monolith.modules.CollisionlessEmbedding` (training and
+    Same interface as :class:`~lifelong.tables.embedding.CollisionlessEmbedding` (training and
     eval modes, :meth:`step`, extra state); the wrapped table never holds more than ``buckets``
     rows.
 

@@ -1,7 +1,7 @@
 """Collision-less embedding table of one feature slot: rows, admission, expiry, sparse optimizer, export.
 
 An :class:`EmbeddingTable` keeps one fp32 row per admitted raw id, found through a
-:class:`~lifelong.monolith.cuckoo.CuckooIndex`, so two ids never share a vector (unlike
+:class:`~lifelong.tables.cuckoo.CuckooIndex`, so two ids never share a vector (unlike
 ``id mod buckets`` tables). Rows live in one contiguous array that grows geometrically; next
 to each row the table keeps the time of its last update and its optimizer state (Adagrad
 accumulator, or Adam moments and step count), so that a row trains exactly as if it had its own
@@ -11,7 +11,7 @@ Life of an id:
 
 - *unseen / filtered*: lookups read the shared default vector (zeros, or a learned vector
   trained by the gradients of every unadmitted id); each occurrence is shown to the admission
-  filter (:mod:`lifelong.monolith.filters`);
+  filter (:mod:`lifelong.tables.filters`);
 - *admitted*: it gets a row, initialised from a hash of (id, seed) (reproducible and
   independent of arrival order), stamped with the current time;
 - *trained*: :meth:`EmbeddingTable.apply_gradients` sums the batch's gradients per id and
@@ -40,10 +40,10 @@ from numba import njit
 from lifelong.core.config import build
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import atomic_output_dir, write_json
-from lifelong.monolith.cuckoo import GOLDEN, CuckooConfig, CuckooIndex, as_id_array, mix64, unit_float
-from lifelong.monolith.filters import FilterConfig, make_filter
+from lifelong.tables.cuckoo import GOLDEN, CuckooConfig, CuckooIndex, as_id_array, mix64, unit_float
+from lifelong.tables.filters import FilterConfig, make_filter
 
-FORMAT = "lifelong.monolith.table/1"
+FORMAT = "lifelong.tables.table/1"
 OPTIMIZERS = ("adagrad", "adam")
 DEFAULTS = ("zeros", "learned")
 EXPORT_FORMATS = ("fp32", "fp16", "int8")
@@ -363,6 +363,34 @@ class EmbeddingTable:
     def remove(self, ids: object) -> np.ndarray:
         """Drop ids now (their rows are freed); returns the freed rows, -1 where absent."""
         return self.index.remove(ids)
+
+    def assign(self, ids: object, values: object, now_ms: int | None = None) -> int:
+        """Set the rows of ``ids`` to ``values``, giving ids without a row one (the filter is not asked).
+
+        How a serving copy of a table applies a pushed delta in place: rows are written, never
+        trained (optimizer state of new rows starts fresh). Returns how many ids got a new row.
+
+        Example::
+
+            >>> table = EmbeddingTable(TableConfig(dim=2, filter=FilterConfig(kind="counting", threshold=9)))
+            >>> table.assign([7, 3], np.array([[1, 2], [3, 4]], np.float16))
+            2
+            >>> table.vectors(table.lookup([3, 7, 5])).tolist()
+            [[3.0, 4.0], [1.0, 2.0], [0.0, 0.0]]
+        """
+        now = self._tick(now_ms)
+        flat = as_id_array(ids)
+        v = np.asarray(values, dtype=np.float32).reshape(flat.size, self.dim)
+        rows = self.index.lookup(flat)
+        miss = rows < 0
+        if miss.any():
+            new_ids = flat[miss]
+            new_rows = self.index.insert(new_ids)
+            self._reset_rows(new_rows, new_ids, now)
+            rows[miss] = new_rows
+        self.weights[rows] = v
+        self.updated_ms[rows] = now
+        return int(miss.sum())
 
     def expire(self, now_ms: int) -> np.ndarray:
         """Remove every id whose row was last updated at or before ``now_ms - ttl_ms``; returns those ids.

@@ -1,4 +1,4 @@
-"""``nn.Module`` face of an :class:`~lifelong.monolith.table.EmbeddingTable`, a drop-in for ``HashedEmbedding``.
+"""``nn.Module`` face of an :class:`~lifelong.tables.table.EmbeddingTable`, a drop-in for ``HashedEmbedding``.
 
 The table's rows are not ``nn.Parameter`` s: they grow, shrink and carry per-row optimizer
 state, so a dense ``torch.optim`` optimizer cannot own them. Instead each training forward
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lifelong.monolith.table import EmbeddingTable, TableConfig
+from lifelong.tables.table import EmbeddingTable, TableConfig
 
 
 class CollisionlessEmbedding(nn.Module):
@@ -82,6 +82,12 @@ class CollisionlessEmbedding(nn.Module):
             out.requires_grad_(True)
             self._pending.append((flat, out))
         return out.to(ids.device).reshape(*ids.shape, self.table.dim)
+
+    def pending_ids(self) -> np.ndarray:
+        """The ids (flat, repeats kept) of every forward recorded since the last :meth:`step`:
+        the rows the next step may move (an online trainer pushes them)."""
+        parts = [ids for ids, _ in self._pending]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def step(self, now_ms: int) -> int:
         """Apply the table's optimizer to the gradients of every forward since the last step.

@@ -1,0 +1,59 @@
+"""``lifelong abtest``: an online A/B test of rankers in the interactive world (docs/abtest.md).
+
+Mounted by :mod:`lifelong.cli` as the top-level command ``abtest``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lifelong.core.console import err, out
+from lifelong.store.urls import STORE_HELP, STREAM_HELP
+
+
+def abtest(
+    world: Annotated[Path, typer.Option("--world", help="A simulated world (lifelong simulate) with its oracle.")],
+    arm: Annotated[list[str], typer.Option("--arm", help=(
+        "NAME=SPEC, repeatable; the first arm is the baseline. SPEC: a run directory (served with "
+        "`lifelong serve --run RUN --store URL` on a free port), http://host:port of a running service, "
+        "random, or oracle."))],
+    days: Annotated[int, typer.Option("--days", help="Interactive days to run.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory: report.md, report.json, report.png.")],
+    users_per_arm: Annotated[int | None, typer.Option("--users-per-arm", help=(
+        "Keep at most this many users per arm [default: every user of the world, split between the arms].")
+    )] = None,
+    stream: Annotated[str | None, typer.Option("--stream", help=(
+        STREAM_HELP + ". Every day's events are appended there; with --store, the real-time consumer "
+        "appends them to the store between days."))] = None,
+    store: Annotated[str | None, typer.Option("--store", help=(
+        STORE_HELP + " Needed by run arms: loaded from this world's rows (lifelong store load --data ROWS)."))] = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help=(
+        "With --stream and --store: apply each day's events to the store before the next day."))] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the arm split, every user's draws and the bootstrap.")] = 0,
+    start_day: Annotated[int | None, typer.Option("--start-day", help=(
+        "First interactive day, a day index of the world [default: the day after its last].")
+    )] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=(
+        "Override an interactive.* key, e.g. --set interactive.exam_eta=1.0 (docs/world.md)."))] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Concurrent /rank requests per HTTP arm.")] = 8,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples of the confidence intervals.")] = 1000,
+) -> None:
+    """Online A/B test: arms rank the feeds of the interactive world; repins, hides, diversity, time spent vs the baseline."""
+    from lifelong.loop.abtest import AbTest, run_abtest
+
+    test = AbTest(world=world, arms=arm, days=days, out=out_dir, users_per_arm=users_per_arm, stream=stream,
+                  store=store, follow=follow, seed=seed, start_day=start_day, overrides=list(set_ or []),
+                  workers=workers, n_boot=bootstrap)
+    data = run_abtest(test, log=lambda line: err.print(line, highlight=False))
+    base = data["baseline"]
+    for name, a in data["arms"].items():
+        delta = a.get("delta", {}).get("repin_volume")
+        rel = "" if delta is None or delta["rel"] is None else (
+            f" ({delta['rel']:+.1%}{'' if delta['significant'] else '*'} repins vs {base})")
+        state = "" if a["complete"] else f"  [red]incomplete: {a['requests_failed']:,} requests failed[/red]"
+        out.print(f"{name}: {a['users']:,} users, {a['requests']:,} requests, repins/user {a['repin_volume']:.3f}, "
+                  f"hides/user {a['hide_volume']:.3f}, minutes/user {a['time_spent']:.2f}{rel}{state}", highlight=False)
+    out.print(f"[green]wrote[/green] {out_dir}/report.md, report.json, report.png in {data['seconds']:.1f} s")

@@ -1,0 +1,331 @@
+"""``lifelong abtest``: an online A/B test of rankers in the interactive world (docs/abtest.md).
+
+The world's users are split into arms by a seeded hash of the user id. Every arm runs its own
+:class:`~lifelong.data.world.interactive.InteractiveWorld` over its users, day by day, with its
+policy ranking every feed: a served run (through its real ``POST /rank``), a running service,
+``random`` or ``oracle``. The arms share the seed, so they see common random numbers. Each day's
+events go to an event stream when ``--stream`` is given; with ``--store`` too, the real-time
+consumer (:class:`~lifelong.store.realtime.RealtimeConsumer`) appends them to the served
+feature store between days, so the next day's requests see them. The report compares every
+arm with the first one (the baseline) per day and over the whole test
+(:mod:`lifelong.loop.metrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lifelong.core.errors import ConfigError
+from lifelong.core.progress import progress
+from lifelong.core.report import Column, Figure, Report, Table, pyplot
+from lifelong.data.world.interactive import DayOutcome, Policy, open_world
+from lifelong.loop import metrics as M
+from lifelong.loop.policies import (
+    BUILTIN,
+    ORACLE,
+    RANDOM,
+    RUN,
+    ArmSpec,
+    HttpPolicy,
+    ServedArm,
+    builtin_policy,
+    parse_arm,
+    start_service,
+)
+
+__all__ = ["AbTest", "assign_arms", "run_abtest"]
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+LABELS = {"repin_volume": "repins / user", "hide_volume": "hides / user", "click_volume": "clicks / user",
+          "impression_diversity": "topics / user-day", "time_spent": "minutes / user",
+          "requests_per_user": "requests / user"}
+
+
+def _hash(seed: int, users: np.ndarray) -> np.ndarray:
+    """splitmix64 of (seed, user): a seeded, well-mixed 64-bit hash per user id."""
+    with np.errstate(over="ignore"):
+        x = users.astype(np.uint64) + np.uint64(seed & (2**64 - 1)) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def assign_arms(users: np.ndarray, n_arms: int, seed: int, per_arm: int | None = None) -> list[np.ndarray]:
+    """Split ``users`` into ``n_arms`` by a seeded hash of the user id; keep ``per_arm`` per arm.
+
+    An arm keeps its users of the lowest secondary hash, so a smaller test is a subset of a larger
+    one. Returns each arm's users, sorted.
+
+    Example::
+
+        >>> [a.size for a in assign_arms(np.arange(1000), 2, seed=0)]
+        [481, 519]
+    """
+    h = _hash(seed, np.asarray(users))
+    arm = (h % np.uint64(n_arms)).astype(np.int64)
+    rank = h // np.uint64(n_arms)
+    out = []
+    for a in range(n_arms):
+        mine = np.flatnonzero(arm == a)
+        mine = mine[np.argsort(rank[mine], kind="stable")][:per_arm]
+        out.append(np.sort(np.asarray(users)[mine]))
+    return out
+
+
+@dataclass
+class Arm:
+    """One arm while the test runs."""
+
+    spec: ArmSpec
+    users: np.ndarray
+    policy: Policy
+    http: HttpPolicy | None = None
+    served: ServedArm | None = None
+    outcomes: list[DayOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def failed(self) -> int:
+        return int(sum(o.failed.sum() for o in self.outcomes))
+
+    def describe(self) -> dict[str, Any]:
+        requests = int(sum(o.requests.sum() for o in self.outcomes))
+        info: dict[str, Any] = {"spec": self.spec.target, "kind": self.spec.kind, "users": int(self.users.size),
+                                "requests": requests, "requests_failed": self.failed(),
+                                "sessions": int(sum(o.sessions.sum() for o in self.outcomes)),
+                                "impressions": int(sum(o.events.num_rows for o in self.outcomes)),
+                                "seconds": round(self.seconds, 2)}
+        if self.http is not None:
+            info["service"] = {"url": self.http.url, **self.http.stats.to_dict()}
+        info["complete"] = info["requests_failed"] == 0 and (self.http is None or self.http.stats.dead is None)
+        return info
+
+
+@dataclass
+class AbTest:
+    """The settings of ``lifelong abtest`` (see :func:`run_abtest`)."""
+
+    world: Path
+    arms: Sequence[str]
+    days: int
+    out: Path
+    users_per_arm: int | None = None
+    stream: str | None = None
+    store: str | None = None
+    follow: bool = True
+    seed: int = 0
+    start_day: int | None = None
+    overrides: Sequence[str] = ()
+    workers: int = 8
+    n_boot: int = 1000
+
+
+def _publisher(url: str) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    from lifelong.store.stream import open_stream, to_records
+
+    stream = open_stream(url)
+    return (lambda events: stream.append(to_records(events)) if events.num_rows else None), stream.close
+
+
+def _follower(store: str, stream: str) -> tuple[Callable[[], dict], Callable[[], None]]:
+    """The real-time consumer, run to catch-up between days: appends the stream to the store."""
+    from lifelong.store.realtime import RealtimeConsumer
+
+    consumer = RealtimeConsumer(store, stream)
+
+    def catch_up() -> dict:
+        done = consumer.run_until_caught_up()
+        return {"events": int(sum(s.events for s in done)), "explicit": int(sum(s.explicit for s in done)),
+                "impressions": int(sum(s.impressions for s in done)), "version": done[-1].version if done else None}
+
+    return catch_up, consumer.close
+
+
+def run_abtest(test: AbTest, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Run the A/B test and write its report (``report.json``, ``report.md``, ``report.png``).
+
+    Raises:
+        ConfigError: fewer than two arms, a repeated name, an unknown SPEC, a run arm without
+            ``--store``, days the world cannot simulate, a service that does not start.
+        DataError: not a simulated world with an oracle.
+    """
+    specs = [parse_arm(a) for a in test.arms]
+    if len(specs) < 2:
+        raise ConfigError("an A/B test needs at least two --arm NAME=SPEC (the first is the baseline)")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"arm names must differ: {', '.join(names)}")
+    if test.users_per_arm is not None and test.users_per_arm < 1:
+        raise ConfigError(f"--users-per-arm must be at least 1, got {test.users_per_arm}")
+    if test.store is None and any(s.kind == RUN for s in specs):
+        run_arm = next(s.name for s in specs if s.kind == RUN)
+        raise ConfigError(f"arm {run_arm} serves a run: give --store URL, a feature store loaded from this world's "
+                          "rows (lifelong store load --data ROWS --store URL)")
+    source = open_world(test.world, test.days, test.start_day, test.overrides)
+    splits = assign_arms(source.user_ids, len(specs), test.seed, test.users_per_arm)
+    item_topic = np.zeros(int(source.items.column("item_id").to_numpy().max()) + 1, dtype=np.int64)
+    item_topic[source.items.column("item_id").to_numpy()] = source.items.column("topic_id").to_numpy()
+    out = Path(test.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    arms: list[Arm] = []
+    closers: list[Callable[[], None]] = []
+    started = time.perf_counter()
+    follow_log: list[dict] = []
+    try:
+        for spec, users in zip(specs, splits):
+            if spec.kind in BUILTIN:
+                arms.append(Arm(spec, users, builtin_policy(spec.kind, test.seed)))
+                continue
+            served = None
+            url = spec.target
+            if spec.kind == RUN:
+                log(f"starting `lifelong serve --run {spec.target} --store {test.store}` for arm {spec.name}")
+                served = start_service(spec.target, test.store, out / f"serve-{spec.name}.log")
+                closers.append(served.stop)
+                url = served.url
+            http = HttpPolicy(url, workers=test.workers, proc=served.proc if served else None)
+            closers.append(http.close)
+            arms.append(Arm(spec, users, http, http=http, served=served))
+        worlds = [source.world(arm.users, seed=test.seed) for arm in arms]
+        sink = None
+        catch_up = None
+        if test.stream is not None:
+            sink, close = _publisher(test.stream)
+            closers.append(close)
+            if test.store is not None and test.follow:
+                catch_up, close = _follower(test.store, test.stream)
+                closers.append(close)
+        with progress("abtest days", total=test.days) as advance:
+            for d in range(test.days):
+                for arm, world in zip(arms, worlds):
+                    t0 = time.perf_counter()
+                    arm.outcomes.append(world.step(arm.policy, sink))
+                    arm.seconds += time.perf_counter() - t0
+                if catch_up is not None:
+                    follow_log.append({"day": source.start_day + d, **catch_up()})
+                log(f"day {source.start_day + d}: " + ", ".join(
+                    f"{a.spec.name} {int(a.outcomes[-1].requests.sum()):,} requests"
+                    + (f" ({int(a.outcomes[-1].failed.sum()):,} failed)" if a.outcomes[-1].failed.sum() else "")
+                    for a in arms))
+                advance(1)
+    finally:
+        for close in reversed(closers):
+            close()
+
+    data = _summarize(test, source, arms, item_topic, follow_log, time.perf_counter() - started)
+    _report(data, arms).write(out)
+    return data
+
+
+def _summarize(test: AbTest, source, arms: list[Arm], item_topic: np.ndarray, follow_log: list[dict],
+               seconds: float) -> dict[str, Any]:
+    totals = [M.arm_totals(a.outcomes, item_topic) for a in arms]
+    vals = [M.values(t) for t in totals]
+    base = arms[0].spec.name
+    days = list(range(source.start_day, source.start_day + test.days))
+    data: dict[str, Any] = {
+        "world": str(test.world), "baseline": base, "seed": test.seed, "days": days,
+        "users_per_arm": test.users_per_arm, "stream": test.stream, "store": test.store,
+        "followed": follow_log, "interactive": dataclasses.asdict(source.cfg.interactive),
+        "metrics": list(M.METRICS), "bootstrap": {"resamples": test.n_boot, "level": 0.95, "unit": "user"},
+        "seconds": round(seconds, 2), "arms": {},
+    }
+    by_kind = {a.spec.kind: v for a, v in zip(arms, vals)}
+    for i, (arm, total, v) in enumerate(zip(arms, totals, vals)):
+        entry = arm.describe()
+        for m in M.METRICS:
+            entry[m] = v[m]["total"]
+        entry["daily"] = [{"day": day, **{m: v[m]["daily"][j] for m in M.METRICS}} for j, day in enumerate(days)]
+        if i > 0:
+            delta = M.relative_delta(total, totals[0], n_boot=test.n_boot, seed=test.seed)
+            entry["delta"] = {m: delta[m][-1] for m in M.METRICS}
+            entry["daily_delta"] = [{"day": day, **{m: delta[m][j] for m in M.METRICS}} for j, day in enumerate(days)]
+        if RANDOM in by_kind and ORACLE in by_kind:
+            flat = {m: v[m]["total"] for m in M.METRICS}
+            entry["oracle_lift_fraction"] = M.oracle_lift(
+                flat, {m: by_kind[RANDOM][m]["total"] for m in M.METRICS},
+                {m: by_kind[ORACLE][m]["total"] for m in M.METRICS})
+        data["arms"][arm.spec.name] = entry
+    return data
+
+
+def _delta_cell(d: dict | None) -> str:
+    if d is None or d.get("rel") is None:
+        return ""
+    lo, hi = d["ci"]
+    star = "" if d["significant"] else "*"
+    return f"{d['rel']:+.1%}{star} [{lo:+.1%}, {hi:+.1%}]"
+
+
+def _report(data: dict[str, Any], arms: list[Arm]) -> Report:
+    names = list(data["arms"])
+    rows = []
+    for name in names:
+        a = data["arms"][name]
+        rows.append({"arm": name + (" (baseline)" if name == data["baseline"] else ""), "spec": a["spec"],
+                     "users": a["users"], "requests": a["requests"], "failed": a["requests_failed"],
+                     "complete": "yes" if a["complete"] else "**no (incomplete)**",
+                     **{m: a[m] for m in M.METRICS}})
+    values = Table([Column("arm", "arm"), Column("spec", "spec"), Column("users", "users", right=True),
+                    Column("requests", "requests", "{:,}", right=True), Column("failed", "failed", "{:,}", right=True),
+                    Column("complete", "complete")]
+                   + [Column(LABELS[m], m, "{:.4g}", right=True) for m in M.METRICS], rows)
+    deltas = Table([Column("arm", "arm")] + [Column(m.replace("_", " "), m, _delta_cell) for m in M.METRICS],
+                   [{"arm": n, **data["arms"][n]["delta"]} for n in names[1:]])
+    daily_rows = []
+    for n in names[1:]:
+        for d in data["arms"][n]["daily_delta"]:
+            daily_rows.append({"arm": n, "day": d["day"], **{m: d[m] for m in M.METRICS}})
+    daily = Table([Column("arm", "arm"), Column("day", "day", right=True)]
+                  + [Column(m.replace("_", " "), m, _delta_cell) for m in M.METRICS], daily_rows)
+    blocks: list[str | Table] = [
+        f"World `{data['world']}`, days {data['days'][0]}..{data['days'][-1]}, seed {data['seed']}; users split into "
+        f"arms by a seeded hash of the user id; baseline **{data['baseline']}**. Volumes and time spent are per user of "
+        "the arm, impression diversity is distinct topics shown per active user-day (docs/abtest.md).",
+        values,
+        f"Relative difference to {data['baseline']} over the whole test, with the 95% confidence interval of a "
+        f"user-level bootstrap ({data['bootstrap']['resamples']} resamples); * marks a difference that is not "
+        "significant (the interval includes 0).",
+        deltas,
+    ]
+    incomplete = [n for n in names if not data["arms"][n]["complete"]]
+    if incomplete:
+        blocks.append("**Incomplete arms**: " + "; ".join(
+            f"{n}: {data['arms'][n]['requests_failed']:,} requests failed"
+            + (f" ({data['arms'][n]['service']['dead']})" if data["arms"][n].get("service", {}).get("dead") else "")
+            for n in incomplete) + ". Their metrics count the failed requests as feeds never shown.")
+    lift = [n for n in names if "oracle_lift_fraction" in data["arms"][n]]
+    if lift:
+        blocks.append("Fraction of the oracle's online lift over random, `(arm - random) / (oracle - random)`:")
+        blocks.append(Table([Column("arm", "arm")] + [Column(m.replace("_", " "), m, "{:.3f}", right=True)
+                                                      for m in M.LIFT_METRICS],
+                            [{"arm": n, **{k: v for k, v in data["arms"][n]["oracle_lift_fraction"].items()
+                                           if v is not None}} for n in lift]))
+    blocks += ["Per day:", daily]
+    if data["followed"]:
+        blocks.append("Real-time store updates between days: " + ", ".join(
+            f"day {f['day']}: {f['events']:,} events" for f in data["followed"]) + ".")
+
+    def draw():
+        plt = pyplot()
+        fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+        for ax, m in zip(axes.ravel(), M.METRICS):
+            for n in names:
+                daily_values = [d[m] for d in data["arms"][n]["daily"]]
+                ax.plot(data["days"], daily_values, marker="o", label=n)
+            ax.set_title(LABELS[m], fontsize=10)
+            ax.set_xlabel("day")
+        axes.ravel()[0].legend(fontsize=8)
+        fig.suptitle(f"A/B test: daily metrics per arm (baseline {data['baseline']})")
+        fig.tight_layout()
+        return fig
+
+    return Report("report", data=data, blocks=blocks, title="A/B test", figures=[Figure(draw)])
+
