@@ -53,4 +53,11 @@ class StoreUnavailable(LifelongError):
 
 
 class WriterLocked(LifelongError):
-    """Another writer holds the store's writer lock: a second ``store load`` fails at once."""
+    """Another writer holds the store's writer lock: a second ``store load`` fails at once.
+
+    ``held_by`` is what the holder recorded (``role``, ``pid``, ``host``, ``since``), when known.
+    """
+
+    def __init__(self, message: str, held_by: dict | None = None):
+        self.held_by = held_by
+        super().__init__(message)

@@ -220,7 +220,7 @@ def run_abtest(test: AbTest, log: Callable[[str], None] = lambda line: None) -> 
             close()
 
     data = _summarize(test, source, arms, item_topic, follow_log, time.perf_counter() - started)
-    _report(data, arms).write(out)
+    _report(data).write(out)
     return data
 
 
@@ -231,7 +231,8 @@ def _summarize(test: AbTest, source, arms: list[Arm], item_topic: np.ndarray, fo
     base = arms[0].spec.name
     days = list(range(source.start_day, source.start_day + test.days))
     data: dict[str, Any] = {
-        "world": str(test.world), "baseline": base, "seed": test.seed, "days": days,
+        "world": str(test.world), "baseline": base, "arm_names": [a.spec.name for a in arms], "seed": test.seed,
+        "days": days,
         "users_per_arm": test.users_per_arm, "stream": test.stream, "store": test.store,
         "followed": follow_log, "interactive": dataclasses.asdict(source.cfg.interactive),
         "metrics": list(M.METRICS), "bootstrap": {"resamples": test.n_boot, "level": 0.95, "unit": "user"},
@@ -264,8 +265,8 @@ def _delta_cell(d: dict | None) -> str:
     return f"{d['rel']:+.1%}{star} [{lo:+.1%}, {hi:+.1%}]"
 
 
-def _report(data: dict[str, Any], arms: list[Arm]) -> Report:
-    names = list(data["arms"])
+def _report(data: dict[str, Any]) -> Report:
+    names = data["arm_names"]
     rows = []
     for name in names:
         a = data["arms"][name]

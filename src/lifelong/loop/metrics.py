@@ -20,8 +20,9 @@ marked significant when the interval excludes 0.
 Example::
 
     >>> import numpy as np
-    >>> a = ArmTotals(np.arange(4), {m: np.ones((1, 4)) for m in METRICS}, {m: np.ones((1, 4)) for m in METRICS})
-    >>> b = ArmTotals(np.arange(4), {m: 2 * np.ones((1, 4)) for m in METRICS}, {m: np.ones((1, 4)) for m in METRICS})
+    >>> ones = {m: np.ones((1, 4)) for m in METRICS}
+    >>> a = ArmTotals(np.arange(4), ones, ones, {m: np.ones(4) for m in METRICS})
+    >>> b = ArmTotals(np.arange(4), {m: 2 * np.ones((1, 4)) for m in METRICS}, ones, {m: np.ones(4) for m in METRICS})
     >>> relative_delta(b, a, n_boot=200, seed=0)["repin_volume"][0]["rel"]
     1.0
 """
@@ -54,11 +55,14 @@ class ArmTotals:
         user_ids: (U,) the arm's users.
         num: metric -> (D, U) numerators per day.
         den: metric -> (D, U) denominators per day.
+        den_total: metric -> (U,) denominators over the whole test (1 per user for the per-user
+            metrics; the active days for diversity).
     """
 
     user_ids: np.ndarray
     num: dict[str, np.ndarray]
     den: dict[str, np.ndarray]
+    den_total: dict[str, np.ndarray]
 
     @property
     def days(self) -> int:
@@ -89,7 +93,9 @@ def arm_totals(outcomes: Sequence[DayOutcome], item_topic: np.ndarray) -> ArmTot
         distinct = np.bincount(pairs // (int(item_topic.max()) + 1), minlength=n_users) if pairs.size else np.zeros(n_users)
         num["impression_diversity"][d] = distinct
         den["impression_diversity"][d] = distinct > 0
-    return ArmTotals(users, num, den)
+    den_total = {m: np.ones(n_users) for m in METRICS}
+    den_total["impression_diversity"] = den["impression_diversity"].sum(axis=0)
+    return ArmTotals(users, num, den, den_total)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -102,7 +108,7 @@ def values(arm: ArmTotals) -> dict[str, dict]:
     out = {}
     for m in METRICS:
         num, den = arm.num[m], arm.den[m]
-        out[m] = {"total": float(_ratio(num.sum(), den.sum())),
+        out[m] = {"total": float(_ratio(num.sum(), arm.den_total[m].sum())),
                   "daily": [float(x) for x in _ratio(num.sum(axis=1), den.sum(axis=1))]}
     return out
 
@@ -117,7 +123,7 @@ def _boot_weights(n_users: int, n_boot: int, rng: np.random.Generator) -> np.nda
 def _boot(arm: ArmTotals, weights: np.ndarray, metric: str) -> np.ndarray:
     """(B, D + 1) bootstrap replicates of the metric per day, then over the whole test."""
     num = np.concatenate([arm.num[metric], arm.num[metric].sum(axis=0, keepdims=True)])  # (D+1, U)
-    den = np.concatenate([arm.den[metric], arm.den[metric].sum(axis=0, keepdims=True)])
+    den = np.concatenate([arm.den[metric], arm.den_total[metric][None, :]])
     return _ratio(weights @ num.T, weights @ den.T)
 
 
@@ -132,8 +138,10 @@ def relative_delta(arm: ArmTotals, base: ArmTotals, n_boot: int = 1000, seed: in
     w_base = _boot_weights(base.user_ids.size, n_boot, rng)
     out: dict[str, list[dict]] = {}
     for m in METRICS:
-        point = _ratio(np.r_[arm.num[m].sum(axis=1), arm.num[m].sum()], np.r_[arm.den[m].sum(axis=1), arm.den[m].sum()])
-        ref = _ratio(np.r_[base.num[m].sum(axis=1), base.num[m].sum()], np.r_[base.den[m].sum(axis=1), base.den[m].sum()])
+        point = _ratio(np.r_[arm.num[m].sum(axis=1), arm.num[m].sum()],
+                       np.r_[arm.den[m].sum(axis=1), arm.den_total[m].sum()])
+        ref = _ratio(np.r_[base.num[m].sum(axis=1), base.num[m].sum()],
+                     np.r_[base.den[m].sum(axis=1), base.den_total[m].sum()])
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = point / ref - 1.0
             reps = _boot(arm, w_arm, m) / _boot(base, w_base, m) - 1.0
@@ -157,5 +165,5 @@ def oracle_lift(value: Mapping[str, float], random: Mapping[str, float], oracle:
     out: dict[str, float | None] = {}
     for m in LIFT_METRICS:
         gap = oracle[m] - random[m]
-        out[m] = float((value[m] - random[m]) / gap) if gap and np.isfinite(gap) else None
+        out[m] = float((value[m] - random[m]) / gap) + 0.0 if gap and np.isfinite(gap) else None
     return out

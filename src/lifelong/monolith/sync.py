@@ -123,7 +123,7 @@ class Syncer:
         """Take the next delta (full after a failure) and push it; never raises for a failed push."""
         t0 = time.perf_counter()
         delta = self.trainer.delta(full=self._need_full)
-        payload = wire.encode_delta(delta, *self.trainer.model.wire_model())
+        payload = wire.encode_delta(delta, *self._wire_model())
         error = None
         try:
             r = self._http.post(self.url, content=payload, headers={"content-type": "application/octet-stream"})
@@ -134,6 +134,14 @@ class Syncer:
         self._need_full = error is not None
         return SyncReply(version=delta.version, applied=error is None, full=delta.full, rows=delta.n_rows,
                          bytes=len(payload), seconds=time.perf_counter() - t0, error=error)
+
+    def _wire_model(self) -> tuple[str, dict]:
+        """The trained model's kind and configuration; a trainer without a model object (a stand-in
+        with ``delta`` and ``cfg``) trains Monolith's ranker of ``cfg.model``."""
+        model = getattr(self.trainer, "model", None)
+        if model is not None:
+            return model.wire_model()
+        return OnlineRanker.KIND, self.trainer.cfg.model.to_dict()
 
     def close(self) -> None:
         self._http.close()

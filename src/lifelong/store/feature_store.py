@@ -56,7 +56,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -131,16 +131,18 @@ def version_name(version: int) -> str:
     return f"v{version}"
 
 
-def holder() -> dict[str, Any]:
-    """Who is writing: host, pid and start time, recorded with a writer lock for messages."""
-    return {"host": socket.gethostname(), "pid": os.getpid(),
+def holder(role: str = "load") -> dict[str, Any]:
+    """Who is writing: its role (``load`` or ``follower``), host, pid and start time, recorded
+    with a writer lock for messages and for :func:`load_store`'s wait on a follower."""
+    return {"role": role, "host": socket.gethostname(), "pid": os.getpid(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime())}
 
 
 def locked_message(url: str, held_by: dict[str, Any] | None, extra: str = "") -> str:
     """The one line of a :class:`WriterLocked`."""
     who = "" if not held_by else f" (pid {held_by.get('pid')} on {held_by.get('host')} since {held_by.get('since')})"
-    return f"{url}: another store load holds the writer lock{who}; wait for it to finish{extra}"
+    writer = "the real-time follower" if (held_by or {}).get("role") == "follower" else "another store load"
+    return f"{url}: {writer} holds the writer lock{who}; wait for it to finish{extra}"
 
 
 class VersionGone(StoreUnavailable):
@@ -305,8 +307,8 @@ class FeatureStore(abc.ABC):
         """Delete every key that starts with ``prefix``; returns how many there were."""
 
     @abc.abstractmethod
-    def writer_lock(self) -> contextlib.AbstractContextManager[WriterLock]:
-        """Hold the store's writer lock for the block.
+    def writer_lock(self, role: str = "load") -> contextlib.AbstractContextManager[WriterLock]:
+        """Hold the store's writer lock for the block; ``role`` is recorded for the others to see.
 
         Raises:
             WriterLocked: another writer holds it (at once, without waiting).
@@ -419,6 +421,27 @@ def _read_build(data_dir: Path) -> dict[str, Any]:
     return build
 
 
+FOLLOWER_WAIT_S = 10.0
+"""How long a load waits for the real-time follower, which holds the writer lock for one short
+batch at a time (``lifelong store follow``); another load's lock fails a load at once."""
+
+
+@contextlib.contextmanager
+def _load_lock(store: FeatureStore) -> Iterator[WriterLock]:
+    deadline = time.monotonic() + FOLLOWER_WAIT_S
+    while True:
+        with contextlib.ExitStack() as stack:
+            try:
+                lock = stack.enter_context(store.writer_lock())
+            except WriterLocked as exc:
+                if (exc.held_by or {}).get("role") != "follower" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
+                continue
+            yield lock
+            return
+
+
 def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], progress: bool = True,
                drop_embeddings: bool = False, keep: int = 2) -> dict[str, Any]:
     """Load a built dataset into the store at ``url`` as a new version, and switch readers to it.
@@ -458,7 +481,7 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     data_dir = Path(data_dir)
-    with open_store(url, writable=True) as store, store.writer_lock() as lock:
+    with open_store(url, writable=True) as store, _load_lock(store) as lock:
         build = _read_build(data_dir)
         items = ItemRecords.from_dir(data_dir / "items")
         events = load_dataset(build["data"], with_oracle=False).events
@@ -487,6 +510,8 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
             "layout": build["layout"], "ll_cap": build["config"]["ll_cap"], "rt": build["layout"]["rt"],
             "imp_cap": build["config"]["imp_cap"], "int8_scale": INT8_SCALE, "emb_dim": EMBED_DIM,
             "n_users": int(index.users.size), "n_items": len(items),
+            # The newest event loaded: the real-time follower appends only what is newer.
+            "source_last_ts_ms": int(cols["ts_ms"].max()) if cols["ts_ms"].size else None,
             "n_explicit": int(index.explicit.rows.size), "n_impressions": int(index.impressions.rows.size),
             "store_version": version_name(number),
         }

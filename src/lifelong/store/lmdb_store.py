@@ -85,7 +85,7 @@ class LMDBStore(FeatureStore):
             yield StoreReader(lambda keys: [txn.get(k) for k in keys], self.url, snapshot=True)
 
     @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[WriterLock]:
+    def writer_lock(self, role: str = "load") -> Iterator[WriterLock]:
         """An exclusive ``flock`` on ``writer.lock`` in the store's directory, taken without
         waiting. The kernel drops it when its holder exits, however it exits, so a killed
         loader never leaves the store locked. (``flock``, unlike ``fcntl``'s record locks, also
@@ -101,9 +101,9 @@ class LMDBStore(FeatureStore):
                     held_by = json.loads(os.pread(fd, 4096, 0) or b"null")
                 except ValueError:
                     held_by = None
-                raise WriterLocked(locked_message(self.url, held_by)) from None
+                raise WriterLocked(locked_message(self.url, held_by), held_by) from None
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder()).encode(), 0)
+            os.pwrite(fd, json.dumps(holder(role)).encode(), 0)
             try:
                 yield _FileLock(self)
             finally:

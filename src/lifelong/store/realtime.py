@@ -264,7 +264,7 @@ class RealtimeConsumer:
         while True:
             with contextlib.ExitStack() as stack:
                 try:
-                    lock = stack.enter_context(self.store.writer_lock())
+                    lock = stack.enter_context(self.store.writer_lock(role="follower"))
                 except WriterLocked:
                     if self.stop.wait(pause):
                         raise InterruptedError("stopped while waiting for the store's writer lock") from None
@@ -353,7 +353,10 @@ class RealtimeConsumer:
                     return stats
             except VersionGone:
                 self._version = None  # read again: a version was half-deleted (cannot happen under the lock)
-        raise StoreUnavailable(self.store.url, "the served version kept disappearing while being read")
+            except WriterLocked:
+                pass  # the lock expired while this batch stalled (Redis): nothing was written; again
+        raise StoreUnavailable(self.store.url, "the served version kept disappearing, or the writer lock kept "
+                                               "expiring, while a batch was applied")
 
     def _step_locked(self, lock: WriterLock) -> BatchStats:
         with self.store.reader() as r:

@@ -107,13 +107,13 @@ class RedisStore(FeatureStore):
         return deleted
 
     @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[WriterLock]:
+    def writer_lock(self, role: str = "load") -> Iterator[WriterLock]:
         """``SET NX`` of a random token with an expiry, refreshed by a thread while held and
         released with a compare-and-delete, so a writer never deletes a lock that expired and
         was taken by another."""
         key = self.NAMESPACE + WRITER_KEY
         ttl_ms = int(self.lock_ttl_s * 1000)
-        token = json.dumps({"token": uuid.uuid4().hex, **holder()})
+        token = json.dumps({"token": uuid.uuid4().hex, **holder(role)})
         with self._reachable():
             taken = self._client.set(key, token, nx=True, px=ttl_ms)
             raw = None if taken else self._client.get(key)
@@ -123,7 +123,7 @@ class RedisStore(FeatureStore):
             except ValueError:
                 held_by = None
             raise WriterLocked(locked_message(self.url, held_by, f", or for the lock to expire ({self.lock_ttl_s:g} s "
-                                                                 "after its holder stopped)")) from None
+                                                                 "after its holder stopped)"), held_by) from None
         lock = _RedisLock(self, key, token)
         stop = threading.Event()
 
