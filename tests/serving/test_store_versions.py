@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -145,6 +146,29 @@ def test_second_writer_is_refused_at_once_and_the_store_stays_intact(fx, url):
         assert r.version == "v1" and r.meta()["n_users"] == N_USERS
         assert all(u is not None for u in r.users(range(N_USERS)))
     assert load_store(fx.b, url, progress=False)["version"] == "v2"  # released
+
+
+def test_a_load_waits_for_the_follower_but_not_for_another_load(fx, url):
+    load_store(fx.a, url, progress=False)
+    held = threading.Event()
+
+    def follow_one_batch():
+        with open_store(url, writable=True) as store, store.writer_lock(role="follower"):
+            held.set()
+            time.sleep(0.5)  # one (slow) follower batch
+
+    follower = threading.Thread(target=follow_one_batch)
+    follower.start()
+    held.wait()
+    start = time.monotonic()
+    assert load_store(fx.b, url, progress=False)["version"] == "v2"  # waited for the batch, then loaded
+    assert time.monotonic() - start >= 0.3
+    follower.join()
+    with open_store(url, writable=True) as store, store.writer_lock(role="load"):
+        start = time.monotonic()
+        with pytest.raises(WriterLocked, match="another store load holds the writer lock"):
+            load_store(fx.a, url, progress=False)
+        assert time.monotonic() - start < 1.0  # another load: refused at once
 
 
 def test_two_concurrent_loads_one_refused(fx, url):

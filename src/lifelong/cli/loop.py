@@ -23,7 +23,7 @@ def abtest(
     days: Annotated[int, typer.Option("--days", help="Interactive days to run.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory: report.md, report.json, report.png.")],
     users_per_arm: Annotated[int | None, typer.Option("--users-per-arm", help=(
-        "Keep at most this many users per arm [default: every user of the world, split between the arms].")
+        "Keep at most this many users per arm \\[default: every user of the world, split between the arms].")
     )] = None,
     stream: Annotated[str | None, typer.Option("--stream", help=(
         STREAM_HELP + ". Every day's events are appended there; with --store, the real-time consumer "
@@ -34,7 +34,7 @@ def abtest(
         "With --stream and --store: apply each day's events to the store before the next day."))] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the arm split, every user's draws and the bootstrap.")] = 0,
     start_day: Annotated[int | None, typer.Option("--start-day", help=(
-        "First interactive day, a day index of the world [default: the day after its last].")
+        "First interactive day, a day index of the world \\[default: the day after its last].")
     )] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=(
         "Override an interactive.* key, e.g. --set interactive.exam_eta=1.0 (docs/world.md)."))] = None,

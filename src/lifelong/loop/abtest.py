@@ -274,7 +274,7 @@ def _report(data: dict[str, Any]) -> Report:
                      "users": a["users"], "requests": a["requests"], "failed": a["requests_failed"],
                      "complete": "yes" if a["complete"] else "**no (incomplete)**",
                      **{m: a[m] for m in M.METRICS}})
-    values = Table([Column("arm", "arm"), Column("spec", "spec"), Column("users", "users", right=True),
+    values = Table([Column("arm", "arm"), Column("spec", "spec"), Column("users", "users", "{:,}", right=True),
                     Column("requests", "requests", "{:,}", right=True), Column("failed", "failed", "{:,}", right=True),
                     Column("complete", "complete")]
                    + [Column(LABELS[m], m, "{:.4g}", right=True) for m in M.METRICS], rows)

@@ -102,12 +102,14 @@ class LMDBStore(FeatureStore):
                 except ValueError:
                     held_by = None
                 raise WriterLocked(locked_message(self.url, held_by), held_by) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder(role)).encode(), 0)
+            # Overwritten, never emptied: a writer refused at any moment reads a whole record (the
+            # last holder's while the lock is free), which tells a load to wait for a follower.
+            record = json.dumps(holder(role)).encode()
+            os.pwrite(fd, record, 0)
+            os.ftruncate(fd, len(record))
             try:
                 yield _FileLock(self)
             finally:
-                os.ftruncate(fd, 0)
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

@@ -403,8 +403,13 @@ class WorldConfig:
     interactive: InteractiveConfig = field(default_factory=InteractiveConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """The full nested configuration as plain JSON-able values."""
-        return dataclasses.asdict(self)
+        """The full nested configuration as plain JSON-able values (tuples as lists)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+        return plain(dataclasses.asdict(self))
 
     @property
     def start_ms(self) -> int:
