@@ -66,7 +66,7 @@ from lifelong.store.embeddings import (
     read_json,
     version_prefix,
 )
-from lifelong.store.feature_store import FeatureStore, open_store, user_key
+from lifelong.store.feature_store import EMBEDDINGS_LOCK, FeatureStore, open_store, user_key
 
 __all__ = [
     "EmbeddingReader", "EmbeddingTower", "decode_records", "ExportConfig", "ExportSummary", "active_users", "default_as_of_ms",
@@ -214,7 +214,7 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
         else np.unique(np.asarray(user_ids, dtype=np.int64))
     if users.size == 0:
         raise DataError(world_dir, f"no active users to export at as_of_ms={as_of_ms}")
-    with _opened(store, writable=True) as opened:
+    with _opened(store, writable=True) as opened, opened.writer_lock(role="export", name=EMBEDDINGS_LOCK):
         registry = read_json(opened, REGISTRY_KEY) or {"next": 1, "versions": []}
         version = int(registry["next"])
         # Listed before its first row: a version whose exporter dies is still found and deleted.

@@ -90,6 +90,8 @@ META_KEY = b"meta"
 POINTER_KEY = b"fs:current"
 REGISTRY_KEY = b"fs:versions"
 WRITER_KEY = b"fs:writer"
+EMBEDDINGS_LOCK = "dv365"
+"""The lock of the DV365 embedding versions (``lifelong dv365 export``), apart from the loads'."""
 EMBEDDINGS_PREFIX = b"dv365:"
 """Every key of the DV365 user embeddings (:mod:`lifelong.store.embeddings`)."""
 LEGACY_VERSION = "legacy"
@@ -141,7 +143,8 @@ def holder(role: str = "load") -> dict[str, Any]:
 def locked_message(url: str, held_by: dict[str, Any] | None, extra: str = "") -> str:
     """The one line of a :class:`WriterLocked`."""
     who = "" if not held_by else f" (pid {held_by.get('pid')} on {held_by.get('host')} since {held_by.get('since')})"
-    writer = "the real-time follower" if (held_by or {}).get("role") == "follower" else "another store load"
+    role = (held_by or {}).get("role")
+    writer = {"follower": "the real-time follower", "export": "a DV365 export"}.get(role, "another store load")
     return f"{url}: {writer} holds the writer lock{who}; wait for it to finish{extra}"
 
 
@@ -307,8 +310,12 @@ class FeatureStore(abc.ABC):
         """Delete every key that starts with ``prefix``; returns how many there were."""
 
     @abc.abstractmethod
-    def writer_lock(self, role: str = "load") -> contextlib.AbstractContextManager[WriterLock]:
+    def writer_lock(self, role: str = "load", name: str = "writer") -> contextlib.AbstractContextManager[WriterLock]:
         """Hold the store's writer lock for the block; ``role`` is recorded for the others to see.
+
+        ``name`` picks the lock: ``writer`` guards the feature store's versions (loads and the
+        real-time follower), ``dv365`` the DV365 embedding versions (exports, and a load that
+        drops them), so an hour-long export never blocks a load.
 
         Raises:
             WriterLocked: another writer holds it (at once, without waiting).
@@ -434,7 +441,9 @@ def _load_lock(store: FeatureStore) -> Iterator[WriterLock]:
             try:
                 lock = stack.enter_context(store.writer_lock())
             except WriterLocked as exc:
-                if (exc.held_by or {}).get("role") != "follower" or time.monotonic() > deadline:
+                # No record: the holder released the lock between our try and our read of it.
+                waiting_for = "follower" if exc.held_by is None else exc.held_by.get("role")
+                if waiting_for != "follower" or time.monotonic() > deadline:
                     raise
                 time.sleep(0.002)
                 continue
@@ -534,7 +543,10 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
             for old in (META_KEY, ITEMS_KEY, USER_PREFIX):
                 store.delete_prefix(old)
             deleted = (*deleted, LEGACY_VERSION)
-        dropped = store.delete_prefix(EMBEDDINGS_PREFIX) if drop_embeddings else 0
+        dropped = 0
+        if drop_embeddings:
+            with store.writer_lock(role="load", name=EMBEDDINGS_LOCK):  # not under a running export
+                dropped = store.delete_prefix(EMBEDDINGS_PREFIX)
         url_text = store.url
     return {"url": url_text, "version": version_name(number), "kept": [version_name(v) for v in history],
             "deleted": list(deleted), "embeddings_dropped": dropped, "users": meta["n_users"],

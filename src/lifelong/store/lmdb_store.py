@@ -85,13 +85,13 @@ class LMDBStore(FeatureStore):
             yield StoreReader(lambda keys: [txn.get(k) for k in keys], self.url, snapshot=True)
 
     @contextlib.contextmanager
-    def writer_lock(self, role: str = "load") -> Iterator[WriterLock]:
+    def writer_lock(self, role: str = "load", name: str = "writer") -> Iterator[WriterLock]:
         """An exclusive ``flock`` on ``writer.lock`` in the store's directory, taken without
         waiting. The kernel drops it when its holder exits, however it exits, so a killed
         loader never leaves the store locked. (``flock``, unlike ``fcntl``'s record locks, also
         refuses a second holder inside the same process.)"""
         self._require_writable()
-        path = self.path / LOCK_FILE
+        path = self.path / (LOCK_FILE if name == "writer" else f"{name}.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

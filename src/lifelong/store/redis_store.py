@@ -107,11 +107,11 @@ class RedisStore(FeatureStore):
         return deleted
 
     @contextlib.contextmanager
-    def writer_lock(self, role: str = "load") -> Iterator[WriterLock]:
+    def writer_lock(self, role: str = "load", name: str = "writer") -> Iterator[WriterLock]:
         """``SET NX`` of a random token with an expiry, refreshed by a thread while held and
         released with a compare-and-delete, so a writer never deletes a lock that expired and
         was taken by another."""
-        key = self.NAMESPACE + WRITER_KEY
+        key = self.NAMESPACE + (WRITER_KEY if name == "writer" else b"fs:lock:" + name.encode())
         ttl_ms = int(self.lock_ttl_s * 1000)
         token = json.dumps({"token": uuid.uuid4().hex, **holder(role)})
         with self._reachable():
