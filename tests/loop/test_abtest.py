@@ -1,5 +1,6 @@
-"""``lifelong abtest``: random vs oracle on the tiny world, a served run over HTTP end to end, a
-service that dies mid-test, and bad input as one line with exit status 2."""
+"""``lifelong abtest``: random vs oracle on the tiny world, the paired design against the split one,
+a served run over HTTP end to end in both designs, a service that dies mid-test, and bad input as
+one line with exit status 2."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def test_random_vs_oracle_report(world, tmp_path):
     data = json.loads((out / "report.json").read_text())
     arms = data["arms"]
     assert data["baseline"] == "random" and data["arm_names"] == ["random", "oracle"]
+    assert data["design"] == "paired" and arms["random"]["users"] == arms["oracle"]["users"] == 300
     for name in arms:
         assert all(isinstance(arms[name][k], float) for k in KEYS) and arms[name]["complete"]
         assert len(arms[name]["daily"]) == 3
@@ -59,13 +61,42 @@ def test_random_vs_oracle_report(world, tmp_path):
     assert arms["oracle"]["delta"]["repin_volume"]["significant"]
     assert arms["oracle"]["oracle_lift_fraction"]["repin_volume"] == 1.0
     md = (out / "report.md").read_text()
-    assert "| oracle |" in md and "repin volume" in md and "[" in md
+    assert "| oracle |" in md and "repin volume" in md and "[" in md and "paired design" in md
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
-    # The events went to the stream: every impression of both arms.
+    # Paired: each arm's events went to its own stream (the same users act in both arms).
     from lifelong.store.stream import open_stream
 
-    with open_stream(str(tmp_path / "stream")) as stream:
-        assert stream.end_offset() == sum(a["impressions"] for a in arms.values())
+    for name, arm in arms.items():
+        assert arm["stream"] == f"{tmp_path / 'stream'}-{name}"
+        with open_stream(arm["stream"]) as stream:
+            assert stream.end_offset() == arm["impressions"]
+
+
+def _report(world, out, *args: str) -> dict:
+    invoke("abtest", "--world", str(world), "--out", str(out), "--bootstrap", "400", *args)
+    return json.loads((out / "report.json").read_text())
+
+
+def test_paired_same_policy_is_exactly_zero(world, tmp_path):
+    data = _report(world, tmp_path / "rep", "--arm", "a=random", "--arm", "b=random", "--days", "2",
+                   "--users-per-arm", "80")
+    b = data["arms"]["b"]
+    assert data["design"] == "paired" and data["bootstrap"]["resampling"] == "joint" and b["users"] == 80
+    for rows in ([b["delta"]], b["daily_delta"]):
+        for row in rows:
+            for k in KEYS:
+                assert row[k] == {"rel": 0.0, "ci": [0.0, 0.0], "significant": False}
+
+
+def test_paired_is_tighter_than_split_on_as_many_users(world, tmp_path):
+    arms = ("--arm", "random=random", "--arm", "oracle=oracle", "--days", "3", "--users-per-arm", "100")
+    paired = _report(world, tmp_path / "paired", *arms)["arms"]
+    split = _report(world, tmp_path / "split", *arms, "--design", "split")["arms"]
+    assert paired["oracle"]["users"] == split["oracle"]["users"] == split["random"]["users"] == 100
+    p, s = paired["oracle"]["delta"]["repin_volume"], split["oracle"]["delta"]["repin_volume"]
+    assert p["significant"] and p["rel"] > 0 and p["ci"][0] > 0
+    assert p["ci"][1] - p["ci"][0] < s["ci"][1] - s["ci"][0]
+    assert (tmp_path / "split" / "report.md").read_text().count("split design") == 1
 
 
 DYING_SERVICE = """
@@ -125,12 +156,19 @@ def served(tmp_path_factory):
     return d
 
 
-def test_a_served_run_arm_over_http(served, tmp_path):
+@pytest.mark.parametrize("design", ["paired", "split"])
+def test_a_served_run_arm_over_http(served, tmp_path, design):
     d, out = served, tmp_path / "rep"
     invoke("abtest", "--world", str(d / "w"), "--arm", "random=random", "--arm", f"v2={d / 'run'}",
-           "--store", str(d / "store"), "--stream", str(tmp_path / "stream"), "--days", "2", "--out", str(out))
+           "--store", str(d / "store"), "--stream", str(tmp_path / "stream"), "--days", "2", "--out", str(out),
+           "--design", design)
     data = json.loads((out / "report.json").read_text())
     v2 = data["arms"]["v2"]
+    assert data["design"] == design
+    if design == "paired":  # its own copy of the store, followed from its own stream
+        assert v2["store"] == str(d / "store-v2") and (d / "store-v2" / ".abtest-copy").exists()
+        assert v2["stream"] == f"{tmp_path / 'stream'}-v2" and all(f["arm"] == "v2" for f in data["followed"])
+        assert data["arms"]["random"]["users"] == v2["users"] == 20
     assert v2["kind"] == "run" and v2["complete"] and v2["requests"] > 0
     assert v2["service"]["answered"] == v2["service"]["sent"] == v2["requests"]
     assert all(k in v2 for k in KEYS) and "repin_volume" in v2["delta"]
@@ -144,6 +182,9 @@ def test_a_served_run_arm_over_http(served, tmp_path):
     (("--arm", "a=random", "--arm", "b=oracle", "--days", "9999"), "can be simulated up to day"),
     (("--arm", "a=random", "--arm", "b={run}"), "give --store"),
     (("--arm", "a=random"), "at least two --arm"),
+    (("--arm", "a=random", "--arm", "b=oracle", "--design", "both"), "--design must be one of paired, split"),
+    (("--arm", "a=random", "--arm", "b={run}", "--store", "redis://127.0.0.1:1/0", "--stream", "{run}/s"),
+     "a Redis store (redis://127.0.0.1:1/0) cannot be copied"),
 ])
 def test_bad_input_is_one_line_and_exit_2(world, tmp_path, args, message):
     run = tmp_path / "run"  # looks like a run directory; never served: the missing --store stops the test first

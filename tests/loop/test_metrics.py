@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from lifelong.data.schema import EVENTS_SCHEMA, Action
 from lifelong.data.world.interactive import DayOutcome
@@ -62,3 +63,24 @@ def test_oracle_lift_and_arm_split():
     assert [x.tolist() for x in a] != [x.tolist() for x in assign_arms(users, 3, seed=6)]
     small = assign_arms(users, 3, seed=5, per_arm=50)
     assert all(s.size == 50 and np.isin(s, x).all() for s, x in zip(small, a))
+
+
+def test_paired_bootstrap_resamples_users_jointly():
+    rng = np.random.default_rng(0)
+    n = 300
+    user = rng.gamma(0.5, 4.0, (1, n))  # a large between-user spread, shared by both arms
+
+    def arm(lift):
+        num = {m: rng.poisson(user * lift).astype(float) for m in METRICS}
+        return ArmTotals(np.arange(n), num, {m: np.ones((1, n)) for m in METRICS}, {m: np.ones(n) for m in METRICS})
+
+    base, better = arm(1.0), arm(1.3)
+    paired = relative_delta(better, base, n_boot=300, seed=2, paired=True)["repin_volume"][-1]
+    split = relative_delta(better, base, n_boot=300, seed=2)["repin_volume"][-1]
+    assert paired["rel"] == split["rel"] and paired["significant"]
+    assert paired["ci"][1] - paired["ci"][0] < split["ci"][1] - split["ci"][0]
+    same = relative_delta(base, base, n_boot=50, seed=2, paired=True)["repin_volume"][-1]
+    assert same == {"rel": 0.0, "ci": [0.0, 0.0], "significant": False}
+    other = ArmTotals(np.arange(n) + 1, base.num, base.den, base.den_total)
+    with pytest.raises(ValueError, match="same users"):
+        relative_delta(other, base, paired=True)

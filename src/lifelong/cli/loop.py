@@ -22,8 +22,14 @@ def abtest(
         "random, or oracle."))],
     days: Annotated[int, typer.Option("--days", help="Interactive days to run.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory: report.md, report.json, report.png.")],
+    design: Annotated[str, typer.Option("--design", help=(
+        "paired: every arm serves the same users, each in its own copy of the world (common random numbers, a paired "
+        "bootstrap; each arm gets its own stream STREAM-NAME and each followed run arm its own store copy "
+        "STORE-NAME); split: disjoint arms by a hash of the user id, like a real A/B test (docs/abtest.md)."))
+    ] = "paired",
     users_per_arm: Annotated[int | None, typer.Option("--users-per-arm", help=(
-        "Keep at most this many users per arm \\[default: every user of the world, split between the arms].")
+        "Keep at most this many users per arm, the same users in every arm when paired \\[default: every user of "
+        "the world; split: divided between the arms].")
     )] = None,
     stream: Annotated[str | None, typer.Option("--stream", help=(
         STREAM_HELP + ". Every day's events are appended there; with --store, the real-time consumer "
@@ -32,7 +38,8 @@ def abtest(
         STORE_HELP + " Needed by run arms: loaded from this world's rows (lifelong store load --data ROWS)."))] = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help=(
         "With --stream and --store: apply each day's events to the store before the next day."))] = True,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds the arm split, every user's draws and the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help=(
+        "Seeds the choice of users (the arm split), every user's draws and the bootstrap."))] = 0,
     start_day: Annotated[int | None, typer.Option("--start-day", help=(
         "First interactive day, a day index of the world \\[default: the day after its last].")
     )] = None,
@@ -46,13 +53,15 @@ def abtest(
 
     test = AbTest(world=world, arms=arm, days=days, out=out_dir, users_per_arm=users_per_arm, stream=stream,
                   store=store, follow=follow, seed=seed, start_day=start_day, overrides=list(set_ or []),
-                  workers=workers, n_boot=bootstrap)
+                  workers=workers, n_boot=bootstrap, design=design)
     data = run_abtest(test, log=lambda line: err.print(line, highlight=False))
     base = data["baseline"]
+    out.print(f"design: {data['design']}", highlight=False)
     for name, a in data["arms"].items():
         delta = a.get("delta", {}).get("repin_volume")
         rel = "" if delta is None or delta["rel"] is None else (
-            f" ({delta['rel']:+.1%}{'' if delta['significant'] else '*'} repins vs {base})")
+            f" ({delta['rel']:+.1%}{'' if delta['significant'] else '*'} "
+            f"[{delta['ci'][0]:+.1%}, {delta['ci'][1]:+.1%}] repins vs {base})")
         state = "" if a["complete"] else f"  [red]incomplete: {a['requests_failed']:,} requests failed[/red]"
         out.print(f"{name}: {a['users']:,} users, {a['requests']:,} requests, repins/user {a['repin_volume']:.3f}, "
                   f"hides/user {a['hide_volume']:.3f}, minutes/user {a['time_spent']:.2f}{rel}{state}", highlight=False)

@@ -1,19 +1,30 @@
 """``lifelong abtest``: an online A/B test of rankers in the interactive world (docs/abtest.md).
 
-The world's users are split into arms by a seeded hash of the user id. Every arm runs its own
-:class:`~lifelong.data.world.interactive.InteractiveWorld` over its users, day by day, with its
-policy ranking every feed: a served run (through its real ``POST /rank``), a running service,
-``random`` or ``oracle``. The arms share the seed, so they see common random numbers. Each day's
-events go to an event stream when ``--stream`` is given; with ``--store`` too, the real-time
-consumer (:class:`~lifelong.store.realtime.RealtimeConsumer`) appends them to the served
-feature store between days, so the next day's requests see them. The report compares every
-arm with the first one (the baseline) per day and over the whole test
+Two designs (docs/abtest.md, "Designs: split and paired"):
+
+- ``paired`` (the default): every arm serves the **same** users (all of the world's, or the
+  ``--users-per-arm`` of lowest hash), each arm in its own copy of the interactive world with the
+  same seed, so a user's outcomes in two arms differ only through what the arms showed (common
+  random numbers) and the comparison is paired per user: a joint user-level bootstrap;
+- ``split``: the users are split into disjoint arms by a seeded hash of the user id, as a real
+  A/B test does; the bootstrap resamples each arm on its own.
+
+Every arm runs its own :class:`~lifelong.data.world.interactive.InteractiveWorld` over its users,
+day by day, with its policy ranking every feed: a served run (through its real ``POST /rank``),
+a running service, ``random`` or ``oracle``. Each day's events go to an event stream when
+``--stream`` is given; with ``--store`` too, the real-time consumer
+(:class:`~lifelong.store.realtime.RealtimeConsumer`) appends them to the served feature store
+between days, so the next day's requests see them. In the paired design the same user acts in
+every arm, so each arm has its own stream (``STREAM-NAME``) and each served run arm its own copy of
+the store (``STORE-NAME``, an LMDB directory copied at the start) and its own consumer. The report
+compares every arm with the first one (the baseline) per day and over the whole test
 (:mod:`lifelong.loop.metrics`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +51,12 @@ from lifelong.loop.policies import (
     start_service,
 )
 
-__all__ = ["AbTest", "assign_arms", "run_abtest"]
+__all__ = ["AbTest", "DESIGNS", "PAIRED", "SPLIT", "assign_arms", "paired_users", "run_abtest"]
+
+PAIRED, SPLIT = "paired", "split"
+DESIGNS = (PAIRED, SPLIT)
+COPY_MARK = ".abtest-copy"
+"""A file in every per-arm store copy: a directory without it is never overwritten."""
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 LABELS = {"repin_volume": "repins / user", "hide_volume": "hides / user", "click_volume": "clicks / user",
@@ -79,6 +95,20 @@ def assign_arms(users: np.ndarray, n_arms: int, seed: int, per_arm: int | None =
     return out
 
 
+def paired_users(users: np.ndarray, seed: int, per_arm: int | None = None) -> np.ndarray:
+    """The users every arm of a paired test serves: all of ``users``, or the ``per_arm`` of
+    lowest hash (the order of :func:`assign_arms`' secondary hash), sorted.
+
+    Example::
+
+        >>> paired_users(np.arange(1000), seed=0).size, paired_users(np.arange(1000), seed=0, per_arm=5).size
+        (1000, 5)
+    """
+    users = np.asarray(users)
+    keep = np.argsort(_hash(seed, users), kind="stable")[:per_arm]
+    return np.sort(users[keep])
+
+
 @dataclass
 class Arm:
     """One arm while the test runs."""
@@ -90,6 +120,10 @@ class Arm:
     served: ServedArm | None = None
     outcomes: list[DayOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    stream: str | None = None
+    store: str | None = None
+    sink: Callable[[Any], None] | None = None
+    catch_up: Callable[[], dict] | None = None
 
     def failed(self) -> int:
         return int(sum(o.failed.sum() for o in self.outcomes))
@@ -101,6 +135,10 @@ class Arm:
                                 "sessions": int(sum(o.sessions.sum() for o in self.outcomes)),
                                 "impressions": int(sum(o.events.num_rows for o in self.outcomes)),
                                 "seconds": round(self.seconds, 2)}
+        if self.stream is not None:
+            info["stream"] = self.stream
+        if self.store is not None:
+            info["store"] = self.store
         if self.http is not None:
             info["service"] = {"url": self.http.url, **self.http.stats.to_dict()}
         info["complete"] = info["requests_failed"] == 0 and (self.http is None or self.http.stats.dead is None)
@@ -124,6 +162,51 @@ class AbTest:
     overrides: Sequence[str] = ()
     workers: int = 8
     n_boot: int = 1000
+    design: str = PAIRED
+
+
+def _arm_stream(url: str, name: str) -> str:
+    """Arm ``name``'s own event stream in a paired test: ``PATH-NAME``, or the Redis key ``KEY-NAME``."""
+    from lifelong.store.stream import DEFAULT_KEY
+    from lifelong.store.urls import EVENT_STREAM, parse_url
+
+    parsed = parse_url(url, EVENT_STREAM)
+    if parsed.scheme == "redis":
+        return f"{parsed.location}?key={parsed.params.get('key', DEFAULT_KEY)}-{name}"
+    return f"{parsed.location}-{name}"
+
+
+def _store_copies(store: str, names: Sequence[str]) -> dict[str, tuple[Path, Path]]:
+    """Where each served run arm's copy of the LMDB store goes: ``STORE-NAME`` next to it.
+
+    Raises:
+        ConfigError: a Redis store (one clear line: it cannot be copied), a store directory that
+            does not exist, or a destination that exists and is not an earlier copy.
+    """
+    from lifelong.store.urls import FEATURE_STORE, parse_url
+
+    parsed = parse_url(store, FEATURE_STORE)
+    if parsed.scheme == "redis":
+        raise ConfigError(f"--design paired gives each served arm its own copy of the store, and a Redis store "
+                          f"({store}) cannot be copied: use an LMDB store, --no-follow, or --design split")
+    src = Path(parsed.location)
+    if not src.is_dir():
+        raise ConfigError(f"feature store {store}: no such directory")
+    out = {}
+    for name in names:
+        dst = Path(f"{src}-{name}")
+        if dst.exists() and not (dst / COPY_MARK).exists():
+            raise ConfigError(f"--design paired copies the store to {dst} for arm {name}, which exists and is not "
+                              "an earlier copy: move it away")
+        out[name] = (src, dst)
+    return out
+
+
+def _copy_store(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock.mdb"))
+    (dst / COPY_MARK).write_text(f"a copy of {src} made by lifelong abtest --design paired; replaced on the next run\n")
 
 
 def _publisher(url: str) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -161,14 +244,25 @@ def run_abtest(test: AbTest, log: Callable[[str], None] = lambda line: None) -> 
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"arm names must differ: {', '.join(names)}")
+    if test.design not in DESIGNS:
+        raise ConfigError(f"--design must be one of {', '.join(DESIGNS)}, got {test.design!r}")
+    paired = test.design == PAIRED
     if test.users_per_arm is not None and test.users_per_arm < 1:
         raise ConfigError(f"--users-per-arm must be at least 1, got {test.users_per_arm}")
     if test.store is None and any(s.kind == RUN for s in specs):
         run_arm = next(s.name for s in specs if s.kind == RUN)
         raise ConfigError(f"arm {run_arm} serves a run: give --store URL, a feature store loaded from this world's "
                           "rows (lifelong store load --data ROWS --store URL)")
+    # Paired: the same users act in every arm, so each arm gets its own stream and, when the
+    # consumer follows, each served run arm its own copy of the store.
+    follow = test.stream is not None and test.store is not None and test.follow
+    copies = (_store_copies(test.store, [s.name for s in specs if s.kind == RUN])
+              if paired and follow and any(s.kind == RUN for s in specs) else {})
     source = open_world(test.world, test.days, test.start_day, test.overrides)
-    splits = assign_arms(source.user_ids, len(specs), test.seed, test.users_per_arm)
+    if paired:
+        splits = [paired_users(source.user_ids, test.seed, test.users_per_arm)] * len(specs)
+    else:
+        splits = assign_arms(source.user_ids, len(specs), test.seed, test.users_per_arm)
     item_topic = np.zeros(int(source.items.column("item_id").to_numpy().max()) + 1, dtype=np.int64)
     item_topic[source.items.column("item_id").to_numpy()] = source.items.column("topic_id").to_numpy()
     out = Path(test.out)
@@ -179,37 +273,52 @@ def run_abtest(test: AbTest, log: Callable[[str], None] = lambda line: None) -> 
     started = time.perf_counter()
     follow_log: list[dict] = []
     try:
+        for name, (src, dst) in copies.items():
+            log(f"copying the store {src} to {dst} for arm {name}")
+            _copy_store(src, dst)
         for spec, users in zip(specs, splits):
+            stream = test.stream if test.stream is None or not paired else _arm_stream(test.stream, spec.name)
+            store = str(copies[spec.name][1]) if spec.name in copies else (test.store if spec.kind == RUN else None)
             if spec.kind in BUILTIN:
-                arms.append(Arm(spec, users, builtin_policy(spec.kind, test.seed)))
+                arms.append(Arm(spec, users, builtin_policy(spec.kind, test.seed), stream=stream))
                 continue
             served = None
             url = spec.target
             if spec.kind == RUN:
-                log(f"starting `lifelong serve --run {spec.target} --store {test.store}` for arm {spec.name}")
-                served = start_service(spec.target, test.store, out / f"serve-{spec.name}.log")
+                log(f"starting `lifelong serve --run {spec.target} --store {store}` for arm {spec.name}")
+                served = start_service(spec.target, store, out / f"serve-{spec.name}.log")
                 closers.append(served.stop)
                 url = served.url
             http = HttpPolicy(url, workers=test.workers, proc=served.proc if served else None)
             closers.append(http.close)
-            arms.append(Arm(spec, users, http, http=http, served=served))
+            arms.append(Arm(spec, users, http, http=http, served=served, stream=stream, store=store))
         worlds = [source.world(arm.users, seed=test.seed) for arm in arms]
-        sink = None
-        catch_up = None
-        if test.stream is not None:
+        catch_ups: list[tuple[str | None, Callable[[], dict]]] = []
+        if test.stream is not None and not paired:
             sink, close = _publisher(test.stream)
             closers.append(close)
-            if test.store is not None and test.follow:
+            for arm in arms:
+                arm.sink = sink
+            if follow:
                 catch_up, close = _follower(test.store, test.stream)
                 closers.append(close)
+                catch_ups.append((None, catch_up))
+        elif test.stream is not None:
+            for arm in arms:
+                arm.sink, close = _publisher(arm.stream)
+                closers.append(close)
+                if follow and arm.spec.kind == RUN:
+                    catch_up, close = _follower(arm.store, arm.stream)
+                    closers.append(close)
+                    catch_ups.append((arm.spec.name, catch_up))
         with progress("abtest days", total=test.days) as advance:
             for d in range(test.days):
                 for arm, world in zip(arms, worlds):
                     t0 = time.perf_counter()
-                    arm.outcomes.append(world.step(arm.policy, sink))
+                    arm.outcomes.append(world.step(arm.policy, arm.sink))
                     arm.seconds += time.perf_counter() - t0
-                if catch_up is not None:
-                    follow_log.append({"day": source.start_day + d, **catch_up()})
+                for name, catch_up in catch_ups:
+                    follow_log.append({"day": source.start_day + d, **({"arm": name} if name else {}), **catch_up()})
                 log(f"day {source.start_day + d}: " + ", ".join(
                     f"{a.spec.name} {int(a.outcomes[-1].requests.sum()):,} requests"
                     + (f" ({int(a.outcomes[-1].failed.sum()):,} failed)" if a.outcomes[-1].failed.sum() else "")
@@ -219,23 +328,24 @@ def run_abtest(test: AbTest, log: Callable[[str], None] = lambda line: None) -> 
         for close in reversed(closers):
             close()
 
-    data = _summarize(test, source, arms, item_topic, follow_log, time.perf_counter() - started)
+    data = _summarize(test, source, arms, item_topic, follow_log, time.perf_counter() - started, paired)
     _report(data).write(out)
     return data
 
 
 def _summarize(test: AbTest, source, arms: list[Arm], item_topic: np.ndarray, follow_log: list[dict],
-               seconds: float) -> dict[str, Any]:
+               seconds: float, paired: bool) -> dict[str, Any]:
     totals = [M.arm_totals(a.outcomes, item_topic) for a in arms]
     vals = [M.values(t) for t in totals]
     base = arms[0].spec.name
     days = list(range(source.start_day, source.start_day + test.days))
     data: dict[str, Any] = {
-        "world": str(test.world), "baseline": base, "arm_names": [a.spec.name for a in arms], "seed": test.seed,
+        "world": str(test.world), "design": test.design, "baseline": base, "arm_names": [a.spec.name for a in arms], "seed": test.seed,
         "days": days,
         "users_per_arm": test.users_per_arm, "stream": test.stream, "store": test.store,
         "followed": follow_log, "interactive": dataclasses.asdict(source.cfg.interactive),
-        "metrics": list(M.METRICS), "bootstrap": {"resamples": test.n_boot, "level": 0.95, "unit": "user"},
+        "metrics": list(M.METRICS), "bootstrap": {"resamples": test.n_boot, "level": 0.95, "unit": "user",
+                                                       "resampling": "joint" if paired else "per arm"},
         "seconds": round(seconds, 2), "arms": {},
     }
     by_kind = {a.spec.kind: v for a, v in zip(arms, vals)}
@@ -245,7 +355,7 @@ def _summarize(test: AbTest, source, arms: list[Arm], item_topic: np.ndarray, fo
             entry[m] = v[m]["total"]
         entry["daily"] = [{"day": day, **{m: v[m]["daily"][j] for m in M.METRICS}} for j, day in enumerate(days)]
         if i > 0:
-            delta = M.relative_delta(total, totals[0], n_boot=test.n_boot, seed=test.seed)
+            delta = M.relative_delta(total, totals[0], n_boot=test.n_boot, seed=test.seed, paired=paired)
             entry["delta"] = {m: delta[m][-1] for m in M.METRICS}
             entry["daily_delta"] = [{"day": day, **{m: delta[m][j] for m in M.METRICS}} for j, day in enumerate(days)]
         if RANDOM in by_kind and ORACLE in by_kind:
@@ -286,14 +396,19 @@ def _report(data: dict[str, Any]) -> Report:
             daily_rows.append({"arm": n, "day": d["day"], **{m: d[m] for m in M.METRICS}})
     daily = Table([Column("arm", "arm"), Column("day", "day", right=True)]
                   + [Column(m.replace("_", " "), m, _delta_cell) for m in M.METRICS], daily_rows)
+    paired = data["design"] == PAIRED
+    users = ("**paired design**: every arm serves the same users, each arm in its own copy of the world with the same "
+             "seed (common random numbers), so outcomes are paired per user" if paired else
+             "**split design**: users split into disjoint arms by a seeded hash of the user id")
+    boot = ("users resampled jointly for both arms" if paired else "each arm's users resampled on their own")
     blocks: list[str | Table] = [
-        f"World `{data['world']}`, days {data['days'][0]}..{data['days'][-1]}, seed {data['seed']}; users split into "
-        f"arms by a seeded hash of the user id; baseline **{data['baseline']}**. Volumes and time spent are per user of "
+        f"World `{data['world']}`, days {data['days'][0]}..{data['days'][-1]}, seed {data['seed']}; {users}; "
+        f"baseline **{data['baseline']}**. Volumes and time spent are per user of "
         "the arm, impression diversity is distinct topics shown per active user-day (docs/abtest.md).",
         values,
         f"Relative difference to {data['baseline']} over the whole test, with the 95% confidence interval of a "
-        f"user-level bootstrap ({data['bootstrap']['resamples']} resamples); * marks a difference that is not "
-        "significant (the interval includes 0).",
+        f"user-level bootstrap ({data['bootstrap']['resamples']} resamples, {boot}); * marks a difference that is "
+        "not significant (the interval includes 0).",
         deltas,
     ]
     incomplete = [n for n in names if not data["arms"][n]["complete"]]
@@ -312,7 +427,9 @@ def _report(data: dict[str, Any]) -> Report:
     blocks += ["Per day:", daily]
     if data["followed"]:
         blocks.append("Real-time store updates between days: " + ", ".join(
-            f"day {f['day']}: {f['events']:,} events" for f in data["followed"]) + ".")
+            (f"{f['arm']} " if f.get("arm") else "") + f"day {f['day']}: {f['events']:,} events"
+            for f in data["followed"]) + "." + (" Each served arm follows its own stream into its own copy of the "
+                                                "store." if paired else ""))
 
     def draw():
         plt = pyplot()

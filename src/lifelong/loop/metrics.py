@@ -14,8 +14,10 @@ Every metric is a ratio of per-user sums, ``sum_u num_u / sum_u den_u`` over an 
 So the volumes are per user of the arm (arms differ in size), diversity is the mean number of
 distinct topics a user is shown per active day, and time spent is minutes per user. The
 relative difference of an arm to the baseline comes with a 95% confidence interval from a
-user-level bootstrap (users resampled with replacement within each arm, seeded), and is
-marked significant when the interval excludes 0.
+user-level bootstrap, seeded, and is marked significant when the interval excludes 0. In a
+split test (disjoint arms) each arm's users are resampled independently; in a paired test (the
+same users in every arm, ``paired=True``) the users are resampled jointly, one draw of users
+for both arms, so the ratio ``mean_u(arm_u) / mean_u(base_u) - 1`` keeps each user's pairing.
 
 Example::
 
@@ -127,15 +129,28 @@ def _boot(arm: ArmTotals, weights: np.ndarray, metric: str) -> np.ndarray:
     return _ratio(weights @ num.T, weights @ den.T)
 
 
-def relative_delta(arm: ArmTotals, base: ArmTotals, n_boot: int = 1000, seed: int = 0) -> dict[str, list[dict]]:
+def relative_delta(arm: ArmTotals, base: ArmTotals, n_boot: int = 1000, seed: int = 0,
+                   paired: bool = False) -> dict[str, list[dict]]:
     """Relative difference ``arm / base - 1`` of every metric with its bootstrap 95% CI.
+
+    Args:
+        paired: the two arms hold the same users (in the same order): resample users jointly,
+            the same bootstrap weights for both arms. Otherwise each arm is resampled on its own.
+
+    Raises:
+        ValueError: ``paired`` with arms of different users.
 
     Returns:
         metric -> a list of ``{rel, ci: [lo, hi], significant}``: one per day, then the whole test last.
     """
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0xAB7E57])))
     w_arm = _boot_weights(arm.user_ids.size, n_boot, rng)
-    w_base = _boot_weights(base.user_ids.size, n_boot, rng)
+    if paired:
+        if not np.array_equal(arm.user_ids, base.user_ids):
+            raise ValueError("a paired comparison needs the same users in both arms")
+        w_base = w_arm
+    else:
+        w_base = _boot_weights(base.user_ids.size, n_boot, rng)
     out: dict[str, list[dict]] = {}
     for m in METRICS:
         point = _ratio(np.r_[arm.num[m].sum(axis=1), arm.num[m].sum()],
