@@ -5,6 +5,7 @@ one line with exit status 2."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -159,8 +160,12 @@ def served(tmp_path_factory):
 @pytest.mark.parametrize("design", ["paired", "split"])
 def test_a_served_run_arm_over_http(served, tmp_path, design):
     d, out = served, tmp_path / "rep"
+    # Split follows into the store it is given: a copy of its own, so the shared one stays unfollowed.
+    store = d / "store" if design == "paired" else tmp_path / "store"
+    if design == "split":
+        shutil.copytree(d / "store", store)
     invoke("abtest", "--world", str(d / "w"), "--arm", "random=random", "--arm", f"v2={d / 'run'}",
-           "--store", str(d / "store"), "--stream", str(tmp_path / "stream"), "--days", "2", "--out", str(out),
+           "--store", str(store), "--stream", str(tmp_path / "stream"), "--days", "2", "--out", str(out),
            "--design", design)
     data = json.loads((out / "report.json").read_text())
     v2 = data["arms"]["v2"]
@@ -175,6 +180,12 @@ def test_a_served_run_arm_over_http(served, tmp_path, design):
     # The real-time consumer appended each day's events to the store between days.
     assert len(data["followed"]) == 2 and data["followed"][0]["events"] > 0
     assert "serving" in (out / "serve-v2.log").read_text()
+    if design == "split":  # the followed store now holds this test's events: a new test must not read them
+        res = run_cli("abtest", "--world", str(d / "w"), "--arm", "random=random", "--arm", f"v2={d / 'run'}",
+                      "--store", str(store), "--stream", str(tmp_path / "stream2"), "--days", "1", "--out",
+                      str(tmp_path / "rep2"), "--design", "split")
+        assert res.returncode == 2 and "already holds real-time appends" in res.stderr
+        assert "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("args, message", [

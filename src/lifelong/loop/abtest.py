@@ -221,6 +221,12 @@ def _follower(store: str, stream: str) -> tuple[Callable[[], dict], Callable[[],
     from lifelong.store.realtime import RealtimeConsumer
 
     consumer = RealtimeConsumer(store, stream)
+    if consumer.state() is not None:
+        # Its served version already holds a follower's appends (an earlier test's, or another
+        # stream's): this test's users would read events it never showed them.
+        consumer.close()
+        raise ConfigError(f"{store} already holds real-time appends from a stream; reload it for a new test "
+                          "(lifelong store load --data ROWS --store URL)")
 
     def catch_up() -> dict:
         done = consumer.run_until_caught_up()

@@ -393,6 +393,8 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
     async def readyz():
         """Readiness: 200 when the ranker can answer now (its store reachable and loaded), else 503."""
         ok, reason = await ready_now()
+        if not batcher.alive:  # a bug killed the batching loop: say so instead of timing every request out
+            ok, reason = False, "the batching loop is not running"
         metrics.ready = ok
         health = Health(status="ready" if ok else "not ready", ready=ok, reason=reason, model_version=model_version(),
                         store_version=store_version(), user_emb_version=user_emb_version(), path=ranker.path)

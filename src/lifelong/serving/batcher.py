@@ -106,6 +106,11 @@ class DynamicBatcher(Generic[T, R]):
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._loop())
 
+    @property
+    def alive(self) -> bool:
+        """Whether the batching loop runs (a loop that died would time every request out)."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -215,7 +220,8 @@ class DynamicBatcher(Generic[T, R]):
                 e.fut.set_exception(DeadlineExceeded("the deadline passed before the request was scored"))
                 self.metrics.dropped("deadline", e.size)
             elif e.gone is not None and await e.gone():
-                e.fut.set_exception(ClientGone("the client disconnected before the request was scored"))
+                if not e.fut.done():  # its waiter may have given up while we asked
+                    e.fut.set_exception(ClientGone("the client disconnected before the request was scored"))
                 self.metrics.dropped("client_gone", e.size)
             else:
                 live.append(e)

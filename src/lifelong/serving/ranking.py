@@ -83,7 +83,7 @@ class ServedRanker(Protocol):
     def readiness(self) -> tuple[bool, str]:
         """Whether the ranker can answer now, and why not (``(True, "ok")`` when it can).
 
-        Cheap: ``/healthz`` calls it on every probe."""
+        Cheap: ``/readyz`` calls it on every probe."""
 
 
 @runtime_checkable

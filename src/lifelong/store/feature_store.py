@@ -490,7 +490,9 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     data_dir = Path(data_dir)
-    with open_store(url, writable=True) as store, _load_lock(store) as lock:
+    with open_store(url, writable=True) as store, _load_lock(store) as lock, contextlib.ExitStack() as drop_lock:
+        if drop_embeddings:  # taken before anything is written: a running export refuses the load whole
+            drop_lock.enter_context(store.writer_lock(role="load", name=EMBEDDINGS_LOCK))
         build = _read_build(data_dir)
         items = ItemRecords.from_dir(data_dir / "items")
         events = load_dataset(build["data"], with_oracle=False).events
@@ -543,10 +545,7 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
             for old in (META_KEY, ITEMS_KEY, USER_PREFIX):
                 store.delete_prefix(old)
             deleted = (*deleted, LEGACY_VERSION)
-        dropped = 0
-        if drop_embeddings:
-            with store.writer_lock(role="load", name=EMBEDDINGS_LOCK):  # not under a running export
-                dropped = store.delete_prefix(EMBEDDINGS_PREFIX)
+        dropped = store.delete_prefix(EMBEDDINGS_PREFIX) if drop_embeddings else 0
         url_text = store.url
     return {"url": url_text, "version": version_name(number), "kept": [version_name(v) for v in history],
             "deleted": list(deleted), "embeddings_dropped": dropped, "users": meta["n_users"],

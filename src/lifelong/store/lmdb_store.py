@@ -22,6 +22,7 @@ from lifelong.store.feature_store import FeatureStore, StoreReader, WriterLock, 
 __all__ = ["LOCK_FILE", "LMDBStore"]
 
 LOCK_FILE = "writer.lock"
+LOCK_RECORD_BYTES = 512
 """The writer lock's file, in the environment's directory next to ``data.mdb``."""
 
 _OPEN_ENVS: dict[str, tuple[lmdb.Environment, bool, int]] = {}
@@ -104,7 +105,9 @@ class LMDBStore(FeatureStore):
                 raise WriterLocked(locked_message(self.url, held_by), held_by) from None
             # Overwritten, never emptied: a writer refused at any moment reads a whole record (the
             # last holder's while the lock is free), which tells a load to wait for a follower.
-            record = json.dumps(holder(role)).encode()
+            # One write of a fixed width (JSON padded with spaces), so no reader sees a record half
+            # replaced by the next holder's.
+            record = json.dumps(holder(role)).encode().ljust(LOCK_RECORD_BYTES)
             os.pwrite(fd, record, 0)
             os.ftruncate(fd, len(record))
             try:
