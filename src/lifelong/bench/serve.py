@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -121,8 +122,9 @@ def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.
         port = free_port()
         # A throughput benchmark measures the model, not the load shedder: the queue bound and the
         # deadline are lifted far above what the closed loop of clients can queue.
+        log = Path(tempfile.gettempdir()) / f"lifelong-bench-serve-{path}-{port}.log"  # a pipe nobody reads fills up
         proc = start_server(port, ["--run", str(run), "--store", store, "--path", path,
-                                   "--max-queue-examples", "10000000", "--max-latency-ms", "600000"])
+                                   "--max-queue-examples", "10000000", "--max-latency-ms", "600000"], log=log)
         url = f"http://127.0.0.1:{port}/rank"
         try:
             asyncio.run(closed_loop(url, bodies, max(concurrency), warmup_s))
