@@ -306,6 +306,10 @@ def test_deltas_carry_exactly_the_touched_rows_and_rebuild_the_tables(world, tmp
             assert_replica_matches(replica, trainer, dense=delta.dense is not None)
         assert with_dense == [False, True, False]  # dense_every=2
         assert trainer.counters.expired_rows > 0 and len(delta.tables["item_id"].removed) > 0
+        last = trainer.delta(dense=True)  # a job's last push carries them whatever dense_every says
+        assert not last.full and last.dense is not None
+        replica.apply(last)
+        assert_replica_matches(replica, trainer, dense=True)
         stale = trainer.delta()
     with pytest.raises(DataError, match="wait for a full snapshot"):
         replica.apply(dataclasses.replace(stale, base_version=stale.base_version - 1))

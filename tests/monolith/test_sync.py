@@ -221,7 +221,7 @@ def test_a_restarted_service_gets_a_full_snapshot(world, live_online, tmp_path):
         again = syncer.sync()
         assert again.applied and again.full
         syncer.close()
-    unreachable = Syncer(SimpleNamespace(delta=lambda full: trainer.delta(full=True), cfg=CFG),
+    unreachable = Syncer(SimpleNamespace(delta=lambda full, dense=False: trainer.delta(full=True), cfg=CFG),
                          f"http://127.0.0.1:{free_port()}", timeout_s=2)
     reply = unreachable.sync()
     assert not reply.applied and "Connect" in reply.error

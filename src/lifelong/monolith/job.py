@@ -196,7 +196,7 @@ def run_online_job(job: OnlineJob, log: Callable[[str], None] = lambda _: None,
             last = stats.caught_up and (finished if job.replay_events
                                         else time.monotonic() - idle_since >= job.idle_exit_s)
             if syncer is not None and (stats.events or last or not summary.syncs):
-                reply = syncer.sync()
+                reply = syncer.sync(dense=last)  # the last push leaves serving on the checkpoint's weights
                 summary.syncs.append(reply)
                 log(f"sync v{reply.version}: {'full, ' if reply.full else ''}{reply.rows:,} rows, "
                     f"{reply.bytes / 2**10:,.0f} KiB, {reply.seconds * 1000:.0f} ms"

@@ -659,7 +659,7 @@ class OnlineTrainer:
                   f"{self.counters.examples} examples, watermark {self.watermark_ms}")
         return final
 
-    def delta(self, full: bool = False) -> Delta:
+    def delta(self, full: bool = False, dense: bool = False) -> Delta:
         """Rows touched and removed since the previous delta, with the next version number.
 
         The first delta of a trainer object is a full snapshot, as is any with ``full=True``
@@ -668,6 +668,8 @@ class OnlineTrainer:
 
         Args:
             full: export every row instead of the change.
+            dense: carry the dense weights whatever ``dense_every`` says (a job's last push, so
+                that serving ends with the checkpoint's parameters).
         """
         full = full or self._last_delta is None
         fmt = self.cfg.delta_format
@@ -685,7 +687,7 @@ class OnlineTrainer:
             values = table.weights[rows[rows >= 0]].astype(np.float16 if fmt == "fp16" else np.float32)
             tables[slot] = TableDelta(ids, values, expired[table.lookup(expired) < 0], table.default.copy())
         self._deltas_since_dense = 0 if full else self._deltas_since_dense + 1
-        with_dense = full or self._deltas_since_dense >= self.cfg.dense_every
+        with_dense = full or dense or self._deltas_since_dense >= self.cfg.dense_every
         if with_dense:
             self._deltas_since_dense = 0
         version, lineage = self._next_version()

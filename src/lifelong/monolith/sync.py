@@ -119,10 +119,11 @@ class Syncer:
         self._http = httpx.Client(timeout=timeout_s)
         self._need_full = True
 
-    def sync(self) -> SyncReply:
-        """Take the next delta (full after a failure) and push it; never raises for a failed push."""
+    def sync(self, dense: bool = False) -> SyncReply:
+        """Take the next delta (full after a failure; with the dense weights when ``dense``) and
+        push it; never raises for a failed push."""
         t0 = time.perf_counter()
-        delta = self.trainer.delta(full=self._need_full)
+        delta = self.trainer.delta(full=self._need_full, dense=dense)
         payload = wire.encode_delta(delta, *self._wire_model())
         error = None
         try:
