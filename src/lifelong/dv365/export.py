@@ -66,7 +66,7 @@ from lifelong.store.embeddings import (
     read_json,
     version_prefix,
 )
-from lifelong.store.feature_store import EMBEDDINGS_LOCK, FeatureStore, open_store, user_key
+from lifelong.store.feature_store import EMBEDDINGS_LOCK, FeatureStore, WriterLock, open_store, user_key
 
 __all__ = [
     "EmbeddingReader", "EmbeddingTower", "decode_records", "ExportConfig", "ExportSummary", "active_users", "default_as_of_ms",
@@ -182,8 +182,10 @@ def _opened(store: str | os.PathLike[str] | FeatureStore, writable: bool) -> Ite
         yield opened
 
 
-def _put_json(store: FeatureStore, key: bytes, obj: dict[str, Any]) -> None:
-    store.put([(key, json.dumps(obj, sort_keys=True).encode())])
+def _put_json(lock: WriterLock, key: bytes, obj: dict[str, Any]) -> None:
+    """A registry or pointer write, fenced: only while this exporter still holds its lock (Redis:
+    an exporter that stalled past the lock's expiry never overwrites a newer export's pointer)."""
+    lock.put([(key, json.dumps(obj, sort_keys=True).encode())])
 
 
 def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
@@ -214,11 +216,11 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
         else np.unique(np.asarray(user_ids, dtype=np.int64))
     if users.size == 0:
         raise DataError(world_dir, f"no active users to export at as_of_ms={as_of_ms}")
-    with _opened(store, writable=True) as opened, opened.writer_lock(role="export", name=EMBEDDINGS_LOCK):
+    with _opened(store, writable=True) as opened, opened.writer_lock(role="export", name=EMBEDDINGS_LOCK) as lock:
         registry = read_json(opened, REGISTRY_KEY) or {"next": 1, "versions": []}
         version = int(registry["next"])
         # Listed before its first row: a version whose exporter dies is still found and deleted.
-        _put_json(opened, REGISTRY_KEY, {"next": version + 1, "versions": [*registry["versions"], version]})
+        _put_json(lock, REGISTRY_KEY, {"next": version + 1, "versions": [*registry["versions"], version]})
         prefix = version_prefix(version)
         shape: tuple[int, int] | None = None
         written = 0
@@ -236,9 +238,9 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
         rows, dim = shape
         previous = read_json(opened, POINTER_KEY)
         history = [] if previous is None else [previous["version"], *previous["history"]][:config.keep - 1]
-        _put_json(opened, POINTER_KEY, {"version": version, "rows": rows, "dim": dim, "as_of_ms": int(as_of_ms),
+        _put_json(lock, POINTER_KEY, {"version": version, "rows": rows, "dim": dim, "as_of_ms": int(as_of_ms),
                                         "users": int(users.size), "run": run, "history": history})
-        deleted = _collect_garbage(opened, keep={version, *history})
+        deleted = _collect_garbage(opened, lock, keep={version, *history})
         url = opened.url
     return ExportSummary(url, version, int(users.size), rows, dim, int(as_of_ms), written, deleted,
                          round(time.perf_counter() - start, 3))
@@ -257,12 +259,12 @@ def _check_embeddings(emb: np.ndarray, n_users: int, shape: tuple[int, int] | No
     return emb.shape[1], emb.shape[2]
 
 
-def _collect_garbage(store: FeatureStore, keep: set[int]) -> tuple[int, ...]:
+def _collect_garbage(store: FeatureStore, lock: WriterLock, keep: set[int]) -> tuple[int, ...]:
     """Delete the rows of every listed version not in ``keep``; returns the versions deleted."""
     registry = read_json(store, REGISTRY_KEY)
     doomed = tuple(v for v in registry["versions"] if v not in keep)
     for version in doomed:
         store.delete_prefix(version_prefix(version))
     # Unlisted only once deleted: a collector killed half-way leaves them listed for the next one.
-    _put_json(store, REGISTRY_KEY, {"next": registry["next"], "versions": [v for v in registry["versions"] if v in keep]})
+    _put_json(lock, REGISTRY_KEY, {"next": registry["next"], "versions": [v for v in registry["versions"] if v in keep]})
     return doomed
