@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from lifelong.bench.machine import cpu_model
-from lifelong.bench.serve import free_port, stop_process
+from lifelong.core.processes import free_port, stop_process
 from lifelong.core.quantization import compression_ratio
 from lifelong.dv365.export import EmbeddingReader, ExportConfig, export_embeddings
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from lifelong.bench.serve import free_port, start_server, stop_process
+from lifelong.core.processes import free_port, start_server, stop_process
 from lifelong.data.io import read_parquet
 
 SYNC_LINE = re.compile(r"sync v(\d+): (full, )?([\d,]+) rows, ([\d,]+) KiB, (\d+) ms")

@@ -33,7 +33,7 @@ import pyarrow as pa
 import torch
 
 from lifelong.bench.machine import cpu_model
-from lifelong.bench.serve import free_port, stop_process
+from lifelong.core.processes import free_port, stop_process
 from lifelong.data.io import write_json, write_parquet
 from lifelong.data.protocol import Protocol
 from lifelong.data.schema import EMBED_DIM, HEADS, ITEMS_SCHEMA, Action

@@ -14,7 +14,7 @@ import pytest
 import redis
 import torch
 
-from lifelong.bench.serve import free_port, stop_process
+from lifelong.core.processes import free_port, stop_process
 from lifelong.data.schema import EMBED_DIM, ITEMS_SCHEMA, Action
 from lifelong.data.users import sort_events, users_from_events
 

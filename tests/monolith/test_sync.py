@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong.bench.serve import free_port, serve_in_thread
+from lifelong.bench.serve import serve_in_thread
 from lifelong.cli.service import build_online_service
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS
+from lifelong.core.processes import free_port
 from lifelong.data.io import read_table
 from lifelong.data.schema import HEADS, SURFACES
 from lifelong.data.world import load_config, simulate_to

@@ -26,8 +26,9 @@ import pytest
 import redis
 import torch
 
-from lifelong.bench.serve import free_port, serve_in_thread, stop_process
+from lifelong.bench.serve import serve_in_thread
 from lifelong.cli.service import build_service
+from lifelong.core.processes import free_port, stop_process
 from lifelong.data.world import load_config, simulate_to
 from lifelong.store.feature_store import load_store
 from lifelong.transact.sequence_layout import SequenceLayout

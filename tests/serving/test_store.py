@@ -17,11 +17,11 @@ from lifelong.data.timelines import EventIndex, TimelineConfig, build_timelines
 from lifelong.data.world import load_config, simulate_to
 from lifelong.store.feature_store import (
     ItemRecords,
-    LMDBStore,
     UserSequences,
     load_store,
     open_store,
 )
+from lifelong.store.lmdb_store import LMDBStore
 from lifelong.store.sequences import iter_user_sequences
 from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.training_rows import BuildConfig, ItemTable, build_rows

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from lifelong.bench.serve import free_port, stop_process
 from lifelong.core.errors import StoreUnavailable, WriterLocked
+from lifelong.core.processes import free_port, stop_process
 from lifelong.store.embeddings import EmbeddingReader
 from lifelong.store.feature_store import (
     ITEMS_KEY,

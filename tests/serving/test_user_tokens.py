@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong.bench.serve import eval_requests, free_port, stop_process
+from lifelong.bench.serve import eval_requests
 from lifelong.core.errors import ConfigError, StoreUnavailable
+from lifelong.core.processes import free_port, stop_process
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.schema import SURFACE_CODES
 from lifelong.data.world import load_config, simulate_to

@@ -25,7 +25,7 @@ from lifelong.serving.ranking import MalformedDelta, RankRequest, SyncedRanker
 from lifelong.serving.sync import encode_delta
 from lifelong.store.feature_store import load_store, open_store
 from lifelong.store.stream import LogStream, replay
-from lifelong.transact.online import SyncedTransActRanker, TransActOnline, gather_rows, id_tables
+from lifelong.transact.online import SyncedTransActRanker, TransActOnline, id_tables
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.serving import Ranker
@@ -69,7 +69,7 @@ def _expected(model: torch.nn.Module, ranker: Ranker, requests: list[RankRequest
     was = model.training
     model.eval()
     with torch.no_grad():
-        probs = torch.sigmoid(model(gather_rows(ranker, requests)).logits).numpy()
+        probs = torch.sigmoid(model(ranker.gather_batch(requests)).logits).numpy()
     model.train(was)
     return probs
 

@@ -6,8 +6,8 @@ offline evaluation scores) from ``c`` concurrent clients, each sending its next 
 as the previous one is answered. Reported per (path, concurrency): requests/s, examples/s
 (candidates scored per second), latency percentiles, non-200 answers and 5xx.
 
-``free_port``, ``start_server`` and ``stop_process`` live in :mod:`lifelong.core.processes`
-(shared with ``lifelong abtest``) and are re-exported here.
+Its servers are started and stopped with :mod:`lifelong.core.processes` (shared with
+``lifelong abtest``).
 """
 
 from __future__ import annotations

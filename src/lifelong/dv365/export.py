@@ -38,7 +38,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +65,15 @@ from lifelong.store.embeddings import (
     read_json,
     version_prefix,
 )
-from lifelong.store.feature_store import EMBEDDINGS_LOCK, FeatureStore, WriterLock, open_store, user_key
+from lifelong.store.feature_store import (
+    EMBEDDINGS_LOCK,
+    FeatureStore,
+    WriterLock,
+    collect_versions,
+    json_record,
+    open_store,
+    user_key,
+)
 
 __all__ = [
     "EmbeddingReader", "EmbeddingTower", "decode_records", "ExportConfig", "ExportSummary", "active_users", "default_as_of_ms",
@@ -185,7 +192,7 @@ def _opened(store: str | os.PathLike[str] | FeatureStore, writable: bool) -> Ite
 def _put_json(lock: WriterLock, key: bytes, obj: dict[str, Any]) -> None:
     """A registry or pointer write, fenced: only while this exporter still holds its lock (Redis:
     an exporter that stalled past the lock's expiry never overwrites a newer export's pointer)."""
-    lock.put([(key, json.dumps(obj, sort_keys=True).encode())])
+    lock.put([(key, json_record(obj))])
 
 
 def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
@@ -240,7 +247,7 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
         history = [] if previous is None else [previous["version"], *previous["history"]][:config.keep - 1]
         _put_json(lock, POINTER_KEY, {"version": version, "rows": rows, "dim": dim, "as_of_ms": int(as_of_ms),
                                         "users": int(users.size), "run": run, "history": history})
-        deleted = _collect_garbage(opened, lock, keep={version, *history})
+        deleted = collect_versions(opened, lock, REGISTRY_KEY, version_prefix, keep={version, *history})
         url = opened.url
     return ExportSummary(url, version, int(users.size), rows, dim, int(as_of_ms), written, deleted,
                          round(time.perf_counter() - start, 3))
@@ -258,13 +265,3 @@ def _check_embeddings(emb: np.ndarray, n_users: int, shape: tuple[int, int] | No
         raise DataError(world_dir, "the tower returned NaN or infinite embedding values")
     return emb.shape[1], emb.shape[2]
 
-
-def _collect_garbage(store: FeatureStore, lock: WriterLock, keep: set[int]) -> tuple[int, ...]:
-    """Delete the rows of every listed version not in ``keep``; returns the versions deleted."""
-    registry = read_json(store, REGISTRY_KEY)
-    doomed = tuple(v for v in registry["versions"] if v not in keep)
-    for version in doomed:
-        store.delete_prefix(version_prefix(version))
-    # Unlisted only once deleted: a collector killed half-way leaves them listed for the next one.
-    _put_json(lock, REGISTRY_KEY, {"next": registry["next"], "versions": [v for v in registry["versions"] if v in keep]})
-    return doomed

@@ -81,7 +81,7 @@ from lifelong.store.urls import FEATURE_STORE, parse_url
 
 __all__ = [
     "FeatureStore", "ItemRecords", "StoreReader", "StoreUnavailable", "TimelineRanges", "UserSequences", "VersionGone",
-    "WriterLock", "WriterLocked", "load_store", "open_store", "user_key", "version_name", "version_prefix",
+    "WriterLock", "WriterLocked", "collect_versions", "json_record", "load_store", "open_store", "user_key", "version_name", "version_prefix",
 ]
 
 USER_PREFIX = b"u:"
@@ -400,19 +400,6 @@ def open_store(url: str | os.PathLike[str], writable: bool = False) -> FeatureSt
     return LMDBStore(target.location, writable=writable)
 
 
-def __getattr__(name: str) -> type[FeatureStore]:
-    """The backends, imported on first use (``from lifelong.store.feature_store import LMDBStore``)."""
-    if name == "LMDBStore":
-        from lifelong.store.lmdb_store import LMDBStore
-
-        return LMDBStore
-    if name == "RedisStore":
-        from lifelong.store.redis_store import RedisStore
-
-        return RedisStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _read_build(data_dir: Path) -> dict[str, Any]:
     """``build.json`` of a built dataset, with the keys the store needs checked."""
     path = data_dir / "build.json"
@@ -513,7 +500,7 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
             legacy = raw_pointer is None and legacy is not None
         number = int(registry["next"])
         # Listed before its first record: a version whose loader dies is still found and deleted.
-        lock.put([(REGISTRY_KEY, _json({"next": number + 1, "versions": [*registry["versions"], number]}))])
+        lock.put([(REGISTRY_KEY, json_record({"next": number + 1, "versions": [*registry["versions"], number]}))])
         prefix = version_prefix(number)
         meta = {
             "format_version": FORMAT_VERSION, "lifelong_version": lifelong.__version__,
@@ -537,10 +524,11 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
         written += store.write_meta(meta, prefix)  # the seal: the version is complete
         history = [] if previous is None else [previous["version"], *previous.get("history", [])][:keep - 1]
         # The switch: readers that pin a version from now on read this one.
-        lock.put([(POINTER_KEY, _json({"version": number, "history": history, "dataset": meta["dataset"],
+        lock.put([(POINTER_KEY, json_record({"version": number, "history": history, "dataset": meta["dataset"],
                                        "users": meta["n_users"], "loaded_at_ms": int(time.time() * 1000),
                                        "load_id": uuid.uuid4().hex}))])
-        deleted = _collect_garbage(store, lock, keep={number, *history})
+        deleted = tuple(version_name(v) for v in collect_versions(store, lock, REGISTRY_KEY, version_prefix,
+                                                                     {number, *history}, seal=META_KEY))
         if legacy:  # the unversioned records of a store loaded before versions existed; seal first
             for old in (META_KEY, ITEMS_KEY, USER_PREFIX):
                 store.delete_prefix(old)
@@ -553,19 +541,28 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
             "bytes": written, "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _json(obj: dict[str, Any]) -> bytes:
+def json_record(obj: dict[str, Any]) -> bytes:
+    """A JSON value as the stores keep it (sorted keys): pointers, registries, follower states."""
     return json.dumps(obj, sort_keys=True).encode()
 
 
-def _collect_garbage(store: FeatureStore, lock: WriterLock, keep: set[int]) -> tuple[str, ...]:
-    """Delete every listed version not in ``keep`` (its ``meta`` seal first, so that a Redis
-    reader still on it sees :class:`VersionGone`, never a half-deleted version); returns their names."""
+def collect_versions(store: FeatureStore, lock: WriterLock, registry_key: bytes, prefix_of: Callable[[int], bytes],
+                     keep: set[int], seal: bytes | None = None) -> tuple[int, ...]:
+    """Delete every version the registry at ``registry_key`` lists and ``keep`` lacks; returns them.
+
+    The feature store's versions and the DV365 exports' both keep such a registry. ``seal`` (the
+    feature store's ``meta``) is deleted first, so that a Redis reader still on a version sees
+    :class:`VersionGone`, never a half-deleted version. The registry is rewritten through the
+    writer's ``lock`` only once the rows are gone: a collector killed half-way leaves the rest
+    listed for the next one.
+    """
     with store.reader() as r:
-        registry = json.loads(bytes(r.values([REGISTRY_KEY])[0]))
-    doomed = [v for v in registry["versions"] if v not in keep]
+        registry = json.loads(bytes(r.values([registry_key])[0]))
+    doomed = tuple(v for v in registry["versions"] if v not in keep)
     for number in doomed:
-        store.delete_prefix(version_prefix(number) + META_KEY)
-        store.delete_prefix(version_prefix(number))
-    # Unlisted only once deleted: a loader killed half-way through leaves them listed for the next one.
-    lock.put([(REGISTRY_KEY, _json({"next": registry["next"], "versions": [v for v in registry["versions"] if v in keep]}))])
-    return tuple(version_name(v) for v in doomed)
+        if seal is not None:
+            store.delete_prefix(prefix_of(number) + seal)
+        store.delete_prefix(prefix_of(number))
+    lock.put([(registry_key, json_record({"next": registry["next"],
+                                          "versions": [v for v in registry["versions"] if v in keep]}))])
+    return doomed

@@ -21,7 +21,7 @@ from lifelong.store.feature_store import FeatureStore, StoreReader, WriterLock, 
 
 __all__ = ["LOCK_FILE", "LMDBStore"]
 
-LOCK_FILE = "writer.lock"
+LOCK_FILE = "writer.lock"  # the lock named "writer": loads and the real-time follower
 LOCK_RECORD_BYTES = 512
 """The writer lock's file, in the environment's directory next to ``data.mdb``."""
 
@@ -92,7 +92,7 @@ class LMDBStore(FeatureStore):
         loader never leaves the store locked. (``flock``, unlike ``fcntl``'s record locks, also
         refuses a second holder inside the same process.)"""
         self._require_writable()
-        path = self.path / (LOCK_FILE if name == "writer" else f"{name}.lock")
+        path = self.path / f"{name}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

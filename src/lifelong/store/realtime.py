@@ -78,6 +78,7 @@ from lifelong.store.feature_store import (
     StoreReader,
     VersionGone,
     WriterLock,
+    json_record,
     open_store,
     parse_pointer,
     user_key,
@@ -374,7 +375,7 @@ class RealtimeConsumer:
             pairs = self._apply(r, prefix, version, state, events, stats) if len(events) else []
         if not len(events):
             if new_version:  # record the horizon and start now: the marks carry to the next version
-                lock.put([(prefix + RT_KEY, _json(state))])
+                lock.put([(prefix + RT_KEY, json_record(state))])
             return stats
         state["offset"] = offset
         batch_max = int(events["ts_ms"].max())
@@ -389,7 +390,7 @@ class RealtimeConsumer:
             state["newest_ms"] = max(stats.newest_ms, state["newest_ms"] or stats.newest_ms)
         state["updated_ms"] = int(time.time() * 1000)
         # One atomic, fenced write: the records and the offset after them commit together.
-        lock.put([*pairs, (prefix + RT_KEY, _json(state))])
+        lock.put([*pairs, (prefix + RT_KEY, json_record(state))])
         return stats
 
     def _apply(self, r: StoreReader, prefix: bytes, version: _Version, state: dict[str, Any], events: np.ndarray,
@@ -473,7 +474,3 @@ class RealtimeConsumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _json(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True).encode()

@@ -8,8 +8,8 @@ Two halves of one loop, both over the same feature store:
   labels) becomes a row whose ``S_all`` is read from the store **at the impression's time**:
   the user's :meth:`~lifelong.store.sequences.UserSequences.timeline` before it, its blocks
   chosen by :func:`~lifelong.transact.sequence_layout.assemble_s_all` with the serving path's own
-  NN search (:func:`gather_rows` runs the optimized path's assembly), so training sees exactly
-  the features serving computes. The dense weights train with the trainer's optimizer; the
+  NN search (:meth:`~lifelong.transact.serving.Ranker.gather_batch` runs the optimized path's
+  assembly), so training sees exactly the features serving computes. The dense weights train with the trainer's optimizer; the
   run's collision-less id tables (``row.tables``) with their own sparse optimizers; the Next
   Action Loss is not used online.
 - :class:`SyncedTransActRanker` is the optimized path (:class:`~lifelong.transact.serving.Ranker`)
@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import threading
@@ -41,19 +40,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from lifelong.core.errors import ConfigError, DataError, StoreUnavailable
-from lifelong.core.quantization import dequantize_int8
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.schema import HEADS
-from lifelong.ops.nn_search import nn_search
 from lifelong.serving.ranking import MalformedDelta, RankRequest, RankResult
 from lifelong.serving.sync import InPlaceReplica, decode_delta
-from lifelong.store.feature_store import FeatureStore, VersionGone
+from lifelong.store.feature_store import FeatureStore
 from lifelong.tables.embedding import CollisionlessEmbedding
 from lifelong.transact.batch import RankBatch
-from lifelong.transact.serving import Ranker, _compact, _gather_batch, model_version
+from lifelong.transact.serving import Ranker, model_version
 from lifelong.transact.trainer import load_model
 
-__all__ = ["KIND", "SyncedTransActRanker", "TransActOnline", "dense_tensors", "gather_rows", "id_tables",
+__all__ = ["KIND", "SyncedTransActRanker", "TransActOnline", "dense_tensors", "id_tables",
            "run_config"]
 
 KIND = "transact"
@@ -88,41 +85,6 @@ def dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if b is not None and name not in module._non_persistent_buffers_set:
                 out[head + name] = b.detach()
     return out
-
-
-def gather_rows(ranker: Ranker, requests: list[RankRequest]) -> RankBatch:
-    """The rows of ``requests`` as the optimized serving path assembles them, gathered into a
-    :class:`~lifelong.transact.batch.RankBatch` (one row per candidate, request order).
-
-    The same pinned store version, timelines (``request_ms``: only events strictly before it),
-    NN search and ``S_all`` assembly as :meth:`Ranker.rank`, so a model's ``forward`` on this
-    batch is what the service scores (within 1e-5); labels and NAL fields are empty.
-
-    Raises:
-        StoreUnavailable: the store cannot answer, or kept switching versions.
-    """
-    search = functools.partial(nn_search, backend=ranker.backend)
-    with ranker._lock:  # the arena is the ranker's: one batch at a time
-        for _ in range(3):
-            try:
-                with ranker.store.reader() as reader:
-                    version = ranker._pin(reader)
-                    rows = [ranker._version_rows(r.items, version) for r in requests]
-                    counts = [int(r.items.size) for r in requests]
-                    n = sum(counts)
-                    ranker.arena.reserve(n, 0)
-                    key_of_request, _, hist = ranker._histories(requests, reader, version)
-                    ids, items = ranker._rows(requests, rows, n, version)
-                    tokens = ranker.arena.tok_int8[:ranker.n_tokens]
-                    tok_index = ranker._token_index(hist, np.repeat(key_of_request, counts),
-                                                    version.item_unit[items], tokens, search, version.scale)
-                    used, tok_index = _compact(tok_index)
-                    return _gather_batch(ids.clone(), version.item_emb[items], tok_index,
-                                         dequantize_int8(tokens[used], version.scale),
-                                         ranker.arena.tok_action[used], ranker.arena.tok_surface[used])
-            except VersionGone:
-                continue
-    raise StoreUnavailable(ranker.store.url, "the served version changed during each of three reads")
 
 
 @dataclass
@@ -180,7 +142,7 @@ class TransActOnline:
         labels = torch.from_numpy(examples["labels"][kept].astype(np.float32))
         if not requests:
             return TransActOnlineBatch(None, labels, 0), kept  # type: ignore[arg-type]
-        return TransActOnlineBatch(gather_rows(self.features, requests), labels, len(kept)), kept
+        return TransActOnlineBatch(self.features.gather_batch(requests), labels, len(kept)), kept
 
     def logits(self, batch: TransActOnlineBatch, now_ms: int) -> torch.Tensor:
         return self.model(batch.rows).logits

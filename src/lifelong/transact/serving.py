@@ -39,8 +39,10 @@ import io
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -61,6 +63,8 @@ from lifelong.transact.batch import RankBatch
 from lifelong.transact.experiments import run_name
 from lifelong.transact.sequence_layout import SEGMENTS, SequenceLayout, assemble_s_all
 from lifelong.transact.trainer import TrainConfig
+
+T = TypeVar("T")
 
 PATHS = ("optimized", "naive")
 
@@ -371,29 +375,56 @@ class Ranker:
             self._health = (True, "ok", time.monotonic())
             return results
 
-    def _rank_pinned(self, requests: list[RankRequest]) -> list[RankResult]:
-        # Read before the feature store's reader opens (an LMDB export store may be the same
-        # environment): once per distinct user per batch, from the export served now.
-        users = self._user_embeddings(requests)
+    def _read_pinned(self, read: Callable[[StoreReader, _StoreVersion], T]) -> tuple[T, _StoreVersion]:
+        """``read(reader, version)`` on one pinned store version, pinned again (three tries) when
+        Redis deleted it mid-read."""
         for _ in range(3):
             try:
                 with self.store.reader() as reader:
                     version = self._pin(reader)
-                    rows = [self._version_rows(r.items, version) for r in requests]
-                    if self.path == "naive":
-                        results = [self._rank_naive(r, rows_, reader, version,
-                                                    None if users is None else users[0][users[1][k]])
-                                   for k, (r, rows_) in enumerate(zip(requests, rows))]
-                    else:
-                        results = self._rank_optimized(requests, rows, reader, version, users)
+                    return read(reader, version), version
             except VersionGone:  # Redis: the pinned version was deleted mid-batch; pin the served one
                 continue
-            if users is not None:
-                self.user_emb_version = users[2]
-            for result in results:
-                result.store_version, result.user_emb_version = version.name, self.user_emb_version
-            return results
         raise StoreUnavailable(self.store.url, "the served version changed during each of three reads (loads too frequent)")
+
+    def _rank_pinned(self, requests: list[RankRequest]) -> list[RankResult]:
+        # Read before the feature store's reader opens (an LMDB export store may be the same
+        # environment): once per distinct user per batch, from the export served now.
+        users = self._user_embeddings(requests)
+
+        def score(reader: StoreReader, version: _StoreVersion) -> list[RankResult]:
+            rows = [self._version_rows(r.items, version) for r in requests]
+            if self.path == "naive":
+                return [self._rank_naive(r, rows_, reader, version, None if users is None else users[0][users[1][k]])
+                        for k, (r, rows_) in enumerate(zip(requests, rows))]
+            return self._rank_optimized(requests, rows, reader, version, users)
+
+        results, version = self._read_pinned(score)
+        if users is not None:
+            self.user_emb_version = users[2]
+        for result in results:
+            result.store_version, result.user_emb_version = version.name, self.user_emb_version
+        return results
+
+    def gather_batch(self, requests: list[RankRequest]) -> RankBatch:
+        """The rows of ``requests`` as the optimized path assembles them, gathered into a
+        :class:`~lifelong.transact.batch.RankBatch` over all of ``S_all`` (one row per candidate,
+        request order; labels and NAL fields empty): what online training featurises, so that
+        a model's ``forward`` on it is what the service scores (within 1e-5).
+
+        Not under inference mode: the batch may feed a training step.
+
+        Raises:
+            StoreUnavailable: the store cannot answer, or kept switching versions.
+        """
+        def gather(reader: StoreReader, version: _StoreVersion) -> RankBatch:
+            rows = [self._version_rows(r.items, version) for r in requests]
+            ids, items, _, _, tok_index, tok_emb, tok_action, tok_surface = self._assemble(requests, rows, reader,
+                                                                                           version)
+            return _gather_batch(ids.clone(), version.item_emb[items], tok_index, tok_emb, tok_action, tok_surface)
+
+        with self._lock:  # the arena is the ranker's: one batch at a time
+            return self._read_pinned(gather)[0]
 
     def _version_rows(self, catalog_rows: np.ndarray, version: _StoreVersion) -> np.ndarray:
         rows = np.asarray(catalog_rows, dtype=np.int64)
@@ -479,25 +510,33 @@ class Ranker:
         ids[4].numpy()[:] = np.repeat([r.surface for r in requests], [r.items.size for r in requests])
         return ids, torch.from_numpy(items)
 
-    def _rank_optimized(self, requests: list[RankRequest], rows: list[np.ndarray], reader: StoreReader,
-                        version: _StoreVersion, users: tuple[torch.Tensor, np.ndarray, int] | None) -> list[RankResult]:
+    def _assemble(self, requests: list[RankRequest], rows: list[np.ndarray], reader: StoreReader,
+                  version: _StoreVersion, positions: torch.Tensor | None = None) -> tuple:
+        """The optimized path's rows over a compact token table: ``ids``, ``items``, ``counts``,
+        ``cold``, ``tok_index`` (positions ``positions`` of ``S_all``, all when None) into the
+        tokens some row selected, and those tokens' dequantized embeddings, actions, surfaces."""
         counts = [int(r.items.size) for r in requests]
         n = sum(counts)
         self.arena.reserve(n, 0)
         key_of_request, cold, hist = self._histories(requests, reader, version)
-        key_of_row = np.repeat(key_of_request, counts)
         ids, items = self._rows(requests, rows, n, version)
         tokens = self.arena.tok_int8[:self.n_tokens]
         search = functools.partial(nn_search, backend=self.backend)
-        tok_index = self._token_index(hist, key_of_row, version.item_unit[items], tokens, search, version.scale)
-        cand_emb = version.item_emb[items]
-        if self.token_table:
-            tok_index = tok_index.index_select(1, self.read_positions)
+        tok_index = self._token_index(hist, np.repeat(key_of_request, counts), version.item_unit[items], tokens,
+                                      search, version.scale)
+        if positions is not None:
+            tok_index = tok_index.index_select(1, positions)
         # Only the tokens some row selected enter the model: a 10^4-token S_LL contributes a few
         # hundred, and per-token work (dequantization, the fused first layer) scales with those.
         used, tok_index = _compact(tok_index)
-        tok_emb = dequantize_int8(tokens[used], version.scale)
-        tok_action, tok_surface = self.arena.tok_action[used], self.arena.tok_surface[used]
+        return (ids, items, counts, cold, tok_index, dequantize_int8(tokens[used], version.scale),
+                self.arena.tok_action[used], self.arena.tok_surface[used])
+
+    def _rank_optimized(self, requests: list[RankRequest], rows: list[np.ndarray], reader: StoreReader,
+                        version: _StoreVersion, users: tuple[torch.Tensor, np.ndarray, int] | None) -> list[RankResult]:
+        ids, items, counts, cold, tok_index, tok_emb, tok_action, tok_surface = self._assemble(
+            requests, rows, reader, version, self.read_positions if self.token_table else None)
+        cand_emb = version.item_emb[items]
         user_emb = user_index = None
         if users is not None:  # each distinct user's embedding once; rows index it
             user_emb, user_index = users[0], torch.from_numpy(np.repeat(users[1], counts))
