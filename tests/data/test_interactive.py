@@ -77,6 +77,39 @@ def test_common_random_numbers(tiny_world):
     assert _per_user(everyone, Action.REPIN) != _per_user(other, Action.REPIN)
 
 
+def test_windows_of_time_change_what_the_policy_sees_not_the_outcomes(tiny_world):
+    """A day in one-hour windows: every round's requests lie in one window, windows come in time
+    order, each is sunk before the callback runs, and a fixed policy's outcomes are the day's."""
+    source = open_world(tiny_world, days=2)
+    whole = _run(source, oracle_policy())
+    oracle = oracle_policy()
+    rounds: list[np.ndarray] = []
+
+    def policy(batch):
+        rounds.append(np.array([r.request_time for r in batch]))
+        return oracle(batch)
+
+    sunk: list[pa.Table] = []
+    marks: list[tuple[int, int]] = []  # (window end, tables sunk by then)
+    world = source.world(source.user_ids, seed=0)
+    hour = 3_600_000
+    windowed = [world.step(policy, sunk.append, window_ms=hour,
+                           after_window=lambda end: marks.append((end, len(sunk)))) for _ in range(2)]
+    for x, y in zip(whole, windowed):
+        assert x.events.equals(y.events)
+        assert (x.requests == y.requests).all() and (x.sessions == y.sessions).all()
+    assert all((t // hour == t[0] // hour).all() for t in rounds)  # a round never spans two windows
+    ends = [e for e, _ in marks]
+    assert ends == sorted(ends) and len(set(ends)) == len(ends) > 2
+    assert [n for _, n in marks] == list(range(1, len(sunk) + 1))  # sink first, then the callback
+    for table, (end, _) in zip(sunk, marks):
+        ts = table.column("ts_ms").to_numpy()
+        assert ts.size and ts.max() < end and ts.min() >= end - hour
+    assert pa.concat_tables(sunk).equals(_events(windowed))
+    with pytest.raises(ConfigError, match="window_ms"):
+        source.world(source.user_ids, seed=0).step(oracle, window_ms=0)
+
+
 def test_oracle_beats_random_on_the_same_users(tiny_world):
     source = open_world(tiny_world, days=3)
     oracle, random = _run(source, oracle_policy()), _run(source, random_policy(0))

@@ -188,6 +188,31 @@ def test_a_served_run_arm_over_http(served, tmp_path, design):
         assert "Traceback" not in res.stderr
 
 
+def test_an_online_arm_trains_from_its_stream_and_pushes_after_every_window(served, tmp_path):
+    """``online:RUN``: served with --accept-sync, trained by Monolith's online trainer from the arm's
+    own stream after each window of simulated time, each push applied before the next window."""
+    d, out = served, tmp_path / "rep"
+    store = tmp_path / "store"
+    shutil.copytree(d / "store", store)
+    invoke("abtest", "--world", str(d / "w"), "--arm", f"frozen={d / 'run'}", "--arm", f"online=online:{d / 'run'}",
+           "--store", str(store), "--stream", str(tmp_path / "stream"), "--days", "2", "--window-minutes", "60",
+           "--out", str(out), "--bootstrap", "200")
+    data = json.loads((out / "report.json").read_text())
+    frozen, online = data["arms"]["frozen"], data["arms"]["online"]
+    assert data["window_minutes"] == 60 and online["kind"] == "online" and frozen["kind"] == "run"
+    assert frozen["complete"] and online["complete"] and online["requests"] > 0
+    learner = online["learner"]
+    assert learner["examples"] > 0 and learner["pushes"] > 1 and learner["pushes_applied"] == learner["pushes"]
+    assert learner["last_version"] == learner["pushes"]  # every push followed the one before
+    assert "learner" not in frozen
+    # The consumer followed each arm's store after every window: one entry per arm and day.
+    assert sorted((f["arm"], f["day"]) for f in data["followed"]) == sorted(
+        (a, day) for a in ("frozen", "online") for day in data["days"])
+    assert any((out / "online-online").glob("ckpt-*"))  # the learner checkpointed when the test ended
+    md = (out / "report.md").read_text()
+    assert "Online arms" in md and "pushes applied" in md
+
+
 @pytest.mark.parametrize("args, message", [
     (("--arm", "a=random", "--arm", "b=nothing-here"), "unknown SPEC 'nothing-here'"),
     (("--arm", "a=random", "--arm", "b=oracle", "--days", "9999"), "can be simulated up to day"),
@@ -196,6 +221,8 @@ def test_a_served_run_arm_over_http(served, tmp_path, design):
     (("--arm", "a=random", "--arm", "b=oracle", "--design", "both"), "--design must be one of paired, split"),
     (("--arm", "a=random", "--arm", "b={run}", "--store", "redis://127.0.0.1:1/0", "--stream", "{run}/s"),
      "a Redis store (redis://127.0.0.1:1/0) cannot be copied"),
+    (("--arm", "a=random", "--arm", "b=online:{run}", "--store", "{run}/st"), "learns online from its own users"),
+    (("--arm", "a=random", "--arm", "b=oracle", "--window-minutes", "0"), "--window-minutes must be in (0, 1440]"),
 ])
 def test_bad_input_is_one_line_and_exit_2(world, tmp_path, args, message):
     run = tmp_path / "run"  # looks like a run directory; never served: the missing --store stops the test first

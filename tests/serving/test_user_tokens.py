@@ -203,3 +203,44 @@ def test_lifelong_serve_of_a_user_emb_run_answers_curl(served):
         assert sorted(it["item_id"] for it in answer["items"]) == sorted(items)
     finally:
         stop_process(proc)
+
+
+def test_online_training_of_a_token_run_reaches_the_served_model_exactly(served, tmp_path):
+    """The one model: a run with DV365 user tokens, trained online from the stream (each example's
+    embedding read from the export its service reads) and pushed into the served optimized path
+    of ``lifelong serve --accept-sync``'s ranker: served scores equal the trainer's model."""
+    from lifelong.cli.service import build_service
+    from lifelong.monolith.joiner import JoinerConfig
+    from lifelong.monolith.online import OnlineConfig, OnlineTrainer
+    from lifelong.serving.sync import encode_delta
+    from lifelong.store.stream import LogStream, replay
+    from lifelong.transact.online import SyncedTransActRanker, TransActOnline
+
+    cfg = OnlineConfig(joiner=JoinerConfig(window_ms=30 * 60_000), read_records=512, batch_size=128,
+                       checkpoint_every=10**9, delta_format="fp32", dense_every=1, optimizer="adam", lr=1e-3)
+    log = LogStream(tmp_path / "log")
+    replay(served / "world", log)
+    emb = f"lmdb://{served / 'emb'}"
+    with open_store(str(served / "store")) as store, open_store(str(served / "store")) as served_store:
+        online = TransActOnline.from_run(served / "run", store)  # the export store named by run.json
+        assert online.features.user_emb is not None
+        with EmbeddingReader(emb) as reader:
+            ranker = SyncedTransActRanker.from_run(served / "run", served_store, user_emb=reader)
+            reqs, _ = _requests(served, RankData(served / "ds", "eval"), ranker)
+            before, _ = _serve(ranker, reqs)
+            with OnlineTrainer(cfg, log, None, tmp_path / "ckpt", model=online) as trainer:
+                stats = trainer.run(max_events=3000, checkpoint=False)
+                assert stats.steps > 0 and not any((tmp_path / "ckpt").glob("ckpt-*"))  # no checkpoint asked
+                ranker.apply_sync(encode_delta(trainer.delta(), *online.wire_model()))
+                got, versions = _serve(ranker, reqs)
+                online.model.eval()
+                with torch.no_grad():
+                    want = torch.sigmoid(online.model(ranker.gather_batch(reqs)).logits).numpy()
+        assert versions == {1} and {r.model_version for r in ranker.rank(reqs[:2])} == {f"{ranker.run_version}+v1"}
+        assert np.abs(got - want).max() <= 1e-5 and np.abs(got - before).max() > 1e-4
+        # The gathered rows carry each user's exported embedding (the training fallback for one without).
+        rows = ranker.gather_batch(reqs[:3])
+        assert rows.user_emb is not None and rows.user_emb.shape[0] == sum(len(r.items) for r in reqs[:3])
+    log.close()
+    app, _ = build_service(served / "run", str(served / "store"), accept_sync=True)  # pushes and tokens together
+    assert app is not None

@@ -71,15 +71,22 @@ def serve_in_thread(app, timeout_s: float = 30.0) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:
-    """``concurrency`` clients replaying ``bodies`` round robin for ``seconds``."""
+async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: float,
+                      track_versions: bool = False) -> dict:
+    """``concurrency`` clients replaying ``bodies`` round robin for ``seconds``.
+
+    With ``track_versions``, the result also holds ``versions``: per client, the ``model_version``
+    of its 200 answers in the order it got them, repeats of the previous one left out (a client
+    waits for each answer before sending its next request, so this is the order they were scored in).
+    """
     latencies: list[float] = []
     examples = errors = server_errors = 0
     next_body = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    versions: list[list[str]] = [[] for _ in range(concurrency)]
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient, seen: list[str]) -> None:
         nonlocal next_body, examples, errors, server_errors
         while time.perf_counter() < deadline:
             body = bodies[next_body % len(bodies)]
@@ -93,19 +100,26 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
             latencies.append(time.perf_counter() - t0)
             if status == 200:
                 examples += len(body["candidates"])
+                if track_versions:
+                    version = r.json()["model_version"]
+                    if not seen or seen[-1] != version:
+                        seen.append(version)
             else:
                 errors += 1
                 server_errors += status >= 500
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=30.0, limits=limits) as http:
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        await asyncio.gather(*(client(http, seen) for seen in versions))
     wall = time.perf_counter() - start
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
-    return {"concurrency": concurrency, "seconds": round(wall, 2), "requests": len(latencies),
-            "requests_per_s": len(latencies) / wall, "examples_per_s": examples / wall,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "server_errors": server_errors}
+    result = {"concurrency": concurrency, "seconds": round(wall, 2), "requests": len(latencies),
+              "requests_per_s": len(latencies) / wall, "examples_per_s": examples / wall,
+              "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+              "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "server_errors": server_errors}
+    if track_versions:
+        result["versions"] = versions
+    return result
 
 
 def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.PathLike[str],

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from lifelong.cli import monolith as monolith_cli
 from lifelong.cli import transact as transact_cli
+from lifelong.cli.bench_features import bench_serve_features
 from lifelong.cli.dv365 import dv365_app
 from lifelong.cli.loop import abtest
 from lifelong.cli.options import STORE_HELP, moved_alias
@@ -249,6 +250,9 @@ def bench_serve(
     results = run_serve_bench(run, store, data, concurrency=[int(c) for c in concurrency.split(",")],
                               seconds=seconds, sustain_seconds=sustain, paths=paths.split(","), report=report)
     out.print(render(results))
+
+
+bench_app.command("serve-features")(bench_serve_features)
 
 
 def _print_inspection(report, png: Path) -> None:

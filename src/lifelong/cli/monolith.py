@@ -38,6 +38,9 @@ def online(
         "read from --store at each impression's time; push to `lifelong serve --run RUN --accept-sync`."))] = None,
     store: Annotated[str | None, typer.Option("--store", help="With --model-run: the (real-time) feature store. "
                                               + STORE_HELP)] = None,
+    user_emb: Annotated[str | None, typer.Option("--user-emb", help=(
+        "With --model-run of a run trained with --user-emb: the DV365 export store its service reads "
+        "\\[default: the store in the run's run.json]."))] = None,
 ) -> None:
     """Online training: replay a world into a stream, join, train continuously, push deltas to serving."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -49,11 +52,13 @@ def online(
     model = None
     if (model_run is None) != (store is None):
         raise ConfigError("--model-run RUN and --store URL go together (the run's rows are read from the store)")
+    if user_emb is not None and model_run is None:
+        raise ConfigError("--user-emb goes with --model-run (a TransAct run trained with DV365 user tokens)")
     if model_run is not None:
         from lifelong.store.feature_store import open_store
         from lifelong.transact.online import TransActOnline
 
-        model = TransActOnline.from_run(model_run, open_store(store))
+        model = TransActOnline.from_run(model_run, open_store(store), user_emb=user_emb)
 
     job = OnlineJob(data=data, stream=stream or str(ckpt / "stream"), ckpt_dir=ckpt, serve=serve,
                     sync_every_s=sync_every, last_days=last_days, speedup=speedup, replay_events=replay_events,

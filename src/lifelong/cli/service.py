@@ -14,11 +14,9 @@ from lifelong.monolith.ranker import ItemCatalog
 from lifelong.monolith.serving import OnlineServingRanker
 from lifelong.serving.app import create_app
 from lifelong.serving.batcher import BatchingConfig
-from lifelong.store.embeddings import EmbeddingReader
 from lifelong.store.feature_store import open_store
-from lifelong.transact.abilities import abilities_of
 from lifelong.transact.online import SyncedTransActRanker, id_tables, run_config
-from lifelong.transact.serving import Ranker, model_version
+from lifelong.transact.serving import Ranker, model_version, user_emb_reader
 from lifelong.transact.trainer import load_model
 
 KEEP_ALIVE_S = 5
@@ -59,19 +57,11 @@ def build_service(run: str | os.PathLike[str], store: str, path: str = "optimize
     """
     model, meta = load_model(run)
     feature_store = open_store(store)
-    reader = None
-    if abilities_of(model).user_tokens:
-        url = user_emb or meta.get("train", {}).get("user_emb")
-        if url is None:
-            raise ConfigError(f"{run} reads DV365 user tokens and its run.json names no export store: give --user-emb")
-        reader = EmbeddingReader(url)  # read-only, as the feature store (it may be the same LMDB environment)
-    elif user_emb is not None:
-        raise ConfigError(f"{run} was trained without a user embedding; drop --user-emb")
+    reader = user_emb_reader(run, model, meta, user_emb)
     version = model_version(Path(run))
     if accept_sync or id_tables(model):
-        if reader is not None:
-            raise ConfigError("parameter pushes are not taken by a run with DV365 user tokens (--user-emb)")
-        ranker = SyncedTransActRanker(model, feature_store, version, run_config(run), path=path, backend=backend)
+        ranker = SyncedTransActRanker(model, feature_store, version, run_config(run), path=path, backend=backend,
+                                      user_emb=reader)
     else:
         ranker = Ranker(model, feature_store, path=path, backend=backend, user_emb=reader)
     app = create_app(ranker, version, _batching(max_batch, max_wait_ms, max_queue_examples),

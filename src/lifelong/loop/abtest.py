@@ -19,6 +19,11 @@ every arm, so each arm has its own stream (``STREAM-NAME``) and each served run 
 the store (``STORE-NAME``, an LMDB directory copied at the start) and its own consumer. The report
 compares every arm with the first one (the baseline) per day and over the whole test
 (:mod:`lifelong.loop.metrics`).
+
+With ``--window-minutes M`` each day runs in windows of M simulated minutes instead of one: after
+each window its events go to the stream, the consumer appends them to the store, and every
+**online arm** (``online:RUN``) trains on them and pushes to its service, all before the next
+window is ranked (docs/abtest.md, "Online arms").
 """
 
 from __future__ import annotations
@@ -40,14 +45,19 @@ from lifelong.data.world.interactive import DayOutcome, Policy, open_world
 from lifelong.loop import metrics as M
 from lifelong.loop.policies import (
     BUILTIN,
+    ONLINE,
     ORACLE,
     RANDOM,
-    RUN,
+    SERVED,
     ArmSpec,
     HttpPolicy,
+    Learner,
+    LearnerFactory,
+    LearnerSpec,
     ServedArm,
     builtin_policy,
     parse_arm,
+    reads_user_tokens,
     start_service,
 )
 
@@ -123,7 +133,8 @@ class Arm:
     stream: str | None = None
     store: str | None = None
     sink: Callable[[Any], None] | None = None
-    catch_up: Callable[[], dict] | None = None
+    catch_ups: list[tuple[str | None, Callable[[], dict]]] = field(default_factory=list)
+    learner: Learner | None = None
 
     def failed(self) -> int:
         return int(sum(o.failed.sum() for o in self.outcomes))
@@ -141,6 +152,8 @@ class Arm:
             info["store"] = self.store
         if self.http is not None:
             info["service"] = {"url": self.http.url, **self.http.stats.to_dict()}
+        if self.learner is not None:
+            info["learner"] = self.learner.describe()
         info["complete"] = info["requests_failed"] == 0 and (self.http is None or self.http.stats.dead is None)
         return info
 
@@ -163,6 +176,9 @@ class AbTest:
     workers: int = 8
     n_boot: int = 1000
     design: str = PAIRED
+    window_minutes: float | None = None
+    user_emb: str | None = None
+    learner: LearnerFactory | None = None
 
 
 def _arm_stream(url: str, name: str) -> str:
@@ -236,12 +252,34 @@ def _follower(store: str, stream: str) -> tuple[Callable[[], dict], Callable[[],
     return catch_up, consumer.close
 
 
+def _after_window(arm: Arm, day: int, followed: dict[tuple[str | None, int], dict]) -> Callable[[int], None] | None:
+    """What runs after each window of ``arm``'s day: its consumers append the window's events
+    to its store (summed per day into ``followed``), then its learner trains and pushes."""
+    if not arm.catch_ups and arm.learner is None:
+        return None
+
+    def after_window(_end_ms: int) -> None:
+        for name, catch_up in arm.catch_ups:
+            done = catch_up()
+            entry = followed.setdefault((name, day), {"day": day, **({"arm": name} if name else {}), "events": 0,
+                                                      "explicit": 0, "impressions": 0, "version": None})
+            for key in ("events", "explicit", "impressions"):
+                entry[key] += done[key]
+            if done["version"] is not None:
+                entry["version"] = done["version"]
+        if arm.learner is not None:
+            arm.learner.learn()
+
+    return after_window
+
+
 def run_abtest(test: AbTest, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Run the A/B test and write its report (``report.json``, ``report.md``, ``report.png``).
 
     Raises:
         ConfigError: fewer than two arms, a repeated name, an unknown SPEC, a run arm without
-            ``--store``, days the world cannot simulate, a service that does not start.
+            ``--store``, an online arm without a paired, followed test or a learner, days the
+            world cannot simulate, a service that does not start.
         DataError: not a simulated world with an oracle.
     """
     specs = [parse_arm(a) for a in test.arms]
@@ -255,15 +293,24 @@ def run_abtest(test: AbTest, log: Callable[[str], None] = lambda line: None) -> 
     paired = test.design == PAIRED
     if test.users_per_arm is not None and test.users_per_arm < 1:
         raise ConfigError(f"--users-per-arm must be at least 1, got {test.users_per_arm}")
-    if test.store is None and any(s.kind == RUN for s in specs):
-        run_arm = next(s.name for s in specs if s.kind == RUN)
+    if test.store is None and any(s.kind in SERVED for s in specs):
+        run_arm = next(s.name for s in specs if s.kind in SERVED)
         raise ConfigError(f"arm {run_arm} serves a run: give --store URL, a feature store loaded from this world's "
                           "rows (lifelong store load --data ROWS --store URL)")
+    if test.window_minutes is not None and not 0 < test.window_minutes <= 24 * 60:
+        raise ConfigError(f"--window-minutes must be in (0, 1440], got {test.window_minutes}")
     # Paired: the same users act in every arm, so each arm gets its own stream and, when the
     # consumer follows, each served run arm its own copy of the store.
     follow = test.stream is not None and test.store is not None and test.follow
-    copies = (_store_copies(test.store, [s.name for s in specs if s.kind == RUN])
-              if paired and follow and any(s.kind == RUN for s in specs) else {})
+    online = [s.name for s in specs if s.kind == ONLINE]
+    if online:
+        if not (paired and follow):
+            raise ConfigError(f"arm {online[0]} learns online from its own users' events: it needs --design paired, "
+                              "--stream and --store with --follow (its stream and its copy of the store)")
+        if test.learner is None:
+            raise ConfigError(f"arm {online[0]} learns online, and nothing was given to train it with")
+    copies = (_store_copies(test.store, [s.name for s in specs if s.kind in SERVED])
+              if paired and follow and any(s.kind in SERVED for s in specs) else {})
     source = open_world(test.world, test.days, test.start_day, test.overrides)
     if paired:
         splits = [paired_users(source.user_ids, test.seed, test.users_per_arm)] * len(specs)
@@ -284,52 +331,67 @@ def run_abtest(test: AbTest, log: Callable[[str], None] = lambda line: None) -> 
             _copy_store(src, dst)
         for spec, users in zip(specs, splits):
             stream = test.stream if test.stream is None or not paired else _arm_stream(test.stream, spec.name)
-            store = str(copies[spec.name][1]) if spec.name in copies else (test.store if spec.kind == RUN else None)
+            store = str(copies[spec.name][1]) if spec.name in copies else (test.store if spec.kind in SERVED else None)
             if spec.kind in BUILTIN:
                 arms.append(Arm(spec, users, builtin_policy(spec.kind, test.seed), stream=stream))
                 continue
             served = None
             url = spec.target
-            if spec.kind == RUN:
-                log(f"starting `lifelong serve --run {spec.target} --store {store}` for arm {spec.name}")
-                served = start_service(spec.target, store, out / f"serve-{spec.name}.log")
+            if spec.kind in SERVED:
+                extra = (["--accept-sync"] if spec.kind == ONLINE else []) + (
+                    ["--user-emb", test.user_emb] if test.user_emb and reads_user_tokens(spec.target) else [])
+                log(f"starting `lifelong serve --run {spec.target} --store {store} {' '.join(extra)}` "
+                    f"for arm {spec.name}")
+                served = start_service(spec.target, store, out / f"serve-{spec.name}.log", extra=extra)
                 closers.append(served.stop)
                 url = served.url
             http = HttpPolicy(url, workers=test.workers, proc=served.proc if served else None)
             closers.append(http.close)
-            arms.append(Arm(spec, users, http, http=http, served=served, stream=stream, store=store))
+            arm = Arm(spec, users, http, http=http, served=served, stream=stream, store=store)
+            if spec.kind == ONLINE:
+                ckpt = out / f"online-{spec.name}"
+                if ckpt.exists():  # an earlier test's: this one starts from the run, as its service does
+                    shutil.rmtree(ckpt)
+                arm.learner = test.learner(LearnerSpec(
+                    run=spec.target, store=store, stream=stream, serve=url, ckpt_dir=ckpt,
+                    user_emb=test.user_emb if reads_user_tokens(spec.target) else None))
+                closers.append(arm.learner.close)
+            arms.append(arm)
         worlds = [source.world(arm.users, seed=test.seed) for arm in arms]
-        catch_ups: list[tuple[str | None, Callable[[], dict]]] = []
         if test.stream is not None and not paired:
             sink, close = _publisher(test.stream)
             closers.append(close)
             for arm in arms:
                 arm.sink = sink
-            if follow:
+            if follow:  # one consumer of the shared stream, run after every arm's window
                 catch_up, close = _follower(test.store, test.stream)
                 closers.append(close)
-                catch_ups.append((None, catch_up))
+                for arm in arms:
+                    arm.catch_ups.append((None, catch_up))
         elif test.stream is not None:
             for arm in arms:
                 arm.sink, close = _publisher(arm.stream)
                 closers.append(close)
-                if follow and arm.spec.kind == RUN:
+                if follow and arm.spec.kind in SERVED:
                     catch_up, close = _follower(arm.store, arm.stream)
                     closers.append(close)
-                    catch_ups.append((arm.spec.name, catch_up))
+                    arm.catch_ups.append((arm.spec.name, catch_up))
+        window_ms = None if test.window_minutes is None else max(1, round(test.window_minutes * 60_000))
+        followed: dict[tuple[str | None, int], dict] = {}
         with progress("abtest days", total=test.days) as advance:
             for d in range(test.days):
+                day = source.start_day + d
                 for arm, world in zip(arms, worlds):
                     t0 = time.perf_counter()
-                    arm.outcomes.append(world.step(arm.policy, arm.sink))
+                    hook = _after_window(arm, day, followed)
+                    arm.outcomes.append(world.step(arm.policy, arm.sink, window_ms, hook))
                     arm.seconds += time.perf_counter() - t0
-                for name, catch_up in catch_ups:
-                    follow_log.append({"day": source.start_day + d, **({"arm": name} if name else {}), **catch_up()})
                 log(f"day {source.start_day + d}: " + ", ".join(
                     f"{a.spec.name} {int(a.outcomes[-1].requests.sum()):,} requests"
                     + (f" ({int(a.outcomes[-1].failed.sum()):,} failed)" if a.outcomes[-1].failed.sum() else "")
                     for a in arms))
                 advance(1)
+        follow_log = list(followed.values())
     finally:
         for close in reversed(closers):
             close()
@@ -349,6 +411,7 @@ def _summarize(test: AbTest, source, arms: list[Arm], item_topic: np.ndarray, fo
         "world": str(test.world), "design": test.design, "baseline": base, "arm_names": [a.spec.name for a in arms], "seed": test.seed,
         "days": days,
         "users_per_arm": test.users_per_arm, "stream": test.stream, "store": test.store,
+        "window_minutes": test.window_minutes, "user_emb": test.user_emb,
         "followed": follow_log, "interactive": dataclasses.asdict(source.cfg.interactive),
         "metrics": list(M.METRICS), "bootstrap": {"resamples": test.n_boot, "level": 0.95, "unit": "user",
                                                        "resampling": "joint" if paired else "per arm"},
@@ -430,9 +493,23 @@ def _report(data: dict[str, Any]) -> Report:
                                                       for m in M.LIFT_METRICS],
                             [{"arm": n, **{k: v for k, v in data["arms"][n]["oracle_lift_fraction"].items()
                                            if v is not None}} for n in lift]))
+    learners = [n for n in names if "learner" in data["arms"][n]]
+    if learners:
+        window = data.get("window_minutes")
+        blocks.append(f"Online arms: after each window of {'a day' if window is None else f'{window:g} simulated minutes'}, "
+                      "the arm's learner trained on the window's joined events and pushed its parameters to the arm's "
+                      "service before the next window was ranked.")
+        blocks.append(Table([Column("arm", "arm"), Column("events", "events", "{:,}", right=True),
+                             Column("examples trained", "examples", "{:,}", right=True),
+                             Column("pushes applied", "pushes_applied", "{:,}", right=True),
+                             Column("pushes", "pushes", "{:,}", right=True),
+                             Column("KiB / push", "mean_push_kib", "{:,.1f}", right=True),
+                             Column("ms / push", "mean_push_ms", "{:,.1f}", right=True)],
+                            [{"arm": n, **data["arms"][n]["learner"]} for n in learners]))
     blocks += ["Per day:", daily]
     if data["followed"]:
-        blocks.append("Real-time store updates between days: " + ", ".join(
+        between = "days" if data.get("window_minutes") is None else f"windows of {data['window_minutes']:g} minutes"
+        blocks.append(f"Real-time store updates between {between}, per day: " + ", ".join(
             (f"{f['arm']} " if f.get("arm") else "") + f"day {f['day']}: {f['events']:,} events"
             for f in data["followed"]) + "." + (" Each served arm follows its own stream into its own copy of the "
                                                 "store." if paired else ""))

@@ -6,6 +6,11 @@ A SPEC is one of:
   --store URL`` on a free local port, waits for ``/healthz`` and ``/readyz``, and stops it by pid
   at the end;
 - ``http://host:port``: a ranking service that is already running;
+- ``online:RUN``: the run served with ``--accept-sync`` and **trained online** while the test
+  runs: a learner (:class:`Learner`, made by the caller: the command line composes TransAct's
+  online model with Monolith's trainer) reads the arm's event stream after each window of
+  simulated time, trains, and pushes the new parameters to the arm's service before the next
+  window is ranked;
 - ``random``: a uniformly random order, keyed by request (the same in every arm);
 - ``oracle``: the order of the oracle's final score, the ceiling.
 
@@ -19,12 +24,14 @@ that dies is detected, and from then on its requests fail at once, counted, neve
 from __future__ import annotations
 
 import collections
+import json
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 import numpy as np
@@ -33,11 +40,16 @@ from lifelong.core.errors import ConfigError
 from lifelong.core.processes import free_port, start_server, stop_process
 from lifelong.data.world.interactive import FeedRequest, Policy, oracle_policy, random_policy
 
-__all__ = ["ArmSpec", "HttpPolicy", "RUN", "SERVICE", "ServedArm", "builtin_policy", "parse_arm", "start_service"]
+__all__ = ["ArmSpec", "HttpPolicy", "Learner", "LearnerFactory", "LearnerSpec", "ONLINE", "RUN", "SERVED", "SERVICE",
+           "ServedArm", "builtin_policy", "parse_arm", "reads_user_tokens", "start_service"]
 
-RUN, SERVICE, RANDOM, ORACLE = "run", "service", "random", "oracle"
+RUN, ONLINE, SERVICE, RANDOM, ORACLE = "run", "online", "service", "random", "oracle"
 BUILTIN = (RANDOM, ORACLE)
+SERVED = (RUN, ONLINE)
+"""Arms this test serves itself from a run directory (and each gets its own store copy)."""
+ONLINE_PREFIX = "online:"
 SPEC_HELP = ("a run directory (lifelong transact train; served with `lifelong serve` on a free port), "
+             "online:RUN (the same, trained online from the arm's stream while the test runs), "
              "http://host:port of a running service, random or oracle")
 
 
@@ -47,13 +59,54 @@ class ArmSpec:
 
     Args:
         name: the arm's name in the report.
-        kind: ``run``, ``service``, ``random`` or ``oracle``.
+        kind: ``run``, ``online``, ``service``, ``random`` or ``oracle``.
         target: the run directory, the service URL, or the built-in policy's name.
     """
 
     name: str
     kind: str
     target: str
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What an online arm's learner trains and where it pushes.
+
+    Args:
+        run: the run directory it starts from (the arm's service serves the same run).
+        store: the arm's feature store (its rows are read from there, as the service reads them).
+        stream: the arm's event stream (it learns from what the arm's users did).
+        serve: the arm's service base URL (it takes the pushes).
+        ckpt_dir: where it checkpoints.
+        user_emb: the DV365 export store the service reads, for a run with user tokens (None:
+            the one in the run's ``run.json``).
+    """
+
+    run: str
+    store: str
+    stream: str
+    serve: str
+    ckpt_dir: Path
+    user_emb: str | None = None
+
+
+class Learner(Protocol):
+    """Trains an online arm's model on its stream and pushes to its service (e.g.
+    :class:`~lifelong.monolith.job.StreamLearner`)."""
+
+    def learn(self) -> Any:
+        """Train on what the stream holds that is new; push the change before returning."""
+
+    def describe(self) -> dict[str, Any]:
+        """What it trained and pushed, for the report."""
+
+    def close(self) -> None:
+        """Checkpoint and release what it holds."""
+
+
+LearnerFactory = Callable[[LearnerSpec], Learner]
+"""Makes an online arm's learner; given to :func:`~lifelong.loop.abtest.run_abtest` by the caller
+that can compose a ranker with a trainer (the command line)."""
 
 
 def parse_arm(text: str) -> ArmSpec:
@@ -77,11 +130,20 @@ def parse_arm(text: str) -> ArmSpec:
         return ArmSpec(name, spec, spec)
     if spec.startswith(("http://", "https://")):
         return ArmSpec(name, SERVICE, spec.rstrip("/"))
-    path = Path(spec)
+    kind = ONLINE if spec.startswith(ONLINE_PREFIX) else RUN
+    path = Path(spec.removeprefix(ONLINE_PREFIX))
     if path.is_dir() and (path / "run.json").is_file() and (path / "model.pt").is_file():
-        return ArmSpec(name, RUN, str(path))
+        return ArmSpec(name, kind, str(path))
     why = "a directory without run.json and model.pt" if path.is_dir() else "no such directory"
     raise ConfigError(f"arm {name}: unknown SPEC {spec!r} ({why}); expected {SPEC_HELP}")
+
+
+def reads_user_tokens(run: str | Path) -> bool:
+    """Whether a run was trained with DV365 user tokens (its ``run.json`` names an export store)."""
+    try:
+        return bool(json.loads((Path(run) / "run.json").read_text()).get("train", {}).get("user_emb"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def builtin_policy(kind: str, seed: int) -> Policy:
@@ -191,15 +253,16 @@ class ServedArm:
             stop_process(self.proc)
 
 
-def start_service(run: str, store: str, log: Path, timeout_s: float = 180.0) -> ServedArm:
-    """Start ``lifelong serve --run RUN --store STORE`` on a free port; return once it is ready.
+def start_service(run: str, store: str, log: Path, timeout_s: float = 180.0,
+                  extra: Sequence[str] = ()) -> ServedArm:
+    """Start ``lifelong serve --run RUN --store STORE [EXTRA...]`` on a free port; return once it is ready.
 
     Raises:
         ConfigError: the service exited or did not become ready (naming why: e.g. an empty store).
     """
     port = free_port()
     try:
-        proc = start_server(port, ["--run", run, "--store", store], timeout_s=timeout_s, log=log)
+        proc = start_server(port, ["--run", run, "--store", store, *extra], timeout_s=timeout_s, log=log)
     except RuntimeError as exc:
         last = " ".join(str(exc).split())[-400:]
         raise ConfigError(f"could not serve {run} with --store {store}: {last}") from None

@@ -40,7 +40,7 @@ from lifelong.monolith.ranker import ItemCatalog
 from lifelong.monolith.sync import Syncer, SyncReply
 from lifelong.store.stream import EventStream, open_stream, replay
 
-__all__ = ["JobSummary", "OnlineJob", "run_online_job", "stream_records"]
+__all__ = ["JobSummary", "OnlineJob", "StreamLearner", "run_online_job", "stream_records"]
 
 DAY_MS = 86_400_000
 
@@ -111,6 +111,65 @@ class JobSummary:
     @property
     def failed_syncs(self) -> int:
         return sum(not s.applied for s in self.syncs)
+
+
+class StreamLearner:
+    """The online job's trainer and syncer, driven by a caller instead of a clock.
+
+    Each :meth:`learn` trains on everything the stream holds that it has not consumed yet and
+    pushes the change (touched rows and the dense weights) to the service. ``lifelong abtest``
+    calls it after each window of simulated time, so every push lands before the next window is
+    ranked however long training takes in wall time (docs/abtest.md, "Online arms").
+
+    Args:
+        model: the model to train (e.g. a TransAct run's :class:`~lifelong.transact.online.TransActOnline`).
+        stream: the event stream it learns from.
+        ckpt_dir: its checkpoint directory (written by :meth:`close`; resumed when it holds one).
+        serve: base URL of the service that takes its pushes (``lifelong serve --accept-sync``).
+        training: the trainer's configuration.
+        on_close: also called by :meth:`close` (e.g. closing the store the model reads).
+    """
+
+    def __init__(self, model: OnlineModel, stream: str, ckpt_dir: str | Path, serve: str, training: OnlineConfig,
+                 on_close: Callable[[], None] | None = None):
+        self.trainer = OnlineTrainer(training, stream, None, ckpt_dir, model=model)
+        self.syncer = Syncer(self.trainer, serve)
+        self.summary = JobSummary()
+        self._on_close = on_close
+
+    def learn(self) -> SyncReply | None:
+        """Train on what is new in the stream; push when a step changed the parameters.
+
+        Returns the push's reply (a failed push is counted, not raised: the next one is a full
+        snapshot), or None when nothing was trained.
+        """
+        stats = self.trainer.run(checkpoint=False)
+        self.summary.events += stats.events
+        self.summary.examples += stats.examples
+        if not stats.steps:
+            return None
+        reply = self.syncer.sync(dense=True)
+        self.summary.syncs.append(reply)
+        return reply
+
+    def describe(self) -> dict:
+        """Events and examples trained, pushes made and applied, their mean size and time."""
+        syncs = self.summary.syncs
+        applied = [s for s in syncs if s.applied]
+        return {"events": self.summary.events, "examples": self.summary.examples, "pushes": len(syncs),
+                "pushes_applied": len(applied), "last_version": applied[-1].version if applied else None,
+                "mean_push_kib": round(float(np.mean([s.bytes for s in syncs])) / 2**10, 1) if syncs else 0.0,
+                "mean_push_ms": round(float(np.mean([s.seconds for s in syncs])) * 1000, 2) if syncs else 0.0}
+
+    def close(self) -> None:
+        """Checkpoint what was trained since the last checkpoint, release the stream and the service."""
+        try:
+            self.trainer.checkpoint()
+        finally:
+            self.syncer.close()
+            self.trainer.close()
+            if self._on_close is not None:
+                self._on_close()
 
 
 def stream_records(stream: EventStream) -> int:

@@ -566,9 +566,9 @@ class OnlineTrainer:
         return list(self._windows.done)
 
     def run(self, max_events: int | None = None, until_offset: int | None = None,
-            max_seconds: float | None = None) -> RunStats:
+            max_seconds: float | None = None, checkpoint: bool = True) -> RunStats:
         """Consume the stream from :attr:`offset` until it has nothing more or a limit is reached,
-        then checkpoint (if anything was consumed since the last checkpoint).
+        then checkpoint (if anything was consumed since the last checkpoint and ``checkpoint``).
 
         Call again to continue from where it stopped (e.g. to follow a live stream).
 
@@ -578,6 +578,8 @@ class OnlineTrainer:
                 :class:`~lifelong.store.stream.LogStream`, only).
             max_seconds: stop after the first read that ends this long after the call began
                 (a sync cadence: train, checkpoint, push the delta, go on).
+            checkpoint: checkpoint when returning; False for a caller that calls often (each
+                minute of an A/B test) and checkpoints itself (``checkpoint_every`` still applies).
 
         Raises:
             ConfigError: a negative limit, or ``until_offset`` on a stream whose offsets are not
@@ -614,7 +616,7 @@ class OnlineTrainer:
                 self.checkpoint()
             if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
                 break
-        if self._unsaved_events:
+        if checkpoint and self._unsaved_events:
             self.checkpoint()
         return RunStats(events=events, examples=examples, steps=steps, seconds=time.perf_counter() - t0,
                         offset=self.offset, caught_up=caught_up)

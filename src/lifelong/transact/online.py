@@ -11,7 +11,8 @@ Two halves of one loop, both over the same feature store:
   NN search (:meth:`~lifelong.transact.serving.Ranker.gather_batch` runs the optimized path's
   assembly), so training sees exactly the features serving computes. The dense weights train with the trainer's optimizer; the
   run's collision-less id tables (``row.tables``) with their own sparse optimizers; the Next
-  Action Loss is not used online.
+  Action Loss is not used online. A run trained with DV365 user tokens reads each example's
+  user embedding from the export store its service reads, so both see the same export.
 - :class:`SyncedTransActRanker` is the optimized path (:class:`~lifelong.transact.serving.Ranker`)
   taking pushes (``lifelong serve --run RUN --store URL --accept-sync``): a delta is decoded off
   the request path, then applied between two batches **in place** to the served model's own
@@ -44,10 +45,11 @@ from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.schema import HEADS
 from lifelong.serving.ranking import MalformedDelta, RankRequest, RankResult
 from lifelong.serving.sync import InPlaceReplica, decode_delta
+from lifelong.store.embeddings import EmbeddingReader
 from lifelong.store.feature_store import FeatureStore
 from lifelong.tables.embedding import CollisionlessEmbedding
 from lifelong.transact.batch import RankBatch
-from lifelong.transact.serving import Ranker, model_version
+from lifelong.transact.serving import Ranker, model_version, user_emb_reader
 from lifelong.transact.trainer import load_model
 
 __all__ = ["KIND", "SyncedTransActRanker", "TransActOnline", "dense_tensors", "id_tables",
@@ -108,17 +110,20 @@ class TransActOnline:
         config: what its deltas name as the model (:func:`run_config` of its run).
         backend: op backend of the NN search.
 
+        user_emb: the DV365 export store a model with user tokens reads (the one its service
+            reads: each example gets the embedding serving would give its user).
+
     Raises:
-        ConfigError: the model reads DV365 user tokens (not served online yet), its heads are
-            not the stream's labels, or the store holds another layout.
+        ConfigError: a model with user tokens without ``user_emb`` (or the reverse), heads that
+            are not the stream's labels, or a store of another layout.
     """
 
     KIND = KIND
 
-    def __init__(self, model: nn.Module, store: FeatureStore, config: Mapping[str, Any], backend: str | None = None):
-        self.features = Ranker(model, store, path="optimized", backend=backend)  # the serving path's assembly
-        if self.features.abilities.user_tokens:
-            raise ConfigError("online training of a ranker with DV365 user tokens is not supported")
+    def __init__(self, model: nn.Module, store: FeatureStore, config: Mapping[str, Any], backend: str | None = None,
+                 user_emb: EmbeddingReader | None = None):
+        # The serving path's own assembly (and user embeddings): training sees what serving scores.
+        self.features = Ranker(model, store, path="optimized", backend=backend, user_emb=user_emb)
         if self.features.heads != HEADS:
             raise ConfigError(f"the store's heads {self.features.heads} are not the stream's labels {HEADS}")
         self.model = model.train()
@@ -127,10 +132,13 @@ class TransActOnline:
         self._dense = dense_tensors(model)
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike[str], store: FeatureStore, backend: str | None = None) -> TransActOnline:
-        """Start from a ``lifelong transact train`` run's weights (and tables)."""
-        model, _ = load_model(run)
-        return cls(model, store, run_config(run), backend)
+    def from_run(cls, run: str | os.PathLike[str], store: FeatureStore, backend: str | None = None,
+                 user_emb: str | None = None) -> TransActOnline:
+        """Start from a ``lifelong transact train`` run's weights (and tables); a run trained with
+        user tokens reads them from ``user_emb`` or the export store its ``run.json`` names, as
+        its service does."""
+        model, meta = load_model(run)
+        return cls(model, store, run_config(run), backend, user_emb_reader(run, model, meta, user_emb))
 
     def featurize(self, examples: np.ndarray) -> tuple[TransActOnlineBatch, np.ndarray]:
         """Rows of the examples whose item the store knows, read at each impression's time."""

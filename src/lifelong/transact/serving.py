@@ -152,6 +152,24 @@ USER_EMB_FILL = 0.0
 filled such users with (:meth:`~lifelong.transact.rank_data.RankData` decodes with ``fill=0.0``)."""
 
 
+def user_emb_reader(run: str | Path, model: nn.Module, meta: dict, user_emb: str | None) -> EmbeddingReader | None:
+    """The DV365 export store a run's model reads its user tokens from: ``user_emb``, else the
+    store its ``run.json`` names; None for a model without user tokens.
+
+    Raises:
+        ConfigError: a model with user tokens and no store to read them from, or ``user_emb``
+            given for a model without them.
+    """
+    if abilities_of(model).user_tokens:
+        url = user_emb or meta.get("train", {}).get("user_emb")
+        if url is None:
+            raise ConfigError(f"{run} reads DV365 user tokens and its run.json names no export store: give --user-emb")
+        return EmbeddingReader(url)  # read-only, as the feature store (it may be the same LMDB environment)
+    if user_emb is not None:
+        raise ConfigError(f"{run} was trained without a user embedding; drop --user-emb")
+    return None
+
+
 def model_version(run: str | Path) -> str:
     """Which model a run is: ``<model>-<config hash>/<run directory name>@<weights hash>``.
 
@@ -412,16 +430,21 @@ class Ranker:
         request order; labels and NAL fields empty): what online training featurises, so that
         a model's ``forward`` on it is what the service scores (within 1e-5).
 
-        Not under inference mode: the batch may feed a training step.
+        Not under inference mode: the batch may feed a training step. A model with user tokens
+        gets each row's DV365 embedding from the export served now, as :meth:`rank` does.
 
         Raises:
-            StoreUnavailable: the store cannot answer, or kept switching versions.
+            StoreUnavailable: the store (or the export store) cannot answer, or kept switching versions.
         """
+        users = self._user_embeddings(requests)  # before the feature store's reader, as in rank
+
         def gather(reader: StoreReader, version: _StoreVersion) -> RankBatch:
             rows = [self._version_rows(r.items, version) for r in requests]
-            ids, items, _, _, tok_index, tok_emb, tok_action, tok_surface = self._assemble(requests, rows, reader,
-                                                                                           version)
-            return _gather_batch(ids.clone(), version.item_emb[items], tok_index, tok_emb, tok_action, tok_surface)
+            ids, items, counts, _, tok_index, tok_emb, tok_action, tok_surface = self._assemble(requests, rows,
+                                                                                                reader, version)
+            user_emb = None if users is None else users[0][torch.from_numpy(np.repeat(users[1], counts))]
+            return _gather_batch(ids.clone(), version.item_emb[items], tok_index, tok_emb, tok_action, tok_surface,
+                                 user_emb)
 
         with self._lock:  # the arena is the ranker's: one batch at a time
             return self._read_pinned(gather)[0]

@@ -22,6 +22,12 @@ or stop with the user's satisfaction. See docs/world.md, "Interactive mode".
 - **Common random numbers**: every draw is keyed by (seeds, user, day, request index, purpose),
   never taken from a shared stream. Two worlds given the same policy outputs produce identical
   outcomes per user; two policies differ only through what they rank.
+- **Windows of time**: a day runs in rounds of requests (one policy call per round). By default a
+  round holds every user's next request of the day, whatever its time. With ``window_ms`` a
+  round holds only requests inside the current window of simulated time, and after each window
+  its events go to the sink and a callback runs: a trainer can learn from minute 10's feedback
+  and push before minute 11 is ranked. A user's state is their own, so the windows change only
+  what the policy sees together and when; a fixed policy gives the same outcomes either way.
 
 Example::
 
@@ -98,7 +104,8 @@ Policy = Callable[[Sequence[FeedRequest]], Sequence[np.ndarray | None]]
 """Ranks a batch of requests: per request the candidates in the order shown, or None (failed)."""
 
 Sink = Callable[[pa.Table], None]
-"""Receives each day's logged events (:data:`~lifelong.data.schema.EVENTS_SCHEMA`, in time order)."""
+"""Receives the logged events (:data:`~lifelong.data.schema.EVENTS_SCHEMA`, in time order) of
+each day, or of each window of a day (:meth:`InteractiveWorld.step`'s ``window_ms``)."""
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -303,6 +310,14 @@ def _initial_state(source: WorldSource, users: np.ndarray, n_topics: int, item_t
     return state
 
 
+def _time_ordered(events: pa.Table) -> pa.Table:
+    """Events sorted by time, then user, then the order they were logged in."""
+    if not events.num_rows:
+        return events
+    return events.take(np.lexsort((np.arange(events.num_rows), events.column("user_id").to_numpy(),
+                                   events.column("ts_ms").to_numpy())))
+
+
 class InteractiveWorld:
     """Some users of a world, run forward one day at a time (made by :meth:`WorldSource.world`).
 
@@ -372,11 +387,21 @@ class InteractiveWorld:
 
     # -- one day -------------------------------------------------------------------------------
 
-    def step(self, policy: Policy, sink: Sink | None = None) -> DayOutcome:
+    def step(self, policy: Policy, sink: Sink | None = None, window_ms: int | None = None,
+             after_window: Callable[[int], None] | None = None) -> DayOutcome:
         """Run the next day with ``policy`` ranking every feed; ``sink`` gets the day's events.
 
+        Args:
+            policy: ranks every feed.
+            sink: gets the events of each window, in time order (without ``window_ms``: the day's).
+            window_ms: run the day in windows of this much simulated time (from midnight): every
+                request of a window is ranked before any of the next one (docs/world.md,
+                "Interactive mode"). None: the whole day is one window.
+            after_window: called after each window that held a request, after ``sink``, with the
+                window's end (epoch ms): e.g. train on its events and push to the policy's service.
+
         Raises:
-            ConfigError: the day is past the range the world was opened for.
+            ConfigError: the day is past the range the world was opened for, or ``window_ms`` < 1.
             ValueError: the policy returned an order that is not a permutation of a request's
                 candidates (a bug in the policy; a ranker that fails returns None instead).
         """
@@ -384,6 +409,8 @@ class InteractiveWorld:
         day = self.day
         if day >= source.end_day:
             raise ConfigError(f"day {day}: the world was opened for days {source.start_day}..{source.end_day - 1}")
+        if window_ms is not None and window_ms < 1:
+            raise ConfigError(f"window_ms must be at least 1, got {window_ms}")
         n_users = self.users.size
         n = cfg.retrieval.items_per_request
         ia, se = cfg.interactive, cfg.sessions
@@ -414,11 +441,32 @@ class InteractiveWorld:
             t = max(t, after_ms + MIN_REQUEST_GAP_MS)
             when[i] = t if (j < sessions[i] and t < day_end and k_day[i] < _MAX_DAY_REQUESTS) else -1
 
+        width = DAY_MS if window_ms is None else int(window_ms)
+        window_end = day_start + width
         parts: list[pa.Table] = []
+        days_parts: list[pa.Table] = []
+
+        def close_window() -> None:
+            if not parts:
+                return
+            events = _time_ordered(pa.concat_tables(parts))
+            days_parts.append(events)
+            parts.clear()
+            if sink is not None:
+                sink(events)
+            if after_window is not None:
+                after_window(min(window_end, day_end))
+
         while True:
-            u = np.flatnonzero(when >= 0)
-            if u.size == 0:
+            pending = when >= 0
+            if not pending.any():
                 break
+            u = np.flatnonzero(pending & (when < window_end))
+            if u.size == 0:  # the window is done: publish it, then jump to the next one that has a request
+                close_window()
+                first = int(when[pending].min())
+                window_end = day_start + ((first - day_start) // width + 1) * width
+                continue
             users = self.users[u]
             ts_ms = when[u].copy()
             rid = (REQUEST_ID_BASE | (day << 40)) + (users << 12) + k_day[u]
@@ -476,13 +524,11 @@ class InteractiveWorld:
                 else:
                     next_session(i, int(ts_ms[r]))
 
-        events = pa.concat_tables(parts) if parts else EVENTS_SCHEMA.empty_table()
-        if events.num_rows:
-            events = events.take(np.lexsort((np.arange(events.num_rows), events.column("user_id").to_numpy(),
-                                             events.column("ts_ms").to_numpy())))
+        close_window()
+        events = pa.concat_tables(days_parts) if days_parts else EVENTS_SCHEMA.empty_table()
         self.day += 1
-        if sink is not None:
-            sink(events)
+        if sink is not None and not days_parts:
+            sink(events)  # a day without a request still reaches the sink, empty
         return DayOutcome(day=day, events=events, user_ids=self.users.copy(), requests=requests, failed=failed,
                           sessions=sessions)
 
