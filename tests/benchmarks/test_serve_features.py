@@ -1,5 +1,6 @@
-"""`lifelong bench serve-features` on a tiny world: every variant served by a real `lifelong serve`, pushes
-applied during the load, versions monotone per client, the JSON report; and its refusals of bad input (exit 2)."""
+"""`lifelong bench serve-features` on a tiny world: all four variants (`user_tokens+pushes` included) served by a
+real `lifelong serve`, pushes applied during the load, versions monotone per client, the JSON report; its refusals
+of bad input (exit 2); and a service that refuses to start stopping the run with its reason."""
 
 from __future__ import annotations
 
@@ -62,9 +63,8 @@ def test_every_variant_is_served_and_compared_to_plain(world, tmp_path):
     assert "Traceback" not in res.stderr
     result = json.loads(report.read_text())
     steps = {s["variant"]: s for s in result["steps"]}
-    assert {"plain", "user_tokens", "pushes"} <= set(steps)
-    # The lead's change lets a token run take pushes; until it lands the service refuses the combination.
-    assert ("user_tokens+pushes" in steps) != ("user_tokens+pushes" in result["skipped"])
+    assert result["variants"] == list(steps) == ["plain", "user_tokens", "pushes", "user_tokens+pushes"]
+    assert "skipped" not in result
     assert result["failures"] == []
     for name, s in steps.items():
         assert s["concurrency"] == 1 and s["requests"] > 0 and s["errors"] == 0, s
@@ -73,12 +73,13 @@ def test_every_variant_is_served_and_compared_to_plain(world, tmp_path):
         assert (s["pushes"] is not None) == name.endswith("pushes")
     assert steps["plain"]["throughput_ratio"] == pytest.approx(1.0) and steps["plain"]["p99_ratio"] == pytest.approx(1.0)
     assert steps["plain"]["versions_distinct"] == 1
-    pushes = steps["pushes"]["pushes"]
-    assert 1 <= pushes["applied"] == pushes["sent"] and pushes["push_ms"] > 0 and pushes["apply_ms"] >= 0
-    assert steps["pushes"]["versions_distinct"] >= 2  # answers scored with pushed parameters
-    assert "| pushes | 1 |" in res.stdout and "checks: every /rank answer 200" in res.stdout
-    if "user_tokens+pushes" in result["skipped"]:
-        assert "user_tokens+pushes: skipped" in res.stdout
+    for name in ("pushes", "user_tokens+pushes"):
+        pushes = steps[name]["pushes"]
+        assert 1 <= pushes["applied"] == pushes["sent"] and pushes["push_ms"] > 0 and pushes["apply_ms"] >= 0, name
+        assert steps[name]["versions_distinct"] >= 2, name  # answers scored with pushed parameters
+    for name in steps:
+        assert f"| {name} | 1 |" in res.stdout
+    assert "checks: every /rank answer 200" in res.stdout and "skipped" not in res.stdout
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -93,22 +94,24 @@ def test_bad_input_is_one_line_and_exit_2(world, tmp_path, args, message):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-def test_a_refused_service_is_a_reason_and_other_failures_stay_errors(monkeypatch, tmp_path):
-    """How a variant the service refuses (exit 2, one error line) is told from a service that broke."""
+def test_a_refused_service_is_a_config_error_and_other_failures_stay_errors(monkeypatch, tmp_path):
+    """A variant's service that refuses its command line (exit 2, one error line) stops the run with its reason,
+    whichever the variant; a service that broke stays a RuntimeError."""
     from lifelong.bench import serve_features
+    from lifelong.core.errors import ConfigError
 
     def refusing(port, args, log=None):
-        raise RuntimeError("lifelong serve exited with 2: error: parameter pushes are not taken by a run with DV365 "
-                           "user tokens (--user-emb)\n")
+        raise RuntimeError("lifelong serve exited with 2: Usage: ...\nerror: --user-emb lmdb://x: no such store\n")
 
     monkeypatch.setattr(serve_features, "start_server", refusing)
-    with pytest.raises(serve_features._Refused) as refused:
-        serve_features._start(1, [], tmp_path / "log")
-    assert refused.value.reason == "parameter pushes are not taken by a run with DV365 user tokens (--user-emb)"
+    with pytest.raises(ConfigError) as refused:
+        serve_features._start("user_tokens+pushes", 1, [], tmp_path / "log")
+    assert str(refused.value) == ("lifelong serve refused the user_tokens+pushes variant: "
+                                  "--user-emb lmdb://x: no such store")
 
     def crashing(port, args, log=None):
         raise RuntimeError("lifelong serve exited with 1: Traceback ...")
 
     monkeypatch.setattr(serve_features, "start_server", crashing)
     with pytest.raises(RuntimeError, match="exited with 1"):
-        serve_features._start(1, [], tmp_path / "log")
+        serve_features._start("user_tokens+pushes", 1, [], tmp_path / "log")

@@ -12,8 +12,9 @@ replaying the evaluation requests of a rows directory):
   weights, slightly perturbed, in the wire format of :mod:`lifelong.serving.sync` (the first
   push a full snapshot, then deltas on top of the version held), as heavy as a trainer's
   dense push;
-- ``user_tokens+pushes``: both, when a token run is given. A service that refuses the
-  combination (exit 2) is reported as skipped, with its reason.
+- ``user_tokens+pushes``: both, when a token run is given.
+
+A variant whose service refuses to start (exit 2) stops the run with its reason.
 
 Reported per (variant, concurrency): requests/s, examples/s, p50/p90/p99, errors, and the ratios
 to ``plain`` at the same concurrency (throughput, p99); with pushes, the pushes sent and applied
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -53,7 +53,8 @@ PLAIN = "plain"
 VARIANTS = (PLAIN, "user_tokens", "pushes", "user_tokens+pushes")
 LINEAGE = "lifelong-bench-serve-features"
 """The trainer lineage the pusher's deltas name (the service checks that increments follow it)."""
-_REFUSED = re.compile(r"lifelong serve exited with 2: (.*)", re.DOTALL)
+_EXITED_2 = "lifelong serve exited with 2: "
+"""How :func:`~lifelong.core.processes.start_server` words a service that refused its command line."""
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,6 @@ class _Variant:
     run: Path
     serve_args: tuple[str, ...]
     pushes: bool
-    skip_if_refused: bool
-
-
-class _Refused(Exception):
-    """The service exited with status 2: it refused its command line (a user error), for ``reason``."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Pusher:
@@ -184,13 +176,13 @@ def _versions_summary(per_client: list[list[str]], run_version: str) -> dict:
 
 
 def _variants(run: Path, token_run: Path | None, user_emb: str | None) -> list[_Variant]:
-    plain = _Variant(PLAIN, run, (), pushes=False, skip_if_refused=False)
-    pushes = _Variant("pushes", run, ("--accept-sync",), pushes=True, skip_if_refused=False)
+    plain = _Variant(PLAIN, run, (), pushes=False)
+    pushes = _Variant("pushes", run, ("--accept-sync",), pushes=True)
     if token_run is None:
         return [plain, pushes]
     tokens = ("--user-emb", str(user_emb))
-    return [plain, _Variant("user_tokens", token_run, tokens, pushes=False, skip_if_refused=False), pushes,
-            _Variant("user_tokens+pushes", token_run, (*tokens, "--accept-sync"), pushes=True, skip_if_refused=True)]
+    return [plain, _Variant("user_tokens", token_run, tokens, pushes=False), pushes,
+            _Variant("user_tokens+pushes", token_run, (*tokens, "--accept-sync"), pushes=True)]
 
 
 def _check_inputs(run: Path, token_run: Path | None, user_emb: str | None, concurrency: list[int], seconds: float,
@@ -217,17 +209,18 @@ def _check_inputs(run: Path, token_run: Path | None, user_emb: str | None, concu
             raise ConfigError(f"--token-run {path} was trained without --user-emb: it reads no user tokens")
 
 
-def _start(port: int, args: list[str], log: Path) -> subprocess.Popen:
+def _start(variant: str, port: int, args: list[str], log: Path) -> subprocess.Popen:
+    """The variant's service, once it answers; a ConfigError with its reason if it refused its command line."""
     try:
         return start_server(port, args, log=log)
     except RuntimeError as exc:
-        refused = _REFUSED.match(str(exc))
-        if refused is None:
+        message = str(exc)
+        if not message.startswith(_EXITED_2):
             raise
-        lines = [line for line in refused.group(1).splitlines() if line.strip()]
+        lines = [line for line in message.removeprefix(_EXITED_2).splitlines() if line.strip()]
         reason = next((line.split("error:", 1)[1].strip() for line in reversed(lines) if "error:" in line),
                       lines[-1].strip() if lines else "refused")
-        raise _Refused(reason) from None
+        raise ConfigError(f"lifelong serve refused the {variant} variant: {reason}") from None
 
 
 def run_serve_features(run: str | os.PathLike[str], store: str, data_dir: str | os.PathLike[str],
@@ -251,19 +244,18 @@ def run_serve_features(run: str | os.PathLike[str], store: str, data_dir: str | 
         log: gets one JSON line per finished step [default: stderr].
 
     Returns:
-        ``{"steps": [...], "skipped": {variant: reason}, "failures": [...], ...}``; each step
-        holds ``throughput_ratio`` and ``p99_ratio`` to ``plain`` at its concurrency.
+        ``{"steps": [...], "failures": [...], ...}``; each step holds ``throughput_ratio`` and
+        ``p99_ratio`` to ``plain`` at its concurrency.
 
     Raises:
         ConfigError: inconsistent arguments, a directory that is not a run, a run on the wrong
-            flag, or a service of a variant other than ``user_tokens+pushes`` that refused to start.
+            flag, or a variant's service that refused to start (exit 2).
     """
     run, token_run = Path(run), None if token_run is None else Path(token_run)
     _check_inputs(run, token_run, user_emb, concurrency, seconds, push_every)
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     bodies = eval_requests(data_dir)
     steps: list[dict] = []
-    skipped: dict[str, str] = {}
     for variant in _variants(run, token_run, user_emb):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -272,15 +264,7 @@ def run_serve_features(run: str | os.PathLike[str], store: str, data_dir: str | 
         args = ["--run", str(variant.run), "--store", store, "--path", "optimized", *variant.serve_args,
                 "--max-queue-examples", "10000000", "--max-latency-ms", "600000"]
         logfile = Path(tempfile.gettempdir()) / f"lifelong-bench-features-{variant.name.replace('+', '-')}-{port}.log"
-        try:
-            proc = _start(port, args, logfile)
-        except _Refused as exc:
-            if not variant.skip_if_refused:
-                raise ConfigError(f"lifelong serve refused the {variant.name} variant: {exc.reason}") from None
-            skipped[variant.name] = exc.reason
-            logfile.unlink(missing_ok=True)
-            log(json.dumps({"variant": variant.name, "skipped": exc.reason}))
-            continue
+        proc = _start(variant.name, port, args, logfile)
         try:
             run_version = httpx.get(f"{url}/healthz", timeout=10.0).json()["model_version"]
             pusher = Pusher(url, variant.run, push_every) if variant.pushes else None
@@ -303,7 +287,7 @@ def run_serve_features(run: str | os.PathLike[str], store: str, data_dir: str | 
     _add_ratios(steps)
     result = {"requests": len(bodies), "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies])),
               "seconds": seconds, "push_every": push_every, "concurrency": list(concurrency),
-              "variants": list(dict.fromkeys(s["variant"] for s in steps)), "skipped": skipped,
+              "variants": list(dict.fromkeys(s["variant"] for s in steps)),
               "steps": steps, "failures": _failures(steps)}
     if report is not None:
         Path(report).write_text(json.dumps(result, indent=2))
@@ -348,7 +332,7 @@ def _num(value: float | None, fmt: str, unit: str = "") -> str:
 
 
 def render(result: dict) -> str:
-    """A markdown table of every step, its ratios to ``plain`` and its pushes, then what was skipped or failed."""
+    """A markdown table of every step, its ratios to ``plain`` and its pushes, then what failed."""
     lines = [f"{result['requests']:,} replayed requests, {result['mean_candidates']:.1f} candidates each on average; "
              f"{result['seconds']:g} s a step; push variants: one push every {result['push_every']:g} s", "",
              "| variant | clients | req/s | examples/s | p50 ms | p99 ms | errors | throughput vs plain | "
@@ -362,7 +346,7 @@ def render(result: dict) -> str:
                      f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']} | {_num(s['throughput_ratio'], '.2f', '×')} | "
                      f"{_num(s['p99_ratio'], '.2f', '×')} | {pushes} | {_num(p and p['push_ms'], ',.1f')} | "
                      f"{_num(p and p['apply_ms'], ',.1f')} | {versions} |")
-    lines += ["", *(f"{name}: skipped, the service refused it: {reason}" for name, reason in result["skipped"].items())]
+    lines.append("")
     if result["failures"]:
         lines += [f"FAILED: {f}" for f in result["failures"]]
     else:
