@@ -23,14 +23,18 @@ Example::
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lifelong.bench.machine import cpu_model
 from lifelong.core.quantization import dequantize_int8
 from lifelong.data.schema import EMBED_DIM, KNOWN_ACTION_BITS, SURFACES
 from lifelong.ops import bytes_moved, nn_search, nn_search_naive
@@ -136,6 +140,30 @@ def run(L_values: Sequence[int] = (1000, 10000), N_values: Sequence[int] = (100,
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         return _nn_rows(L_values, N_values, k, repeats, gen) + _encoder_rows(N_values, repeats, gen)
+
+
+def write_json(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write :func:`run`'s rows to ``path`` as JSON, with what they ran on; returns what was written.
+
+    Every figure of :func:`render`'s tables is there, ratios included: ``speedup`` (naive over
+    cpu for the NN search, reference over cpu for the encoder) and ``bytes_ratio`` (naive over
+    optimized sequence bytes).
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     doc = write_json(run(L_values=(40,), N_values=(3,), k=4, repeats=1), Path(d) / "ops.json")
+        >>> sorted(doc), sorted(doc["nn_search"][0])[:3]
+        (['cpu', 'encoder', 'nn_search', 'nproc', 'torch', 'torch_threads'], ['L', 'N', 'bytes_ratio'])
+    """
+    doc = {"cpu": cpu_model(), "nproc": os.cpu_count(), "torch": torch.__version__,
+           "torch_threads": torch.get_num_threads(),
+           "nn_search": [{**r, "bytes_ratio": r["naive_bytes"] / r["optimized_bytes"]}
+                         for r in rows if r["op"] == "nn_search"],
+           "encoder": [dict(r) for r in rows if r["op"] == "encoder"]}
+    Path(path).write_text(json.dumps(doc, indent=2))
+    return doc
 
 
 def render(rows: Sequence[dict[str, Any]]) -> str:

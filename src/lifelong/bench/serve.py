@@ -128,7 +128,8 @@ def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.
                     warmup_s: float = 2.0) -> dict:
     """Load steps for every path and concurrency, then a sustained run of the optimized path.
 
-    Returns ``{"steps": [...], "sustained": {...} | None, "requests": n}``.
+    Returns ``{"steps": [...], "sustained": {...} | None, "requests": n, "mean_candidates": m,
+    "ratios": ratios(steps)}``, also written as JSON to ``report`` when given.
     """
     bodies = eval_requests(data_dir)
     steps, sustained = [], None
@@ -152,7 +153,7 @@ def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.
         finally:
             stop_process(proc)
     result = {"steps": steps, "sustained": sustained, "requests": len(bodies),
-              "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies]))}
+              "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies])), "ratios": ratios(steps)}
     if report is not None:
         Path(report).write_text(json.dumps(result, indent=2))
     return result
@@ -164,25 +165,53 @@ def _scraped_5xx(url: str) -> int:
                if line.startswith('lifelong_requests_total{status="5'))
 
 
+def ratios(steps: list[dict]) -> dict:
+    """Optimized over naive, the figures :func:`render` prints: ``best`` compares each path's
+    best-throughput step, ``by_concurrency`` the two paths at each client count both ran.
+    ``throughput`` is examples/s optimized over naive, ``p99`` the p99 latency optimized over
+    naive; ``{}`` unless both paths ran.
+
+    Example::
+
+        >>> step = {"concurrency": 4, "examples_per_s": 100.0, "p99_ms": 50.0}
+        >>> ratios([{"path": "naive", **step}, {"path": "optimized", **step, "examples_per_s": 300.0}])["best"]["throughput"]
+        3.0
+    """
+    best = {p: max((s for s in steps if s["path"] == p), key=lambda s: s["examples_per_s"], default=None)
+            for p in ("naive", "optimized")}
+    if best["naive"] is None or best["optimized"] is None:
+        return {}
+
+    def compare(o: dict, n: dict) -> dict:
+        return {"optimized_concurrency": o["concurrency"], "naive_concurrency": n["concurrency"],
+                "optimized_examples_per_s": o["examples_per_s"], "naive_examples_per_s": n["examples_per_s"],
+                "optimized_p99_ms": o["p99_ms"], "naive_p99_ms": n["p99_ms"],
+                "throughput": o["examples_per_s"] / max(n["examples_per_s"], 1e-9),
+                "p99": o["p99_ms"] / max(n["p99_ms"], 1e-9)}
+
+    by = {(s["path"], s["concurrency"]): s for s in steps}
+    return {"best": compare(best["optimized"], best["naive"]),
+            "by_concurrency": [compare(by[("optimized", c)], s) for (p, c), s in by.items()
+                               if p == "naive" and ("optimized", c) in by]}
+
+
 def render(result: dict) -> str:
-    """Markdown tables: every step, the optimized/naive ratios, the sustained run."""
+    """Markdown tables: every step, the optimized/naive ratios (:func:`ratios`), the sustained run."""
     lines = [f"{result['requests']:,} replayed requests, {result['mean_candidates']:.1f} candidates each on average", "",
              "| path | clients | req/s | examples/s | p50 ms | p90 ms | p99 ms | errors | 5xx |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in result["steps"]:
         lines.append(f"| {s['path']} | {s['concurrency']} | {s['requests_per_s']:,.1f} | {s['examples_per_s']:,.0f} | "
                      f"{s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']} | {s['server_errors']} |")
-    by = {(s["path"], s["concurrency"]): s for s in result["steps"]}
-    best = {p: max((s for s in result["steps"] if s["path"] == p), key=lambda s: s["examples_per_s"], default=None)
-            for p in ("naive", "optimized")}
-    if best["naive"] and best["optimized"]:
-        o, n = best["optimized"], best["naive"]
-        lines += ["", f"best throughput: optimized {o['examples_per_s']:,.0f} examples/s ({o['concurrency']} clients, "
-                      f"p99 {o['p99_ms']:.1f} ms) vs naive {n['examples_per_s']:,.0f} ({n['concurrency']} clients, "
-                      f"p99 {n['p99_ms']:.1f} ms): {o['examples_per_s'] / max(n['examples_per_s'], 1e-9):.1f}x"]
-        same = [c for (p, c) in by if p == "naive" and ("optimized", c) in by]
-        lines += [f"at {c} clients: {by[('optimized', c)]['examples_per_s'] / max(by[('naive', c)]['examples_per_s'], 1e-9):.1f}x "
-                  f"throughput, p99 {by[('optimized', c)]['p99_ms']:.1f} vs {by[('naive', c)]['p99_ms']:.1f} ms" for c in same]
+    r = ratios(result["steps"])
+    if r:
+        b = r["best"]
+        lines += ["", f"best throughput: optimized {b['optimized_examples_per_s']:,.0f} examples/s "
+                      f"({b['optimized_concurrency']} clients, p99 {b['optimized_p99_ms']:.1f} ms) vs naive "
+                      f"{b['naive_examples_per_s']:,.0f} ({b['naive_concurrency']} clients, p99 {b['naive_p99_ms']:.1f} ms): "
+                      f"{b['throughput']:.1f}x"]
+        lines += [f"at {c['naive_concurrency']} clients: {c['throughput']:.1f}x throughput, p99 "
+                  f"{c['optimized_p99_ms']:.1f} vs {c['naive_p99_ms']:.1f} ms" for c in r["by_concurrency"]]
     s = result.get("sustained")
     if s:
         lines += ["", f"sustained {s['seconds']:.0f} s at {s['concurrency']} clients (optimized): {s['requests']:,} requests, "

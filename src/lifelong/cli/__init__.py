@@ -223,14 +223,17 @@ def serve(
 def bench_ops(
     lengths: Annotated[str, typer.Option(help="Comma-separated sequence lengths L.")] = "1000,10000",
     candidates: Annotated[str, typer.Option(help="Comma-separated candidate counts N.")] = "100,500,1000",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here (ratios included).")] = None,
 ) -> None:
     """NN search and encoder: naive vs reference vs optimized, side by side."""
-    from lifelong.bench.ops import render
+    from lifelong.bench.ops import render, write_json
     from lifelong.bench.ops import run as run_ops
 
     rows = run_ops(L_values=tuple(int(x) for x in lengths.split(",")),
                    N_values=tuple(int(x) for x in candidates.split(",")))
     out.print(render(rows))
+    if json_out is not None:
+        write_json(rows, json_out)
 
 
 @bench_app.command("serve")
@@ -242,13 +245,13 @@ def bench_serve(
     seconds: Annotated[float, typer.Option(help="Duration of each load step.")] = 10.0,
     sustain: Annotated[float, typer.Option(help="Duration of the final run at the best concurrency (0: skip).")] = 60.0,
     paths: Annotated[str, typer.Option(help="Comma-separated serving paths to compare.")] = "naive,optimized",
-    report: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here (ratios included).")] = None,
 ) -> None:
     """Closed-loop HTTP load against real servers of each path: examples/s, p50/p90/p99, errors."""
     from lifelong.bench.serve import render, run_serve_bench
 
     results = run_serve_bench(run, store, data, concurrency=[int(c) for c in concurrency.split(",")],
-                              seconds=seconds, sustain_seconds=sustain, paths=paths.split(","), report=report)
+                              seconds=seconds, sustain_seconds=sustain, paths=paths.split(","), report=json_out)
     out.print(render(results))
 
 
