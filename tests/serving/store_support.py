@@ -1,18 +1,22 @@
 """For the store version and chaos tests: two datasets, a model, the scores each version must give,
-and a loader process that switches a store back and forth between the datasets."""
+and a loader process that switches a store back and forth between the datasets; for the Redis
+Cluster tests, a throwaway cluster of local redis-server processes."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import redis
 import torch
 
+from lifelong.core.processes import free_port, stop_process
 from lifelong.data.world import load_config, simulate_to
 from lifelong.serving.ranking import RankRequest
 from lifelong.store.feature_store import load_store, open_store
@@ -128,3 +132,129 @@ def wait_for(predicate, timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.002)
     return False
+
+
+@dataclass
+class LocalCluster:
+    """A Redis Cluster of ``redis-server`` processes on 127.0.0.1, one primary per node, no
+    replicas (:func:`start_redis_cluster`). Each node appends every write to an append-only file
+    in its directory before it replies, so a node killed and started again comes back with its
+    data, as a production node with persistence does (no fsync: the kernel keeps what a killed
+    process wrote; only a machine crash needs it)."""
+
+    root: Path
+    ports: list[int]
+    node_timeout_ms: int
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis-cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def node_dir(self, i: int) -> Path:
+        return self.root / f"node-{self.ports[i]}"
+
+    def start_node(self, i: int) -> subprocess.Popen:
+        """Start node ``i`` with its config file (``nodes-PORT.conf``, its identity and slots) and data."""
+        port, work = self.ports[i], self.node_dir(i)
+        work.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work),
+             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--appendonly", "yes", "--appendfsync", "no",
+             "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if i < len(self.procs):
+            self.procs[i] = proc
+        else:
+            self.procs.append(proc)
+        return proc
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node ``i`` (by pid), as a crash would."""
+        self.procs[i].kill()
+        self.procs[i].wait()
+
+    def client(self, i: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.ports[i], socket_connect_timeout=0.5, socket_timeout=2)
+
+    def state(self, i: int) -> str | None:
+        """``cluster_state`` as node ``i`` sees it (``ok``, ``fail``), None when it does not answer."""
+        client = self.client(i)
+        try:
+            return client.cluster("INFO")["cluster_state"]
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    def node_of(self, slot: int) -> int:
+        """The node serving ``slot``."""
+        client = self.client(0)
+        try:
+            nodes = client.cluster("NODES")
+        finally:
+            client.close()
+        for addr, info in nodes.items():
+            if any(int(r[0]) <= slot <= int(r[-1]) for r in info["slots"]):
+                return self.ports.index(int(addr.split(":")[1]))
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_process(proc)
+
+
+def start_redis_cluster(root: Path, nodes: int = 3, node_timeout_ms: int = 2000,
+                        timeout_s: float = 30.0) -> LocalCluster:
+    """Start ``nodes`` cluster-mode redis-servers on free ports, join them with ``redis-cli
+    --cluster create`` (no replicas) and wait until every node reports ``cluster_state:ok``.
+
+    Stop it with :meth:`LocalCluster.stop` (by pid). A port taken between picking and binding it
+    (another test process) makes a node exit: then every node is stopped and new ports are tried.
+    """
+    for _ in range(3):
+        cluster = LocalCluster(root, [free_port() for _ in range(nodes)], node_timeout_ms)
+        for i in range(nodes):
+            cluster.start_node(i)
+        if all(_answers_ping(cluster, i, 10.0) for i in range(nodes)):
+            break
+        cluster.stop()
+    else:
+        raise RuntimeError("the Redis Cluster nodes did not answer PING on three sets of ports")
+    try:
+        subprocess.run([shutil.which("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p}" for p in cluster.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        if not poll_until(lambda: all(cluster.state(i) == "ok" for i in range(nodes)), timeout_s):
+            raise RuntimeError(f"the Redis Cluster did not reach cluster_state:ok within {timeout_s:.0f} s")
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _answers_ping(cluster: LocalCluster, i: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    client = cluster.client(i)
+    try:
+        while time.monotonic() < deadline:
+            if cluster.procs[i].poll() is not None:  # it exited: another process took the port first
+                return False
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        return False
+    finally:
+        client.close()
+
+
+def poll_until(predicate, timeout_s: float, pause_s: float = 0.1) -> bool:
+    """Whether ``predicate()`` became true within ``timeout_s``, asked every ``pause_s`` (for
+    checks that cost a connection or a store read, unlike :func:`wait_for`'s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause_s)

@@ -44,15 +44,23 @@ def train(
     seed: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
     slices: Annotated[Path | None, typer.Option(help="Slice spec YAML [default: the packaged 207-slice spec].")] = None,
     threads: Annotated[int, typer.Option(help="torch intra-op threads (steps are small; more threads only "
-                                              "contend on a busy machine).")] = 1,
+                                              "contend on a busy machine); per process with --nproc.")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Write checkpoint.pt after every epoch and, rerun, "
+                                                          "continue after the last one.")] = False,
+    nproc: Annotated[int | None, typer.Option(help="Train data-parallel (DDP) in N local processes, each taking "
+                                                   "groups_per_batch / N groups of every batch (docs/scaling.md). "
+                                                   "Not under torchrun, which starts the ranks itself.")] = None,
 ) -> None:
     """Train the user tower in the backbone simulation network; prints NE per task on the evaluation day.
 
     Settings are layered: DV365TrainConfig's defaults, the --config file, the flags given, then --set.
     """
+    import json
+
     import torch
 
     from lifelong.core.config import build, load_file
+    from lifelong.core.distributed import launch, ranks_from_env
     from lifelong.dv365.slices import SliceSpec
     from lifelong.dv365.train import DV365TrainConfig, train_dv365
 
@@ -66,7 +74,15 @@ def train(
     cfg = build(DV365TrainConfig, load_file(config) if config is not None else {}, [*sets, *(set_ or [])])
     spec = SliceSpec.from_yaml(slices) if slices is not None else None
     torch.set_num_threads(threads)
-    meta = train_dv365(data, out_dir, cfg, log=out.print, spec=spec)
+    if nproc is None:  # one process, or one rank of a torchrun launch
+        meta = train_dv365(data, out_dir, cfg, log=out.print, spec=spec, resume=resume)
+        if not ranks_from_env().main:
+            return
+    else:
+        launch(train_dv365, (data, out_dir, cfg, print, spec, resume), nproc,
+               batches={"groups_per_batch": cfg.groups_per_batch}, threads=threads,
+               hint="rerun the same command to resume after the last finished epoch" if resume else "")
+        meta = json.loads((out_dir / "run.json").read_text())
     ne = "  ".join(f"{t} {v:.4f}" for t, v in meta["eval"]["ne"].items())
     out.print(f"[green]wrote[/green] {out_dir}  (tower output {tuple(meta['tower_out_shape'])}, "
               f"{meta['parameters']['fsa']:,} FSA parameters, {meta['examples_per_s']:,.0f} examples/s); "

@@ -74,12 +74,19 @@ def train(
     max_rows: Annotated[int | None, typer.Option(help="Train on a seeded subset of this many rows.")] = None,
     user_emb: Annotated[str | None, typer.Option(help="A `lifelong dv365 export` store: prepend each row's frozen user "
                                                       "embedding as tokens (transact models).")] = None,
+    nproc: Annotated[int | None, typer.Option(help="Train data-parallel (DDP) in N local processes, each taking "
+                                                   "batch_size / N rows of every batch (docs/scaling.md). Not under "
+                                                   "torchrun, which starts the ranks itself.")] = None,
 ) -> None:
     """Train a ranker (L = L_CE + w_NAL * L_NAL); prints losses and examples/s.
 
     Settings are layered: the defaults (nal none), the --config file, the flags given, then --set.
+    A rerun of an interrupted run resumes after its last finished epoch.
     """
+    import json
+
     from lifelong.core.config import load_file, merge, parse_set
+    from lifelong.core.distributed import launch, ranks_from_env
     from lifelong.core.errors import ConfigError
     from lifelong.transact.trainer import build_train_config
     from lifelong.transact.trainer import train as run_train
@@ -92,7 +99,14 @@ def train(
     if not (named or model is not None or any(key in ("model", "model.name") for key, _ in sets)):
         raise ConfigError("name the model: --model NAME, model: NAME in --config, or --set model=NAME")
     cfg = build_train_config(layer, [(k, v) for k, v in flags.items() if v is not None] + sets)
-    meta = run_train(data, out_dir, cfg, log=out.print)
+    if nproc is None:  # one process, or one rank of a torchrun launch
+        meta = run_train(data, out_dir, cfg, log=out.print)
+        if not ranks_from_env().main:
+            return
+    else:
+        launch(run_train, (data, out_dir, cfg), nproc, batches={"batch_size": cfg.batch_size},
+               hint="rerun the same command to resume after the last finished epoch")
+        meta = json.loads((out_dir / "run.json").read_text())
     out.print(f"[green]wrote[/green] {out_dir}  ({meta['parameters']:,} parameters, "
               f"{meta['examples_per_s']:,.0f} examples/s)")
 

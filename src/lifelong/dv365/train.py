@@ -8,7 +8,14 @@ A run directory holds ``model.pt`` (``kind: dv365``: the tower, with its slice s
 tables, FSA config and gap, and the backbone) and ``run.json`` (the config, losses and
 examples/s per epoch, parameters, and the evaluation: NE per task on the protocol's
 evaluation day). Both are written atomically; :func:`lifelong.dv365.tower.load_tower` reads
-the tower back.
+the tower back. With ``resume``, ``checkpoint.pt`` (weights, optimizer, shuffling state) is
+written after every epoch and a rerun continues after the last one.
+
+Data-parallel (``lifelong dv365 train --nproc N``, or torchrun): every rank samples the same
+examples (seeded), rank 0 pools the tower tokens into the run's token cache and the others read
+them from there, each step's global batch of ``groups_per_batch`` groups is split ``rank::N``
+and DDP averages the gradients, each rank's loss scaled by its share of the batch's examples
+(:func:`lifelong.core.distributed.loss_share`). Rank 0 alone evaluates and writes.
 
 Example::
 
@@ -26,10 +33,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import lifelong
 from lifelong.core.checkpoint import save_atomic
 from lifelong.core.config import build
+from lifelong.core.distributed import (
+    Ranks,
+    all_reduce_sum,
+    barrier,
+    check_split,
+    fault_point,
+    loss_share,
+    process_group,
+    ranks_from_env,
+    shard,
+)
 from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import auc, normalized_entropy
 from lifelong.core.progress import progress
@@ -144,6 +164,19 @@ def _forward(tower: DV365Tower, backbone: BackboneSimulation, tokens: torch.Tens
     return backbone(user, features), labels, watch
 
 
+class _Losses(nn.Module):
+    """``backbone_loss`` of a batch of groups as one module, the one DDP wraps (tower and backbone
+    together; it finds the tensors a forward returns in a tuple, not inside a ``BackboneOutput``)."""
+
+    def __init__(self, tower: DV365Tower, backbone: BackboneSimulation, watch_weight: float):
+        super().__init__()
+        self.tower, self.backbone, self.watch_weight = tower, backbone, watch_weight
+
+    def forward(self, tokens: torch.Tensor, examples: ExampleSet, groups: np.ndarray):
+        out, labels, watch = _forward(self.tower, self.backbone, tokens, examples, groups)
+        return backbone_loss(out, labels, watch, self.watch_weight)
+
+
 @torch.no_grad()
 def evaluate(tower: DV365Tower, backbone: BackboneSimulation, examples: ExampleSet, tokens: torch.Tensor,
              groups_per_batch: int = 256) -> dict:
@@ -164,8 +197,16 @@ def evaluate(tower: DV365Tower, backbone: BackboneSimulation, examples: ExampleS
 
 
 def fit(prepared: Prepared, cfg: DV365TrainConfig, log: Callable[[str], None] = print,
-        spec: SliceSpec | None = None) -> tuple[DV365Tower, BackboneSimulation, dict]:
-    """Train a tower and its backbone on prepared examples; returns both (eval mode) and the metadata."""
+        spec: SliceSpec | None = None, ranks: Ranks = Ranks(),
+        checkpoint: Path | None = None) -> tuple[DV365Tower, BackboneSimulation, dict]:
+    """Train a tower and its backbone on prepared examples; returns both (eval mode) and the metadata.
+
+    Args:
+        ranks: this process's rank of a data-parallel run (the process group initialised);
+            rank 0 alone evaluates (the others' metadata has no ``eval``).
+        checkpoint: write the training state there after every epoch (rank 0), and start from
+            it when it holds a run of the same settings and slices. None: neither.
+    """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     tower = DV365Tower(spec or prepared.cache.tower.spec, prepared.content, cfg.fsa, cfg.gap_ms)
@@ -173,15 +214,41 @@ def fit(prepared: Prepared, cfg: DV365TrainConfig, log: Callable[[str], None] = 
     params = [p for p in (*tower.parameters(), *backbone.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = prepared.train
-    tokens = group_tokens(prepared, train, cfg.gap_ms)
+    # Rank 0 pools the tokens into the cache's files first; the other ranks then read them there.
+    if ranks.main:
+        tokens = group_tokens(prepared, train, cfg.gap_ms)
+    barrier(ranks)
+    if not ranks.main:
+        tokens = group_tokens(prepared, train, cfg.gap_ms)
     tower_params = sum(p.numel() for p in tower.fsa.parameters())
     meta = {"kind": "dv365_run", "train": asdict(cfg), "users": int(prepared.users.size),
             "train_examples": len(train), "train_groups": train.n_groups, "tower_out_shape": list(tower.out_shape),
             "parameters": {"fsa": tower_params if backbone.user_proj is not None else 0,
                            "backbone": sum(p.numel() for p in backbone.parameters())},
             "epochs": [], "lifelong_version": lifelong.__version__}
+    if ranks.parallel:
+        meta["data_parallel"] = {"processes": ranks.size, "backend": "gloo",
+                                 "groups_per_process": cfg.groups_per_batch // ranks.size}
+    key = {"train": asdict(cfg), "slices": list(tower.spec.names)}
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.exists():  # every rank reads rank 0's, before any can write again
+        ckpt = torch.load(checkpoint, weights_only=False)
+        if ckpt["key"] == key:
+            tower.load_state_dict(ckpt["tower"])
+            backbone.load_state_dict(ckpt["backbone"])
+            opt.load_state_dict(ckpt["optimizer"])
+            rng.bit_generator.state, start_epoch, meta["epochs"] = ckpt["rng"], ckpt["epoch"], ckpt["epochs"]
+            log(f"resuming {checkpoint.parent} after epoch {start_epoch}")
+    # Wrapped after the checkpoint is loaded (DDP starts every rank from rank 0's parameters); a
+    # static graph, as the tower gets no gradient without user vectors. The buffers (the content
+    # tables) are constants every rank builds alike: not broadcast at every step.
+    ddp = DistributedDataParallel(_Losses(tower, backbone, cfg.backbone.watch_weight), static_graph=True,
+                                  forward_sync_buffers=False) if ranks.parallel else None
+    sizes = np.diff(train.offsets)
     n_batches = (train.n_groups + cfg.groups_per_batch - 1) // cfg.groups_per_batch
-    for epoch in range(cfg.epochs):
+    if 0 < train.n_groups % cfg.groups_per_batch < ranks.size:
+        n_batches -= 1  # a last batch of fewer groups than ranks would leave a rank without any: skipped
+    for epoch in range(start_epoch, cfg.epochs):
         tower.train()
         backbone.train()
         order = rng.permutation(train.n_groups)
@@ -189,22 +256,35 @@ def fit(prepared: Prepared, cfg: DV365TrainConfig, log: Callable[[str], None] = 
         t0 = time.perf_counter()
         with progress(f"DV365 epoch {epoch + 1}/{cfg.epochs}", total=n_batches) as advance:
             for b in range(n_batches):
-                groups = np.sort(order[b * cfg.groups_per_batch:(b + 1) * cfg.groups_per_batch])
-                out, labels, watch = _forward(tower, backbone, tokens, train, groups)
-                loss, bce, mse = backbone_loss(out, labels, watch, cfg.backbone.watch_weight)
+                glob = order[b * cfg.groups_per_batch:(b + 1) * cfg.groups_per_batch]
+                groups = np.sort(shard(glob, ranks))
+                if ddp is None:
+                    out, labels, watch = _forward(tower, backbone, tokens, train, groups)
+                    loss, bce, mse = backbone_loss(out, labels, watch, cfg.backbone.watch_weight)
+                else:  # the losses are means over the rank's examples: scaled to its share of the batch's
+                    share = loss_share(int(sizes[groups].sum()), int(sizes[glob].sum()), ranks)
+                    loss, bce, mse = (x * share for x in ddp(tokens, train, groups))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 totals += [float(loss.detach()), float(bce.detach()), float(mse.detach())]
                 advance(1)
+                fault_point(ranks, (epoch - start_epoch) * n_batches + b + 1)
         seconds = time.perf_counter() - t0
+        if ranks.parallel:  # each rank summed its scaled share: their sum over ranks is size x the batches' losses
+            totals = all_reduce_sum(totals, ranks) / ranks.size
         record = dict(zip(("loss", "bce", "mse"), (totals / n_batches).round(5).tolist()))
         record.update(epoch=epoch + 1, seconds=round(seconds, 2), examples_per_s=round(len(train) / seconds, 1))
         meta["epochs"].append(record)
+        if checkpoint is not None and ranks.main:
+            save_atomic({"key": key, "tower": tower.state_dict(), "backbone": backbone.state_dict(),
+                         "optimizer": opt.state_dict(), "rng": rng.bit_generator.state, "epoch": epoch + 1,
+                         "epochs": meta["epochs"]}, checkpoint)
         log(f"DV365 epoch {epoch + 1}: loss {record['loss']:.4f} (bce {record['bce']:.4f}, mse {record['mse']:.4f}), "
             f"{record['examples_per_s']:,.0f} examples/s")
     meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
-    meta["eval"] = evaluate(tower, backbone, prepared.eval, group_tokens(prepared, prepared.eval, cfg.gap_ms))
+    if ranks.main:
+        meta["eval"] = evaluate(tower, backbone, prepared.eval, group_tokens(prepared, prepared.eval, cfg.gap_ms))
     return tower.eval(), backbone.eval(), meta
 
 
@@ -227,11 +307,25 @@ def load_backbone(run_dir: str | os.PathLike[str]) -> BackboneSimulation:
 
 
 def train_dv365(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: DV365TrainConfig,
-                log: Callable[[str], None] = print, spec: SliceSpec | None = None) -> dict:
-    """Open a world, sample examples, train, evaluate and write the run to ``out``; returns its metadata."""
-    world = open_world(data_dir)
-    prepared = prepare(world, cfg, spec, cache_dir=Path(out) / "tokens")
-    tower, backbone, meta = fit(prepared, cfg, log)
-    meta["data"] = str(Path(data_dir).resolve())
-    save_run(out, tower, backbone, meta)
+                log: Callable[[str], None] = print, spec: SliceSpec | None = None, resume: bool = False) -> dict:
+    """Open a world, sample examples, train, evaluate and write the run to ``out``; returns its metadata.
+
+    With ``resume``, ``out/checkpoint.pt`` is written after every epoch and a rerun with the same
+    settings continues after its last one. Started as a rank (torchrun's ``WORLD_SIZE``, ``RANK``…,
+    or :func:`lifelong.core.distributed.launch`), it trains one rank of a data-parallel run: rank
+    0 alone logs, evaluates and writes the run.
+
+    Raises:
+        ConfigError: ``groups_per_batch`` is not a multiple of the ranks.
+    """
+    ranks = ranks_from_env()
+    check_split(cfg.groups_per_batch, ranks.size, "groups_per_batch")
+    out = Path(out)
+    with process_group(ranks):
+        prepared = prepare(open_world(data_dir), cfg, spec, cache_dir=out / "tokens")
+        tower, backbone, meta = fit(prepared, cfg, log if ranks.main else lambda _: None, ranks=ranks,
+                                    checkpoint=out / "checkpoint.pt" if resume else None)
+        if ranks.main:
+            meta["data"] = str(Path(data_dir).resolve())
+            save_run(out, tower, backbone, meta)
     return meta

@@ -8,7 +8,10 @@ item table once at startup. Both live in a key-value store behind one interface,
   environment; reads inside a read transaction return ``memoryview`` s into the map, so
   decoded arrays are views of the page cache, copied nowhere;
 - :class:`~lifelong.store.redis_store.RedisStore` (multi-host): a Redis database; many users
-  are fetched in one ``MGET`` round trip and decoded as views over the returned ``bytes``.
+  are fetched in one ``MGET`` round trip and decoded as views over the returned ``bytes``;
+- :class:`~lifelong.store.redis_store.RedisClusterStore`: a Redis Cluster; each user's records
+  sit on one node, placed by a hash tag of the user (:func:`split_user_key`), and the users of a
+  read are fetched with one ``MGET`` per slot, all in one pipelined round trip per node.
 
 Every load is a *version*: its keys live under the version's prefix, beside the versions
 before it, and one pointer key names the served one. Keys (the same in both backends; Redis
@@ -52,6 +55,7 @@ import abc
 import contextlib
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -81,7 +85,8 @@ from lifelong.store.urls import FEATURE_STORE, parse_url
 
 __all__ = [
     "FeatureStore", "ItemRecords", "StoreReader", "StoreUnavailable", "TimelineRanges", "UserSequences", "VersionGone",
-    "WriterLock", "WriterLocked", "collect_versions", "json_record", "load_store", "open_store", "user_key", "version_name", "version_prefix",
+    "WriterLock", "WriterLocked", "collect_versions", "json_record", "load_store", "open_store", "split_user_key",
+    "user_key", "version_name", "version_prefix",
 ]
 
 USER_PREFIX = b"u:"
@@ -98,6 +103,10 @@ LEGACY_VERSION = "legacy"
 NO_VERSION = "no version loaded; run lifelong store load"
 _VERSION_PREFIX = b"fs:v:"
 _USER_KEY = struct.Struct(">q")
+# A user's record: in a feature-store version, a DV365 export version (``dv365:v:``, see
+# lifelong.store.embeddings) or a store loaded before versions existed (no prefix).
+_USER_RECORD = re.compile(rb"((?:%s|%sv:)\d{12}:)?%s(.{8})" % (_VERSION_PREFIX, EMBEDDINGS_PREFIX, USER_PREFIX),
+                          re.DOTALL)
 
 
 def user_key(user_id: int) -> bytes:
@@ -109,6 +118,22 @@ def user_key(user_id: int) -> bytes:
         b'u:\\x00\\x00\\x00\\x00\\x00\\x00\\x01\\x02'
     """
     return USER_PREFIX + _USER_KEY.pack(int(user_id))
+
+
+def split_user_key(key: bytes) -> tuple[bytes, int] | None:
+    """The version prefix and user of a user's record key (:func:`user_key` under a feature-store
+    or DV365 version's prefix), None for any other key. A Redis Cluster places every record of a
+    user by it, so that they share a node.
+
+    Example::
+
+        >>> split_user_key(version_prefix(7) + user_key(258))
+        (b'fs:v:000000000007:', 258)
+        >>> split_user_key(version_prefix(7) + b"meta") is None
+        True
+    """
+    match = _USER_RECORD.fullmatch(key)
+    return None if match is None else (match[1] or b"", _USER_KEY.unpack(match[2])[0])
 
 
 def version_prefix(version: int) -> bytes:
@@ -170,12 +195,17 @@ class StoreReader:
         get_many: fetches the values of keys, None for a missing key.
         where: the store's URL, for error messages.
         snapshot: whether all reads of this reader see one snapshot.
+        get_versioned: for a backend whose one fetch is not atomic (Redis Cluster: one ``MGET``
+            per slot), how it reads keys of a version and checks that they are all of it:
+            ``get_versioned(name, prefix, keys)``, raising :class:`VersionGone`.
     """
 
-    def __init__(self, get_many: Callable[[list[bytes]], list[Buffer | None]], where: str, snapshot: bool = False):
+    def __init__(self, get_many: Callable[[list[bytes]], list[Buffer | None]], where: str, snapshot: bool = False,
+                 get_versioned: Callable[[str, bytes, list[bytes]], list[Buffer | None]] | None = None):
         self._get_many = get_many
         self._where = where
         self._snapshot = snapshot
+        self._get_versioned = get_versioned
         self._pinned: tuple[str, bytes, str] | None = None
 
     def values(self, keys: list[bytes]) -> list[Buffer | None]:
@@ -216,6 +246,8 @@ class StoreReader:
         name, prefix, _ = self._pin()
         if self._snapshot:
             return self._get_many([prefix + k for k in keys])
+        if self._get_versioned is not None:
+            return self._get_versioned(name, prefix, keys)
         seal, *values = self._get_many([prefix + META_KEY, *(prefix + k for k in keys)])
         if seal is None:
             raise VersionGone(self._where, f"version {name} was deleted while being read (two loads switched)")
@@ -374,12 +406,13 @@ def open_store(url: str | os.PathLike[str], writable: bool = False) -> FeatureSt
     """Open the feature store at ``url``.
 
     Args:
-        url: ``redis://host:port/db`` (:class:`RedisStore`), ``lmdb:///absolute/path`` or a
-            plain filesystem path (:class:`LMDBStore`).
+        url: ``redis://host:port/db`` (:class:`RedisStore`), ``redis-cluster://host:port[,...]``
+            (:class:`RedisClusterStore`), ``lmdb:///absolute/path`` or a plain filesystem path
+            (:class:`LMDBStore`).
         writable: open an LMDB store for loading (Redis stores are always writable).
 
     Raises:
-        ConfigError: a malformed or unknown URL, or an unreachable Redis server.
+        ConfigError: a malformed or unknown URL, or an unreachable Redis server or cluster.
         DataError: a read-only LMDB path that holds no store.
 
     Example::
@@ -387,14 +420,14 @@ def open_store(url: str | os.PathLike[str], writable: bool = False) -> FeatureSt
         >>> open_store("ftp://host/x")
         Traceback (most recent call last):
         ...
-        lifelong.core.errors.ConfigError: unknown feature store URL scheme 'ftp' in 'ftp://host/x': expected redis://host:port/db, lmdb:///absolute/path or a directory path
+        lifelong.core.errors.ConfigError: unknown feature store URL scheme 'ftp' in 'ftp://host/x': expected redis://host:port/db, lmdb:///absolute/path or a directory path (or redis-cluster://host:port[,host:port...])
     """
     target = parse_url(url, FEATURE_STORE)
     # Each backend's module, and the client library it needs, loads only when a URL names it.
     if target.scheme == "redis":
-        from lifelong.store.redis_store import RedisStore
+        from lifelong.store.redis_store import RedisClusterStore, RedisStore
 
-        return RedisStore(target.location)
+        return RedisClusterStore(target.location) if target.cluster else RedisStore(target.location)
     from lifelong.store.lmdb_store import LMDBStore
 
     return LMDBStore(target.location, writable=writable)

@@ -6,7 +6,7 @@ trainer reads them in batches, joins them into examples (:mod:`lifelong.monolith
 trains. Events travel as numpy structured arrays of :data:`EVENT_DTYPE` (39 packed
 little-endian bytes each), appended and read a batch at a time.
 
-Two backends implement :class:`EventStream`:
+Three backends implement :class:`EventStream`:
 
 - :class:`LogStream` (the embedded default): a directory of segment files
   ``<first offset, 20 digits>.log`` of fixed-size records (an event plus a 32-bit checksum).
@@ -20,6 +20,8 @@ Two backends implement :class:`EventStream`:
   first record) or ``"<entry id>:<k>"`` (its record ``k``), so a read may stop inside an entry.
   Besides offset reads (``XRANGE``) it offers consumer groups (``XREADGROUP``, ``XACK``; entries
   delivered but not acknowledged are delivered again after a consumer restarts).
+- :class:`RedisClusterStream` (a Redis Cluster): one Redis stream per partition, hash-tagged to
+  spread over the nodes; reads merge the partitions, offsets hold one position per partition.
 
 Exactly-once training: the consumer position is explicit. ``read(offset, n)`` returns the
 records and the offset after them; a trainer stores that offset atomically with its model
@@ -43,7 +45,9 @@ from __future__ import annotations
 
 import abc
 import bisect
+import contextlib
 import fcntl
+import heapq
 import os
 import re
 import time
@@ -57,11 +61,11 @@ import pyarrow as pa
 
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.io import read_table
-from lifelong.store.urls import EVENT_STREAM, connect_redis, parse_url
+from lifelong.store.urls import EVENT_STREAM, cluster_unavailable, connect_redis, parse_url, unreachable_errors
 
 __all__ = [
-    "DEFAULT_KEY", "EVENT_DTYPE", "Delivery", "EventStream", "LogStream", "Offset", "RedisStream", "ReplayStats",
-    "open_stream", "replay", "to_records",
+    "DEFAULT_KEY", "EVENT_DTYPE", "Delivery", "EventStream", "LogStream", "Offset", "RedisClusterStream", "RedisStream",
+    "ReplayStats", "open_stream", "replay", "to_records",
 ]
 
 EVENT_DTYPE = np.dtype([
@@ -594,26 +598,330 @@ class RedisStream(EventStream):
         self._client.close()
 
 
+class RedisClusterStream(EventStream):
+    """A stream on a Redis Cluster: ``partitions`` Redis streams, ``KEY{0}``, ``KEY{1}``, …,
+    whose hash tags spread them over the nodes; an event goes to partition ``user_id %
+    partitions``, so a user's events keep their order.
+
+    Offsets are strings of one :class:`RedisStream` offset per partition joined by ``|``
+    (``"1717171717171-1|0-0:3|…"``). :meth:`read` merges the partitions by entry id (the time
+    an entry was added, then the partition), and the offset it returns moves each partition past
+    what it took, so offset reads stay exactly-once. An append is one transaction per partition
+    it touches (a reader sees each partition's part whole, but may see one partition's before
+    another's). Consumer groups span every partition: :meth:`create_group` makes the group on
+    each, :meth:`read_group` takes each partition's pending entries, then new ones, round robin
+    from a rotating first partition, and waits by polling (a blocking read covers one slot
+    only). A delivery's ``entry_id`` is ``"<partition>/<entry id>"``.
+
+    The number of partitions is fixed when the stream is first opened and recorded in
+    ``KEY:partitions``; later opens read it (giving another number is an error).
+
+    A node that cannot answer makes the operation raise
+    :class:`~lifelong.core.errors.StoreUnavailable` naming it.
+
+    Args:
+        url: ``redis-cluster://host:port[,host:port...]``, no query.
+        key: the streams' key, before the partition's hash tag.
+        partitions: the number of partitions (None: the recorded one, else
+            :attr:`DEFAULT_PARTITIONS`).
+        entry_records: most events per entry.
+        connect_timeout_s: how long to wait for the nodes before giving up.
+
+    Raises:
+        ConfigError: a malformed URL, an unreachable cluster, a partition key holding
+            something other than a stream, or ``partitions`` other than the recorded number.
+
+    Example::
+
+        stream = RedisClusterStream("redis-cluster://10.0.0.5:7000,10.0.0.6:7000", key="lifelong:events")
+        offset = stream.append(events)                      # '1717171717171-1|1717171717171-1|...'
+        records, offset = stream.read(stream.start_offset(), 10_000)
+    """
+
+    FIELD = RedisStream.FIELD
+    DEFAULT_PARTITIONS = 8
+    MAX_PARTITIONS = 1024
+    POLL_S = 0.01
+    """How often :meth:`read_group` looks again while it waits for new entries."""
+
+    def __init__(self, url: str, key: str = DEFAULT_KEY, partitions: int | None = None, entry_records: int = 4096,
+                 connect_timeout_s: float = 5.0):
+        if entry_records < 1:
+            raise ConfigError(f"entry_records must be at least 1, got {entry_records}")
+        if not key:
+            raise ConfigError("the Redis stream key is empty")
+        if partitions is not None and not 1 <= partitions <= self.MAX_PARTITIONS:
+            raise ConfigError(f"partitions must be from 1 to {self.MAX_PARTITIONS}, got {partitions}")
+        self._client = connect_redis(url, connect_timeout_s, socket_timeout_s=max(connect_timeout_s, 10.0))
+        self.key = key
+        self.url = f"{url}?key={key}"
+        self.entry_records = entry_records
+        self._cursors: dict[tuple[str, str, int], str] = {}  # as RedisStream's, per partition
+        self._first = 0  # read_group's first partition, rotated per call
+        try:
+            with self._reachable():
+                count_key = f"{key}:partitions"
+                self._client.set(count_key, partitions or self.DEFAULT_PARTITIONS, nx=True)
+                self.partitions = int(self._client.get(count_key))
+                if partitions is not None and partitions != self.partitions:
+                    raise ConfigError(f"{self.url} has {self.partitions} partitions (recorded in {count_key!r}), "
+                                      f"not {partitions}")
+                self.keys = [f"{key}{{{p}}}" for p in range(self.partitions)]
+                for part_key in self.keys:
+                    kind = self._client.type(part_key).decode()
+                    if kind not in ("none", "stream"):
+                        raise ConfigError(f"Redis key {part_key!r} at {url} holds a {kind}, not a stream")
+        except BaseException:
+            self._client.close()
+            raise
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """A node that cannot answer: :class:`StoreUnavailable`, in one line naming it."""
+        try:
+            yield
+        except unreachable_errors() as exc:
+            raise cluster_unavailable(self._client, self.url, exc) from None
+
+    def _decode(self, p: int, entry_id: bytes, fields: dict[bytes, Any]) -> np.ndarray:
+        data = fields.get(self.FIELD)
+        if data is None or len(data) % EVENT_DTYPE.itemsize:
+            raise DataError(self.url, f"entry {entry_id.decode()} of partition {p} is not a batch of events (a field "
+                                      f"{self.FIELD.decode()!r} of {EVENT_DTYPE.itemsize}-byte records)")
+        return np.frombuffer(data, EVENT_DTYPE)
+
+    def _parse(self, offset: Offset) -> list[tuple[str, int]]:
+        parts = offset.split("|") if isinstance(offset, str) else []
+        if len(parts) != self.partitions:
+            raise ConfigError(f"an offset of {self.url} is {self.partitions} offsets '<ms>-<seq>[:<k>]' joined by "
+                              f"'|' (one per partition), got {offset!r}")
+        return [_parse_offset(part) for part in parts]
+
+    @staticmethod
+    def _format(positions: list[tuple[str, int]]) -> str:
+        return "|".join(f"{cursor}:{skip}" if skip else cursor for cursor, skip in positions)
+
+    def append(self, records: np.ndarray | pa.Table) -> str:
+        events = to_records(records)
+        if not len(events):
+            return self.end_offset()
+        part = events["user_id"] % self.partitions
+        ends = []
+        with self._reachable():
+            for p, key in enumerate(self.keys):
+                chunk = events[part == p]
+                if not len(chunk):
+                    ends.append(self._end(key))
+                    continue
+                pipe = self._client.pipeline(transaction=True)  # one slot: MULTI/EXEC on its node
+                for start in range(0, len(chunk), self.entry_records):
+                    pipe.xadd(key, {self.FIELD: chunk[start:start + self.entry_records].tobytes()})
+                ends.append(_next_id(pipe.execute()[-1]))
+        return "|".join(ends)
+
+    def start_offset(self) -> str:
+        return "|".join(["0-0"] * self.partitions)
+
+    def _end(self, key: str) -> str:
+        if not self._client.exists(key):
+            return "0-0"
+        return _next_id(self._client.xinfo_stream(key)["last-generated-id"])
+
+    def end_offset(self) -> str:
+        with self._reachable():
+            return "|".join(self._end(key) for key in self.keys)
+
+    def _entries(self, p: int, cursor: str, skip: int,
+                 want: int) -> Iterator[tuple[tuple[int, int], int, bytes, np.ndarray]]:
+        """Partition ``p``'s entries from ``cursor`` on, fetched about ``want`` records at a time,
+        keyed for the merge by (entry id, partition)."""
+        first = True
+        while True:
+            count = (want + skip) // self.entry_records + 1
+            with self._reachable():
+                entries = self._client.xrange(self.keys[p], min=cursor, count=count)
+            if not entries:
+                return
+            if first and skip and entries[0][0].decode() != cursor:
+                raise DataError(self.url, f"offset points inside entry {cursor} of partition {p}, which is gone")
+            first, skip = False, 0
+            for entry_id, fields in entries:
+                ms, seq = entry_id.split(b"-")
+                yield (int(ms), int(seq)), p, entry_id, self._decode(p, entry_id, fields)
+            if len(entries) < count:
+                return
+            cursor = _next_id(entries[-1][0])
+
+    def read(self, offset: Offset, max_records: int) -> tuple[np.ndarray, str]:
+        """Up to ``max_records`` events from ``offset`` on, the partitions merged by entry id,
+        and the next offset.
+
+        Raises:
+            ConfigError: a malformed offset, or ``max_records < 1``.
+            DataError: the offset points inside an entry that no longer exists, or an entry
+                is not a batch of events.
+        """
+        positions = self._parse(offset)
+        _check_max_records(max_records)
+        pieces, got = [], 0
+        merged = heapq.merge(*(self._entries(p, cursor, skip, max_records)
+                               for p, (cursor, skip) in enumerate(positions)))
+        for _, p, entry_id, records in merged:
+            skip = positions[p][1]
+            take = records[skip:skip + max_records - got]
+            pieces.append(take)
+            got += len(take)
+            if skip + len(take) < len(records):  # stopped inside this entry
+                positions[p] = (entry_id.decode(), skip + len(take))
+                break
+            positions[p] = (_next_id(entry_id), 0)
+            if got == max_records:
+                break
+        return (np.concatenate(pieces) if pieces else np.empty(0, EVENT_DTYPE)), self._format(positions)
+
+    def create_group(self, group: str, last_id: str = "0") -> bool:
+        """Create a consumer group on every partition (and the streams, if missing); False if it
+        existed on all of them already.
+
+        Args:
+            group: the group's name.
+            last_id: each partition's group delivers entries after this id: ``"0"`` everything,
+                ``"$"`` only entries appended from now on.
+        """
+        import redis  # loaded already: connect_redis imported it
+
+        created = False
+        with self._reachable():
+            for key in self.keys:
+                try:
+                    self._client.xgroup_create(key, group, id=last_id, mkstream=True)
+                    created = True
+                except redis.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+        return created
+
+    def _deliveries(self, group: str, p: int, entries: list[tuple[bytes, dict[bytes, Any]]]) -> list[Delivery]:
+        # As RedisStream's: an entry deleted while pending comes back without fields; clear it.
+        gone = [f"{p}/{entry_id.decode()}" for entry_id, fields in entries if not fields]
+        if gone:
+            self.ack(group, gone)
+        return [Delivery(f"{p}/{entry_id.decode()}", self._decode(p, entry_id, fields))
+                for entry_id, fields in entries if fields]
+
+    def _read_partition(self, group: str, consumer: str, p: int, cursor: str, max_entries: int
+                        ) -> list[tuple[bytes, dict[bytes, Any]]]:
+        import redis  # loaded already: connect_redis imported it
+
+        try:
+            reply = self._client.xreadgroup(group, consumer, {self.keys[p]: cursor}, count=max_entries)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                raise ConfigError(f"no consumer group {group!r} on {self.url}: call create_group first") from None
+            raise
+        return reply[0][1] if reply else []
+
+    def _pending(self, group: str, consumer: str, p: int, max_entries: int) -> list[Delivery]:
+        """Partition ``p``'s entries delivered to ``consumer`` and not acknowledged, from its
+        cursor on; none left moves its cursor to new entries (``">"``)."""
+        slot = (group, consumer, p)
+        while (cursor := self._cursors.get(slot, "0")) != ">":
+            entries = self._read_partition(group, consumer, p, cursor, max_entries)
+            if not entries:
+                self._cursors[slot] = ">"
+                break
+            self._cursors[slot] = entries[-1][0].decode()
+            deliveries = self._deliveries(group, p, entries)
+            if deliveries:
+                return deliveries
+        return []
+
+    def read_group(self, group: str, consumer: str, max_entries: int = 16,
+                   block_ms: int | None = None) -> list[Delivery]:
+        """Entries for ``consumer`` of ``group``: first the pending (delivered, unacknowledged)
+        entries of any partition, then new ones; see :meth:`RedisStream.read_group`.
+
+        Args:
+            block_ms: look again every :attr:`POLL_S` for up to this long while there are none
+                (None: don't wait).
+
+        Raises:
+            ConfigError: the group does not exist.
+        """
+        deadline = None if block_ms is None else time.monotonic() + block_ms / 1000
+        while True:
+            order = [(self._first + i) % self.partitions for i in range(self.partitions)]
+            self._first = (self._first + 1) % self.partitions
+            out: list[Delivery] = []
+            with self._reachable():
+                for p in order:
+                    if len(out) < max_entries:
+                        out += self._pending(group, consumer, p, max_entries - len(out))
+                if not out:  # no partition holds pending entries any more: new ones
+                    for p in order:
+                        if len(out) < max_entries:
+                            out += self._deliveries(group, p, self._read_partition(group, consumer, p, ">",
+                                                                                    max_entries - len(out)))
+            left = 0.0 if deadline is None else deadline - time.monotonic()
+            if out or left <= 0:
+                return out
+            time.sleep(min(self.POLL_S, left))
+
+    def claim_stale(self, group: str, consumer: str, min_idle_ms: int, max_entries: int = 16) -> list[Delivery]:
+        """Take over entries of every partition pending at other consumers of ``group`` for
+        ``min_idle_ms`` or more, and return them (``XAUTOCLAIM``)."""
+        out: list[Delivery] = []
+        with self._reachable():
+            for p, key in enumerate(self.keys):
+                if len(out) >= max_entries:
+                    break
+                _, entries, *_ = self._client.xautoclaim(key, group, consumer, min_idle_ms, start_id="0-0",
+                                                         count=max_entries - len(out))
+                out += self._deliveries(group, p, entries)
+        return out
+
+    def ack(self, group: str, entry_ids: list[str]) -> int:
+        """Acknowledge delivered entries (``"<partition>/<entry id>"``); returns how many were pending."""
+        by_partition: dict[int, list[str]] = {}
+        for entry in entry_ids:
+            p, _, entry_id = entry.partition("/")
+            if not p.isdigit() or int(p) >= self.partitions or not _ENTRY_OFFSET.fullmatch(entry_id):
+                raise ConfigError(f"a delivery of {self.url} is '<partition>/<ms>-<seq>', got {entry!r}")
+            by_partition.setdefault(int(p), []).append(entry_id)
+        with self._reachable():
+            return sum(int(self._client.xack(self.keys[p], group, *ids)) for p, ids in by_partition.items())
+
+    def close(self) -> None:
+        self._client.close()
+
+
 def open_stream(url: str | os.PathLike[str], **kwargs: Any) -> EventStream:
     """Open the event stream at ``url``.
 
     Args:
         url: ``redis://host:port/db`` (:class:`RedisStream`; the key comes from a ``?key=``
-            query, else :data:`DEFAULT_KEY`), ``log:///absolute/path`` or a plain path
-            (:class:`LogStream`).
+            query, else :data:`DEFAULT_KEY`), ``redis-cluster://host:port[,host:port...]``
+            (:class:`RedisClusterStream`; ``?key=`` as for Redis, ``?partitions=`` when it is
+            first made), ``log:///absolute/path`` or a plain path (:class:`LogStream`).
         kwargs: passed to the backend's constructor.
 
     Raises:
-        ConfigError: a malformed or unknown URL, or an unreachable Redis server.
+        ConfigError: a malformed or unknown URL, or an unreachable Redis server or cluster.
 
     Example::
 
         >>> open_stream("kafka://broker/events")
         Traceback (most recent call last):
         ...
-        lifelong.core.errors.ConfigError: unknown event stream URL scheme 'kafka' in 'kafka://broker/events': expected redis://host:port/db[?key=name], log:///absolute/path or a directory path
+        lifelong.core.errors.ConfigError: unknown event stream URL scheme 'kafka' in 'kafka://broker/events': expected redis://host:port/db[?key=name], log:///absolute/path or a directory path (or redis-cluster://host:port[,host:port...][?key=name&partitions=n])
     """
     target = parse_url(url, EVENT_STREAM)
+    if target.scheme == "redis" and target.cluster:
+        partitions = target.params.get("partitions")
+        if partitions is not None and not partitions.isdigit():
+            raise ConfigError(f"bad Redis Cluster event stream URL {url!r}: partitions= is a number")
+        return RedisClusterStream(target.location, key=target.params.get("key", DEFAULT_KEY),
+                                  partitions=None if partitions is None else int(partitions), **kwargs)
     if target.scheme == "redis":
         return RedisStream(target.location, key=target.params.get("key", DEFAULT_KEY), **kwargs)
     return LogStream(target.location, **kwargs)

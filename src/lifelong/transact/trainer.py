@@ -3,6 +3,13 @@
 A run directory holds ``run.json`` (configs, per-epoch losses, throughput) and ``model.pt``
 (the model's name, config and weights), plus ``checkpoint.pt`` (optimizer state and epoch) so
 an interrupted run resumes where its last epoch ended. Every file is written atomically.
+
+Data-parallel (``lifelong transact train --nproc N``, or torchrun): every rank runs :func:`train`,
+draws the same permutation and global batches of ``batch_size`` rows, reads and steps on its
+rows ``rank::N`` of each (``batch_size / N``), and DDP averages the gradients; each rank's loss
+is scaled (:func:`lifelong.core.distributed.loss_share`) so that the average is the gradient of
+the global batch's loss. Rank 0 alone writes the run; every rank resumes from its checkpoint.
+docs/scaling.md has the commands and what may differ from one process.
 """
 
 from __future__ import annotations
@@ -17,15 +24,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import lifelong
 from lifelong.core.checkpoint import save_atomic
 from lifelong.core.config import apply_overrides, apply_sets, build, merge, parse_set
+from lifelong.core.distributed import (
+    Ranks,
+    all_reduce_sum,
+    check_split,
+    fault_point,
+    loss_share,
+    process_group,
+    ranks_from_env,
+    shard,
+)
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.progress import progress
 from lifelong.data.io import write_json
 from lifelong.modules.heads import ranking_loss
-from lifelong.tables.embedding import sparse_step
+from lifelong.tables.embedding import collisionless_modules, sparse_step
 from lifelong.transact.nal import next_action_loss
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.registry import MODEL_NAMES, build_model, default_config, model_abilities
@@ -137,17 +155,55 @@ def make_model(cfg: TrainConfig, data: RankData) -> torch.nn.Module:
     return build_model(cfg.model, layout=data.layout, n_heads=len(data.heads), **cfg.model_overrides, **tokens)
 
 
+def _losses(model: torch.nn.Module, batch, row_w: torch.Tensor | None, weights: torch.Tensor, cfg: TrainConfig,
+            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ranking loss of a batch and its Next Action Loss (None when the run has none)."""
+    output = model(batch)
+    ce = ranking_loss(output.logits, batch.labels, weights, row_w)
+    if cfg.nal == "none" or output.rt_states is None:
+        return ce, None
+    return ce, next_action_loss(output.rt_states, batch, negatives=cfg.nal, loss=cfg.nal_loss, generator=gen)
+
+
+class _Losses(torch.nn.Module):
+    """:func:`_losses` as a module, the one DDP wraps. DDP hooks the gradient sync of its first
+    (static-graph) step into the tensors a forward returns, which it finds in a tuple but not
+    inside a dataclass such as ``ModelOutput``: wrapping the model itself, that first step would
+    not be averaged."""
+
+    def __init__(self, model: torch.nn.Module, weights: torch.Tensor, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.weights, self.cfg = model, weights, cfg
+
+    def forward(self, batch, row_w: torch.Tensor | None, gen: torch.Generator):
+        return _losses(self.model, batch, row_w, self.weights, self.cfg, gen)
+
+
 def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: TrainConfig,
           log=print) -> dict:
     """Train a ranker on the ``train`` rows of ``data_dir``; write the run to ``out``.
 
     Returns the run metadata (also in ``out/run.json``): losses per epoch and examples/s.
+    Started as a rank (torchrun's ``WORLD_SIZE``, ``RANK``…, or
+    :func:`lifelong.core.distributed.launch`), it trains one rank of a data-parallel run: only
+    rank 0 logs and writes.
+
+    Raises:
+        ConfigError: an invalid setting, or ``batch_size`` not a multiple of the ranks, or
+            collision-less id tables under more than one rank (their rows are not parameters that
+            DDP averages: each rank's table would learn apart).
 
     Example::
 
         meta = train("datasets/small", "runs/v2", TrainConfig(model="transact_v2"))
     """
-    out = Path(out)
+    ranks = ranks_from_env()
+    check_split(cfg.batch_size, ranks.size, "batch_size")
+    with process_group(ranks):
+        return _train(data_dir, Path(out), cfg, log if ranks.main else lambda *_: None, ranks)
+
+
+def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, ranks: Ranks) -> dict:
     data = RankData(data_dir, "train", user_emb=cfg.user_emb)
     if data.user_emb_info is not None:
         info = data.user_emb_info
@@ -163,16 +219,23 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
     if cfg.max_rows is not None and cfg.max_rows < len(rows):
         rows = np.sort(rng.choice(rows, cfg.max_rows, replace=False))
     model = make_model(cfg, data)
+    if ranks.parallel and next(collisionless_modules(model), None) is not None:
+        raise ConfigError("collision-less id tables (model.row.tables) train with their own sparse optimizers, which "
+                          "DDP does not average: train this model in one process (no --nproc)")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
     meta = {"kind": "run", "data": str(Path(data_dir).resolve()), "train": asdict(cfg), "heads": list(data.heads),
             "layout": asdict(data.layout), "rows": int(len(rows)), "epochs": [],
             "parameters": int(sum(p.numel() for p in model.parameters())), "lifelong_version": lifelong.__version__,
             "user_emb": data.user_emb_info}
+    if ranks.parallel:
+        meta["data_parallel"] = {"processes": ranks.size, "backend": "gloo",
+                                 "batch_per_process": cfg.batch_size // ranks.size}
     start_epoch = 0
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
+    if ckpt_path.exists():  # every rank loads rank 0's checkpoint, before any rank can write the next one
         ckpt = torch.load(ckpt_path, weights_only=False)
         if ckpt["train"] == asdict(cfg):
             model.load_state_dict(ckpt["model"])
@@ -181,24 +244,43 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
             rng.bit_generator.state, gen = ckpt["rng"], ckpt["gen"]
             log(f"resuming {out} after epoch {start_epoch}")
     weights = torch.tensor(cfg.head_weights)
+    # Wrapped after the checkpoint is loaded: DDP starts every rank from rank 0's parameters. Some
+    # parameters get no gradient (rt_proj feeds only the NAL): a static graph lets DDP find them in
+    # the first step and leave their gradient None, as one process does (AdamW then skips them).
+    # The buffers (index maps) are constants: not broadcast at every step.
+    ddp = DistributedDataParallel(_Losses(model, weights, cfg), static_graph=True,
+                                  forward_sync_buffers=False) if ranks.parallel else None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = rng.permutation(rows)
+        if ranks.parallel:
+            # Each rank samples in-batch negatives from its own rows: a generator per (seed, epoch,
+            # rank) makes a run resumed after any epoch draw what the uninterrupted one did.
+            seed = np.random.SeedSequence([cfg.seed, epoch, ranks.rank]).generate_state(1)[0]
+            gen = torch.Generator().manual_seed(int(seed))
         totals = {"loss": 0.0, "ce": 0.0, "nal": 0.0}
         steps = 0
         t0 = time.perf_counter()
         n_batches = (len(order) + cfg.batch_size - 1) // cfg.batch_size
+        if 0 < len(order) % cfg.batch_size < ranks.size:
+            n_batches -= 1  # a last batch of fewer rows than ranks would leave a rank without any: skipped
         with progress(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", total=n_batches) as advance:
             for b in range(n_batches):
-                idx = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                glob = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                idx = np.sort(shard(glob, ranks))
                 batch = data.batch(idx)
-                output = model(batch)
                 row_w = torch.from_numpy(np.asarray(data.arrays["weight"][idx])) if "weight" in data.arrays else None
-                ce = ranking_loss(output.logits, batch.labels, weights, row_w)
-                loss = ce
-                if cfg.nal != "none" and output.rt_states is not None:
-                    nal = next_action_loss(output.rt_states, batch, negatives=cfg.nal, loss=cfg.nal_loss, generator=gen)
-                    loss = ce + cfg.w_nal * nal
+                ce, nal = _losses(model, batch, row_w, weights, cfg, gen) if ddp is None else ddp(batch, row_w, gen)
+                if ddp is not None:
+                    row_share = loss_share(len(idx), len(glob), ranks)
+                    local = len(idx) if row_w is None else float(row_w.sum())
+                    total = len(glob) if row_w is None else float(all_reduce_sum([local], ranks)[0])
+                    ce = ce * loss_share(local, total, ranks)
+                    # The NAL is a mean over the rank's valid positions, not rows: weighted by the
+                    # rank's share of the rows, the average over ranks approximates the global one.
+                    nal = None if nal is None else nal * row_share
+                loss = ce if nal is None else ce + cfg.w_nal * nal
+                if nal is not None:
                     totals["nal"] += float(nal.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -210,19 +292,24 @@ def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: Tr
                 totals["ce"] += float(ce.detach())
                 steps += 1
                 advance(1)
+                fault_point(ranks, (epoch - start_epoch) * n_batches + steps)
         seconds = time.perf_counter() - t0
+        if ranks.parallel:  # each rank summed its scaled share: their sum over ranks is size x the global losses
+            totals = dict(zip(totals, (all_reduce_sum(list(totals.values()), ranks) / ranks.size).tolist()))
         record = {k: v / max(steps, 1) for k, v in totals.items()}
         record.update(epoch=epoch + 1, seconds=round(seconds, 2), examples_per_s=round(len(order) / seconds, 1))
         meta["epochs"].append(record)
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                      "epochs": meta["epochs"], "train": asdict(cfg), "rng": rng.bit_generator.state, "gen": gen},
-                     ckpt_path)
+        if ranks.main:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                          "epochs": meta["epochs"], "train": asdict(cfg), "rng": rng.bit_generator.state, "gen": gen},
+                         ckpt_path)
         log(f"{cfg.model} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, nal {record['nal']:.4f}), "
             f"{record['examples_per_s']:,.0f} examples/s")
     meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
-    save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
-                  "user_tokens": data.user_tokens, "state_dict": model.state_dict()}, out / "model.pt")
-    write_json(meta, out / "run.json")
+    if ranks.main:
+        save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
+                      "user_tokens": data.user_tokens, "state_dict": model.state_dict()}, out / "model.pt")
+        write_json(meta, out / "run.json")
     return meta
 
 
