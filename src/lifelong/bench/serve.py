@@ -6,6 +6,10 @@ offline evaluation scores) from ``c`` concurrent clients, each sending its next 
 as the previous one is answered. Reported per (path, concurrency): requests/s, examples/s
 (candidates scored per second), latency percentiles, non-200 answers and 5xx.
 
+With ``workers=[1, 2]`` the optimized path is served once per worker count (``lifelong serve
+--workers N``), and :func:`worker_ratios` compares each count with the first at every
+concurrency; the naive path stays one process, the baseline of :func:`ratios`.
+
 Its servers are started and stopped with :mod:`lifelong.core.processes` (shared with
 ``lifelong abtest``).
 """
@@ -26,9 +30,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from lifelong.core.errors import DataError
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.processes import free_port, start_server, stop_process
 from lifelong.data.schema import SURFACES
+from lifelong.serving.app import WORKER_HEADER
 from lifelong.transact.rank_data import RankData
 
 
@@ -78,8 +83,12 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
     With ``track_versions``, the result also holds ``versions``: per client, the ``model_version``
     of its 200 answers in the order it got them, repeats of the previous one left out (a client
     waits for each answer before sending its next request, so this is the order they were scored in).
+
+    Against ``lifelong serve --workers N``, ``by_worker`` counts the 200 answers of each worker
+    (its index, from the answers' ``x-lifelong-worker`` header): how the connections spread.
     """
     latencies: list[float] = []
+    by_worker: dict[str, int] = {}
     examples = errors = server_errors = 0
     next_body = 0
     deadline = time.perf_counter() + seconds
@@ -100,6 +109,9 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
             latencies.append(time.perf_counter() - t0)
             if status == 200:
                 examples += len(body["candidates"])
+                if (worker := r.headers.get(WORKER_HEADER)) is not None:
+                    index = worker.split(";", 1)[0]
+                    by_worker[index] = by_worker.get(index, 0) + 1
                 if track_versions:
                     version = r.json()["model_version"]
                     if not seen or seen[-1] != version:
@@ -119,44 +131,80 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
               "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "server_errors": server_errors}
     if track_versions:
         result["versions"] = versions
+    if by_worker:
+        result["by_worker"] = dict(sorted(by_worker.items(), key=lambda kv: int(kv[0])))
     return result
 
 
 def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.PathLike[str],
                     concurrency: list[int], seconds: float = 10.0, sustain_seconds: float = 60.0,
                     paths: tuple[str, ...] = ("naive", "optimized"), report: Path | None = None,
-                    warmup_s: float = 2.0) -> dict:
-    """Load steps for every path and concurrency, then a sustained run of the optimized path.
+                    warmup_s: float = 2.0, workers: tuple[int, ...] = (1,)) -> dict:
+    """Load steps for every path, worker count and concurrency, then a sustained run of the optimized path.
+
+    ``workers`` are the worker counts (``lifelong serve --workers``) the optimized path is served
+    with, one server after the other; the naive path runs one process. The sustained run uses
+    the first count. Every step names its ``workers``.
 
     Returns ``{"steps": [...], "sustained": {...} | None, "requests": n, "mean_candidates": m,
-    "ratios": ratios(steps)}``, also written as JSON to ``report`` when given.
+    "ratios": ratios(steps), "worker_ratios": worker_ratios(steps)}``, also written as JSON to
+    ``report`` when given.
+
+    Raises:
+        ConfigError: a worker count below 1, or counts other than ``1`` without the optimized path.
     """
+    if not workers or min(workers) < 1:
+        raise ConfigError(f"--workers: worker counts of at least 1, got {','.join(map(str, workers))}")
+    if list(workers) != [1] and "optimized" not in paths:
+        raise ConfigError("--workers compares worker counts of the optimized path: add it to --paths")
     bodies = eval_requests(data_dir)
     steps, sustained = [], None
     for path in paths:
-        port = free_port()
-        # A throughput benchmark measures the model, not the load shedder: the queue bound and the
-        # deadline are lifted far above what the closed loop of clients can queue.
-        log = Path(tempfile.gettempdir()) / f"lifelong-bench-serve-{path}-{port}.log"  # a pipe nobody reads fills up
-        proc = start_server(port, ["--run", str(run), "--store", store, "--path", path,
-                                   "--max-queue-examples", "10000000", "--max-latency-ms", "600000"], log=log)
-        url = f"http://127.0.0.1:{port}/rank"
-        try:
-            asyncio.run(closed_loop(url, bodies, max(concurrency), warmup_s))
-            for c in concurrency:
-                steps.append({"path": path, **asyncio.run(closed_loop(url, bodies, c, seconds))})
-                print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
-            if path == "optimized" and sustain_seconds > 0:
-                best = max((s for s in steps if s["path"] == path), key=lambda s: s["examples_per_s"])
-                sustained = {"path": path, **asyncio.run(closed_loop(url, bodies, best["concurrency"], sustain_seconds))}
-                sustained["metrics_5xx"] = _scraped_5xx(f"http://127.0.0.1:{port}/metrics")
-        finally:
-            stop_process(proc)
+        for n in workers if path == "optimized" else (1,):
+            port = free_port()
+            # A throughput benchmark measures the model, not the load shedder: the queue bound and the
+            # deadline are lifted far above what the closed loop of clients can queue.
+            log = Path(tempfile.gettempdir()) / f"lifelong-bench-serve-{path}-{port}.log"  # a pipe nobody reads fills up
+            proc = start_server(port, ["--run", str(run), "--store", store, "--path", path, "--workers", str(n),
+                                       "--max-queue-examples", "10000000", "--max-latency-ms", "600000"], log=log)
+            base = f"http://127.0.0.1:{port}"
+            try:
+                _wait_for_workers(base, n)
+                asyncio.run(closed_loop(f"{base}/rank", bodies, max(concurrency), warmup_s))
+                for c in concurrency:
+                    steps.append({"path": path, "workers": n, **asyncio.run(closed_loop(f"{base}/rank", bodies, c, seconds))})
+                    print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
+                if path == "optimized" and n == workers[0] and sustain_seconds > 0:
+                    best = max((s for s in steps if s["path"] == path), key=lambda s: s["examples_per_s"])
+                    sustained = {"path": path, "workers": n,
+                                 **asyncio.run(closed_loop(f"{base}/rank", bodies, best["concurrency"], sustain_seconds))}
+                    # With several workers a scrape reads one of them: the figure is that worker's.
+                    sustained["metrics_5xx"] = _scraped_5xx(f"{base}/metrics")
+            finally:
+                stop_process(proc)
     result = {"steps": steps, "sustained": sustained, "requests": len(bodies),
-              "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies])), "ratios": ratios(steps)}
+              "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies])), "ratios": ratios(steps),
+              "worker_ratios": worker_ratios(steps)}
     if report is not None:
         Path(report).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _wait_for_workers(base: str, n: int, timeout_s: float = 120.0) -> None:
+    """Wait until every one of ``n`` workers has answered ``/healthz``: :func:`start_server`
+    returns at the first answer, which one worker that finished loading its model can give.
+    Each check opens a new connection, which the kernel hashes to any listening worker."""
+    if n == 1:
+        return
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"lifelong serve --workers {n}: only workers {sorted(seen)} answered within {timeout_s:.0f} s")
+        try:
+            seen.add(httpx.get(f"{base}/healthz", timeout=1.0).json()["worker"])
+        except httpx.HTTPError:
+            time.sleep(0.2)
 
 
 def _scraped_5xx(url: str) -> int:
@@ -169,7 +217,8 @@ def ratios(steps: list[dict]) -> dict:
     """Optimized over naive, the figures :func:`render` prints: ``best`` compares each path's
     best-throughput step, ``by_concurrency`` the two paths at each client count both ran.
     ``throughput`` is examples/s optimized over naive, ``p99`` the p99 latency optimized over
-    naive; ``{}`` unless both paths ran.
+    naive; ``{}`` unless both paths ran. The optimized path's steps are those of its fewest
+    workers (one, unless ``--workers`` left it out); :func:`worker_ratios` compares the others.
 
     Example::
 
@@ -177,6 +226,8 @@ def ratios(steps: list[dict]) -> dict:
         >>> ratios([{"path": "naive", **step}, {"path": "optimized", **step, "examples_per_s": 300.0}])["best"]["throughput"]
         3.0
     """
+    base = min((s.get("workers", 1) for s in steps if s["path"] == "optimized"), default=1)
+    steps = [s for s in steps if s.get("workers", 1) == (base if s["path"] == "optimized" else 1)]
     best = {p: max((s for s in steps if s["path"] == p), key=lambda s: s["examples_per_s"], default=None)
             for p in ("naive", "optimized")}
     if best["naive"] is None or best["optimized"] is None:
@@ -195,14 +246,50 @@ def ratios(steps: list[dict]) -> dict:
                                if p == "naive" and ("optimized", c) in by]}
 
 
+def worker_ratios(steps: list[dict]) -> dict:
+    """The optimized path with more workers over its fewest, the figures :func:`render` prints.
+
+    ``baseline_workers`` is the fewest; ``by_concurrency`` has, for every other count and every
+    client count both ran, ``throughput`` (examples/s, more workers over the baseline) and
+    ``p99`` (p99 latency, the same way); ``best`` compares each count's best-throughput step
+    with the baseline's. ``{}`` unless the optimized path ran with two worker counts or more.
+
+    Example::
+
+        >>> step = {"path": "optimized", "concurrency": 4, "examples_per_s": 100.0, "p99_ms": 50.0}
+        >>> worker_ratios([{**step, "workers": 1}, {**step, "workers": 2, "examples_per_s": 180.0}])["by_concurrency"][0]["throughput"]
+        1.8
+    """
+    opt = [s for s in steps if s["path"] == "optimized"]
+    counts = sorted({s.get("workers", 1) for s in opt})
+    if len(counts) < 2:
+        return {}
+    base = counts[0]
+
+    def compare(w: dict, b: dict) -> dict:
+        return {"workers": w["workers"], "concurrency": w["concurrency"], "baseline_concurrency": b["concurrency"],
+                "examples_per_s": w["examples_per_s"], "baseline_examples_per_s": b["examples_per_s"],
+                "p99_ms": w["p99_ms"], "baseline_p99_ms": b["p99_ms"],
+                "throughput": w["examples_per_s"] / max(b["examples_per_s"], 1e-9), "p99": w["p99_ms"] / max(b["p99_ms"], 1e-9)}
+
+    by = {(s["workers"], s["concurrency"]): s for s in opt}
+    best = {n: max((s for s in opt if s["workers"] == n), key=lambda s: s["examples_per_s"]) for n in counts}
+    return {"baseline_workers": base,
+            "by_concurrency": [compare(s, by[(base, c)]) for (n, c), s in by.items() if n != base and (base, c) in by],
+            "best": [compare(best[n], best[base]) for n in counts[1:]]}
+
+
 def render(result: dict) -> str:
     """Markdown tables: every step, the optimized/naive ratios (:func:`ratios`), the sustained run."""
+    several = any(s.get("workers", 1) != 1 for s in result["steps"])  # a workers column only when it varies
     lines = [f"{result['requests']:,} replayed requests, {result['mean_candidates']:.1f} candidates each on average", "",
-             "| path | clients | req/s | examples/s | p50 ms | p90 ms | p99 ms | errors | 5xx |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| path |{' workers |' if several else ''} clients | req/s | examples/s | p50 ms | p90 ms | p99 ms | errors | 5xx |",
+             f"|---|{'---|' if several else ''}---|---|---|---|---|---|---|---|"]
     for s in result["steps"]:
-        lines.append(f"| {s['path']} | {s['concurrency']} | {s['requests_per_s']:,.1f} | {s['examples_per_s']:,.0f} | "
-                     f"{s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']} | {s['server_errors']} |")
+        workers = f" {s.get('workers', 1)} |" if several else ""
+        lines.append(f"| {s['path']} |{workers} {s['concurrency']} | {s['requests_per_s']:,.1f} | "
+                     f"{s['examples_per_s']:,.0f} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
+                     f"{s['errors']} | {s['server_errors']} |")
     r = ratios(result["steps"])
     if r:
         b = r["best"]
@@ -212,9 +299,21 @@ def render(result: dict) -> str:
                       f"{b['throughput']:.1f}x"]
         lines += [f"at {c['naive_concurrency']} clients: {c['throughput']:.1f}x throughput, p99 "
                   f"{c['optimized_p99_ms']:.1f} vs {c['naive_p99_ms']:.1f} ms" for c in r["by_concurrency"]]
+    w = worker_ratios(result["steps"])
+    if w:
+        lines.append("")
+        lines += [f"{c['workers']} workers over {w['baseline_workers']} at {c['concurrency']} clients: "
+                  f"{c['throughput']:.2f}x throughput, p99 {c['p99_ms']:.1f} vs {c['baseline_p99_ms']:.1f} ms"
+                  for c in w["by_concurrency"]]
+        lines += [f"best of {c['workers']} workers ({c['concurrency']} clients) over best of {w['baseline_workers']} "
+                  f"({c['baseline_concurrency']} clients): {c['throughput']:.2f}x throughput, p99 {c['p99_ms']:.1f} vs "
+                  f"{c['baseline_p99_ms']:.1f} ms" for c in w["best"]]
     s = result.get("sustained")
     if s:
-        lines += ["", f"sustained {s['seconds']:.0f} s at {s['concurrency']} clients (optimized): {s['requests']:,} requests, "
+        n = s.get("workers", 1)
+        served = "optimized" if n == 1 else f"optimized, {n} workers"
+        in_metrics = "in /metrics" if n == 1 else "in the /metrics of the worker scraped"
+        lines += ["", f"sustained {s['seconds']:.0f} s at {s['concurrency']} clients ({served}): {s['requests']:,} requests, "
                       f"{s['examples_per_s']:,.0f} examples/s, p50/p90/p99 {s['p50_ms']:.1f}/{s['p90_ms']:.1f}/{s['p99_ms']:.1f} ms, "
-                      f"{s['errors']} errors, {s['server_errors']} 5xx seen by clients, {s['metrics_5xx']} 5xx in /metrics"]
+                      f"{s['errors']} errors, {s['server_errors']} 5xx seen by clients, {s['metrics_5xx']} 5xx {in_metrics}"]
     return "\n".join(lines)

@@ -189,9 +189,11 @@ def serve(
     accept_sync: Annotated[bool, typer.Option("--accept-sync", help=(
         "Take parameter pushes of `lifelong monolith online --model-run RUN --serve URL` (POST /admin/sync), applied "
         "in place between batches; always on for a run with collision-less id tables."))] = False,
+    workers: Annotated[int, typer.Option("--workers", help=(
+        "Serving processes behind the one port, each with its own copy of the model, sharing the store; "
+        "1: this process serves (docs/serving.md, Serving replicas)."))] = 1,
 ) -> None:
     """Serve a trained ranker over HTTP: POST /rank, GET /healthz, /readyz, /metrics, /docs."""
-    from lifelong.cli.service import bind_port, build_online_service, build_service, run_server
     from lifelong.core.errors import ConfigError
 
     limits = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_candidates=max_candidates,
@@ -203,6 +205,27 @@ def serve(
         raise ConfigError("serve needs --run RUN and --store URL (or --online --data WORLD)")
     if online and user_emb is not None:
         raise ConfigError("--user-emb serves a run trained with one: not with --online")
+    if workers < 1:
+        raise ConfigError(f"--workers is the number of serving processes: at least 1, got {workers}")
+    if workers > 1 and (online or accept_sync):
+        # Fanning a push out to every worker is not implemented: refused rather than served stale.
+        raise ConfigError(f"{'--online' if online else '--accept-sync'} takes parameter pushes (POST /admin/sync), "
+                          f"and a push reaches only the one worker of --workers {workers} that accepts it: "
+                          "serve it with --workers 1")
+    if workers > 1:
+        from lifelong.cli.service import bind_replicas, serve_replicas
+
+        socks = bind_replicas(host, port, workers)  # a busy port is one line and exit 2, before any model loads
+
+        def ready(version: str, pids: list[int]) -> None:
+            err.print(f"serving {version} ({path} path) on http://{host}:{port} with {workers} workers "
+                      f"(pids {', '.join(map(str, pids))})  (OpenAPI: /docs, /openapi.json)")
+
+        serve_replicas(socks, dict(run=str(run), store=store, path=path, backend=backend, user_emb=user_emb, **limits),
+                       on_ready=ready)
+        return
+    from lifelong.cli.service import bind_port, build_online_service, build_service, run_server
+
     sock = bind_port(host, port)  # a busy port is one line and exit 2, before the model loads
     try:
         if online:
@@ -245,13 +268,17 @@ def bench_serve(
     seconds: Annotated[float, typer.Option(help="Duration of each load step.")] = 10.0,
     sustain: Annotated[float, typer.Option(help="Duration of the final run at the best concurrency (0: skip).")] = 60.0,
     paths: Annotated[str, typer.Option(help="Comma-separated serving paths to compare.")] = "naive,optimized",
+    workers: Annotated[str, typer.Option("--workers", help=(
+        "Comma-separated worker counts (lifelong serve --workers) to serve the optimized path with, one after the "
+        "other: 1,2 compares one process with two replicas at every concurrency."))] = "1",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here (ratios included).")] = None,
 ) -> None:
     """Closed-loop HTTP load against real servers of each path: examples/s, p50/p90/p99, errors."""
     from lifelong.bench.serve import render, run_serve_bench
 
     results = run_serve_bench(run, store, data, concurrency=[int(c) for c in concurrency.split(",")],
-                              seconds=seconds, sustain_seconds=sustain, paths=paths.split(","), report=json_out)
+                              seconds=seconds, sustain_seconds=sustain, paths=paths.split(","), report=json_out,
+                              workers=tuple(int(w) for w in workers.split(",")))
     out.print(render(results))
 
 

@@ -26,12 +26,19 @@ A ranker that takes parameter pushes (a
 what was applied, 409 when the delta does not follow the held version, 422 for a malformed
 body; ``/rank`` answers 503 until the first full snapshot has arrived, and every response
 names the version that scored it.
+
+**Replicas.** Under ``lifelong serve --workers N`` each of the N processes builds its own app
+with its ``worker`` index: every answer then carries ``x-lifelong-worker: <index>; pid=<pid>``,
+and ``/metrics`` a ``lifelong_worker_info`` line, so a client or a scrape through the shared
+port can tell which process answered. ``/healthz`` and ``/readyz`` always name ``worker``
+(null for a single process) and ``pid``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -59,6 +66,8 @@ SurfaceName = Annotated[str, Field(json_schema_extra={"enum": list(SURFACES)})]
 RETRY_AFTER_S = 1
 CLIENT_GONE = 499  # nginx's "client closed request": recorded in /metrics, never read by anyone
 _ARRIVAL, _CAUSE = "lifelong.arrival", "lifelong.cause"  # keys this app adds to the ASGI scope
+WORKER_HEADER = "x-lifelong-worker"
+"""The header naming the replica that answered (``<index>; pid=<pid>``), under ``lifelong serve --workers N``."""
 
 
 class RankBody(BaseModel):
@@ -123,6 +132,9 @@ class Health(BaseModel):
     user_emb_version: int | None = Field(default=None, description=(
         "the DV365 export version the last batch read (null: the model reads none)"))
     path: str
+    worker: int | None = Field(default=None, description=(
+        "the serving process that answered, 0..N-1 under `lifelong serve --workers N` (null: a single process)"))
+    pid: int | None = Field(default=None, description="the answering process's id")
 
 
 _RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
@@ -136,6 +148,25 @@ def _error(status: int, field: str, message: str, type_: str, **extra) -> JSONRe
 def _refuse(status: int, cause: str, detail: str, retry: bool = False, **extra) -> JSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
     return JSONResponse(status_code=status, content={"detail": detail, "cause": cause, **extra}, headers=headers)
+
+
+class _WorkerHeader:
+    """ASGI middleware naming the replica in every answer's headers (see :data:`WORKER_HEADER`)."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (WORKER_HEADER.encode(), value.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
 
 
 class _RankGuard:
@@ -219,7 +250,7 @@ class _RankGuard:
 def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = BatchingConfig(),
                max_candidates: int = 1000, metrics: ServiceMetrics | None = None, max_latency_ms: float = 1000.0,
                body_timeout_s: float = 5.0, max_body_bytes: int | None = None,
-               readiness_timeout_s: float = 2.0) -> FastAPI:
+               readiness_timeout_s: float = 2.0, worker: int | None = None) -> FastAPI:
     """The FastAPI application serving ``ranker``.
 
     Args:
@@ -235,6 +266,9 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
         body_timeout_s: longest the whole body of a ``/rank`` request may take to arrive (408).
         max_body_bytes: largest ``/rank`` body (413); default: enough for ``max_candidates`` ids.
         readiness_timeout_s: a ``readiness()`` that takes longer counts as not ready.
+        worker: this process's index among the replicas of ``lifelong serve --workers N``: named
+            in every answer's :data:`WORKER_HEADER`, in ``/healthz`` and ``/readyz``, and in
+            ``/metrics``; None for a service that is one process.
 
     Example::
 
@@ -274,6 +308,13 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
     online = isinstance(ranker, SyncedRanker)
     app.state.metrics, app.state.ranker, app.state.batcher = metrics, ranker, batcher
     app.add_middleware(_RankGuard, metrics=metrics, body_timeout_s=body_timeout_s, max_body_bytes=max_body_bytes)
+    pid = os.getpid()
+    worker_info = ""
+    if worker is not None:
+        # Added last, so outermost: even the guard's own 408/413 answers name the replica.
+        app.add_middleware(_WorkerHeader, value=f"{worker}; pid={pid}")
+        worker_info = ("# HELP lifelong_worker_info The replica of `lifelong serve --workers N` these figures are of.\n"
+                       f'# TYPE lifelong_worker_info gauge\nlifelong_worker_info{{worker="{worker}",pid="{pid}"}} 1\n')
 
     def model_version() -> str | None:
         return ranker.version if online else version
@@ -374,7 +415,7 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
     async def healthz() -> Health:
         """Liveness: 200 while the process runs and its event loop answers (readiness: /readyz)."""
         return Health(status="ok", model_version=model_version(), store_version=store_version(),
-                      user_emb_version=user_emb_version(), path=ranker.path)
+                      user_emb_version=user_emb_version(), path=ranker.path, worker=worker, pid=pid)
 
     async def ready_now() -> tuple[bool, str]:
         probe = getattr(ranker, "readiness", None)
@@ -397,7 +438,8 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
             ok, reason = False, "the batching loop is not running"
         metrics.ready = ok
         health = Health(status="ready" if ok else "not ready", ready=ok, reason=reason, model_version=model_version(),
-                        store_version=store_version(), user_emb_version=user_emb_version(), path=ranker.path)
+                        store_version=store_version(), user_emb_version=user_emb_version(), path=ranker.path,
+                        worker=worker, pid=pid)
         if ok:
             return health
         return JSONResponse(status_code=503, content=health.model_dump(), headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -420,7 +462,7 @@ def create_app(ranker: ServedRanker, version: str, batching: BatchingConfig = Ba
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
-        return metrics.render()
+        return metrics.render() + worker_info
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema with the request's bounds exact: FastAPI writes them as floats
