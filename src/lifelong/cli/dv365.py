@@ -114,8 +114,13 @@ def export(
     keep: Annotated[int, typer.Option(help="Versions kept after the switch (the new one included).")] = 2,
     active_days: Annotated[int, typer.Option(help="A user is active with an event in the last N days.")] = 30,
     batch_users: Annotated[int, typer.Option(help="Users embedded and written per batch.")] = 4096,
+    engine: Annotated[str, typer.Option(help="local (this process) | ray (one Ray task per batch of users; the "
+                                             "`distributed` extra). Both write the same records.")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="With --engine ray: the cluster, HOST:PORT "
+                                                         "[default: a local Ray].")] = None,
 ) -> None:
     """Embed every active user with the run's tower, 4-bit quantize, write a new version and switch to it."""
+    from lifelong.core.engines import open_engine
     from lifelong.data.protocol import DAY_MS
     from lifelong.dv365.export import ExportConfig, default_as_of_ms, export_embeddings
     from lifelong.dv365.tower import load_tower
@@ -131,7 +136,8 @@ def export(
         as_of_ms = split_window_ms(rows, split)[0]
     as_of = default_as_of_ms(world) if as_of_ms is None else as_of_ms
     cfg = ExportConfig(batch_users=batch_users, keep=keep, active_window_ms=active_days * DAY_MS)
-    s = export_embeddings(load_tower(run), world, store, as_of, cfg, run=str(run.resolve()))
+    with open_engine(engine, ray_address) as shard_map:  # before the store is written: a bad cluster writes nothing
+        s = export_embeddings(load_tower(run), world, store, as_of, cfg, run=str(run.resolve()), shard_map=shard_map)
     as_of_utc = datetime.fromtimestamp(s.as_of_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
     out.print(f"[green]exported[/green] version {s.version} to {s.url} (as of {as_of_utc}) in {s.seconds:.1f} s: {s.users:,} users x "
               f"({s.rows}, {s.dim}), {s.bytes_per_user:,} bytes a user vs {4 * s.rows * s.dim:,} in fp32: "

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow.dataset as pads
 
+from lifelong.core.engines import ShardMap, map_local
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.quantization import (
     quantize_4bit,
@@ -198,7 +199,8 @@ def _put_json(lock: WriterLock, key: bytes, obj: dict[str, Any]) -> None:
 def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
                       store: str | os.PathLike[str] | FeatureStore, as_of_ms: int,
                       config: ExportConfig = ExportConfig(), user_ids: np.ndarray | None = None,
-                      run: str | None = None, on_batch: Callable[[int], None] | None = None) -> ExportSummary:
+                      run: str | None = None, on_batch: Callable[[int], None] | None = None,
+                      shard_map: ShardMap = map_local) -> ExportSummary:
     """Embed users with ``tower``, write them as a new version of ``store`` and switch to it.
 
     Args:
@@ -210,6 +212,9 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
         user_ids: the users to export; default: :func:`active_users` at ``as_of_ms``.
         run: provenance recorded in the pointer (e.g. the tower's run directory).
         on_batch: called with the number of users written so far after each batch.
+        shard_map: the engine that embeds the batches (:mod:`lifelong.core.engines`): here, or one
+            Ray task per batch (the tower and ``world_dir`` must then reach the workers). Batches
+            are written here, in order, either way.
 
     Returns:
         :class:`ExportSummary`, with the compression ratio against fp32.
@@ -232,9 +237,9 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
         shape: tuple[int, int] | None = None
         written = 0
         # No bar of its own: the tower shows one per batch (rich allows one live display at a time).
-        for lo in range(0, users.size, config.batch_users):
-            batch = users[lo:lo + config.batch_users]
-            emb = np.asarray(tower.embed_users(world_dir, batch, int(as_of_ms), config.gap_ms))
+        batches = [users[lo:lo + config.batch_users] for lo in range(0, users.size, config.batch_users)]
+        embedded = shard_map(_embed_batch, (tower, world_dir, int(as_of_ms), config.gap_ms), [(b,) for b in batches])
+        for lo, batch, emb in zip(range(0, users.size, config.batch_users), batches, embedded):
             shape = _check_embeddings(emb, batch.size, shape, world_dir)
             records = to_words_4bit(quantize_4bit(emb)).reshape(batch.size, -1).tobytes()
             step = len(records) // batch.size
@@ -251,6 +256,12 @@ def export_embeddings(tower: EmbeddingTower, world_dir: str | os.PathLike[str],
         url = opened.url
     return ExportSummary(url, version, int(users.size), rows, dim, int(as_of_ms), written, deleted,
                          round(time.perf_counter() - start, 3))
+
+
+def _embed_batch(tower: EmbeddingTower, world_dir: str | os.PathLike[str], as_of_ms: int, gap_ms: int | None,
+                 batch: np.ndarray) -> np.ndarray:
+    """One shard of an export: the tower's embeddings of a batch of users (checked and written by the caller)."""
+    return np.asarray(tower.embed_users(world_dir, batch, as_of_ms, gap_ms))
 
 
 def _check_embeddings(emb: np.ndarray, n_users: int, shape: tuple[int, int] | None,

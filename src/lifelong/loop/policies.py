@@ -48,6 +48,8 @@ BUILTIN = (RANDOM, ORACLE)
 SERVED = (RUN, ONLINE)
 """Arms this test serves itself from a run directory (and each gets its own store copy)."""
 ONLINE_PREFIX = "online:"
+HTTP_TIMEOUT_S = 30.0
+"""How long an arm's client waits for a ``/rank`` answer (and the deadline its services get)."""
 SPEC_HELP = ("a run directory (lifelong transact train; served with `lifelong serve` on a free port), "
              "online:RUN (the same, trained online from the arm's stream while the test runs), "
              "http://host:port of a running service, random or oracle")
@@ -177,7 +179,7 @@ class HttpPolicy:
         dead_after: consecutive connection failures after which a service is taken for dead.
     """
 
-    def __init__(self, url: str, workers: int = 8, timeout_s: float = 30.0, proc: subprocess.Popen | None = None,
+    def __init__(self, url: str, workers: int = 8, timeout_s: float = HTTP_TIMEOUT_S, proc: subprocess.Popen | None = None,
                  dead_after: int = 20):
         self.url, self.proc, self.dead_after = url, proc, dead_after
         self.client = httpx.Client(base_url=url, timeout=timeout_s,
@@ -261,8 +263,12 @@ def start_service(run: str, store: str, log: Path, timeout_s: float = 180.0,
         ConfigError: the service exited or did not become ready (naming why: e.g. an empty store).
     """
     port = free_port()
+    # The test measures what a ranker does to users, not how fast this machine serves: the
+    # deadline and the load shedder are lifted to the client's own timeout, so a slow shared
+    # machine never turns into failed requests (504/503) that the users would see as empty feeds.
+    limits = ["--max-latency-ms", str(int(HTTP_TIMEOUT_S * 1000)), "--max-queue-examples", "10000000"]
     try:
-        proc = start_server(port, ["--run", run, "--store", store, *extra], timeout_s=timeout_s, log=log)
+        proc = start_server(port, ["--run", run, "--store", store, *limits, *extra], timeout_s=timeout_s, log=log)
     except RuntimeError as exc:
         last = " ".join(str(exc).split())[-400:]
         raise ConfigError(f"could not serve {run} with --store {store}: {last}") from None

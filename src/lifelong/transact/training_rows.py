@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import lifelong
+from lifelong.core.engines import ShardMap, map_local, open_engine
 from lifelong.core.errors import ConfigError
 from lifelong.core.progress import progress
 from lifelong.core.quantization import dequantize_int8, quantize_int8
@@ -180,10 +181,46 @@ class SelectedTokens:
     nal_negatives: np.ndarray
 
 
+def _select_chunk(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, req_user: np.ndarray,
+                  req_ts: np.ndarray, local_req: np.ndarray, row_item: np.ndarray,
+                  cfg: BuildConfig) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The tokens of one chunk of requests (a shard): a pure function of its arguments, so that
+    either engine runs it and the merged rows do not depend on where it ran.
+
+    Returns ``(nn, rt, nal_negatives)`` as in :class:`SelectedTokens`, for the chunk's rows
+    (``local_req`` is each row's request within the chunk) and requests.
+    """
+    layout = cfg.layout
+    tl_cfg = TimelineConfig(ll_cap=cfg.ll_cap, rt_cap=layout.rt, imp_cap=max(cfg.imp_cap, cfg.nal_negatives))
+    tl = build_timelines(index, req_user, req_ts, tl_cfg)
+    rt, imp = tl.rt, tl.imp  # S_RT is capped at r: it is S_RT[:r]
+    imp_nn_seq = Jagged.from_ranges(imp.values, imp.offsets[:-1] + np.maximum(0, imp.lengths() - cfg.imp_cap),
+                                    np.minimum(imp.lengths(), cfg.imp_cap))
+    # The chunk's segments in one token table; S_all's blocks cut from it as serving cuts them
+    # (lifelong.transact.sequence_layout), S_RT[:r] once per request.
+    table, segments = _segment_table({"ll": tl.ll, "rt": rt, "imp": imp_nn_seq})
+    tokens = emb[torch.from_numpy(item_idx[table])]
+    cand = emb[torch.from_numpy(np.asarray(row_item, dtype=np.int64))]
+    cand_key = torch.from_numpy(np.asarray(local_req, dtype=np.int64))
+    nn = {}
+    for name in NN_BLOCKS:
+        starts, lengths = segments[BLOCK_SOURCES[name]]
+        picked = nn_block_index(layout, name, starts, lengths, cand_key, cand,
+                                functools.partial(nn_topk_segments, tokens))
+        nn[name] = _event_rows(table, picked)
+    rt_rows = _event_rows(table, rt_block_index(layout, *segments["rt"]))
+    # A user's event rows rise with time: sorting descending puts the newest first, padding last.
+    neg_rows = np.sort(_left_aligned(imp, cfg.nal_negatives, take_newest=True), axis=1)[:, ::-1]
+    return nn, rt_rows, neg_rows
+
+
 def select_tokens(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, req_user: np.ndarray,
                   req_ts: np.ndarray, row_req: np.ndarray, row_item: np.ndarray, cfg: BuildConfig,
-                  label: str = "rows") -> SelectedTokens:
+                  label: str = "rows", shard_map: ShardMap = map_local) -> SelectedTokens:
     """The S_all tokens of rows (request, candidate), from the full sequences before each request.
+
+    Requests are cut into chunks of ``cfg.request_chunk`` (consecutive requests, so users in
+    order); each chunk is a shard that ``shard_map`` runs, and the shards are merged in order.
 
     Args:
         index: the events' :class:`EventIndex`.
@@ -194,48 +231,36 @@ def select_tokens(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, re
         row_item: candidate item index of each row.
         cfg: block sizes and caps.
         label: progress-bar label.
+        shard_map: the engine, :func:`~lifelong.core.engines.map_local` or :func:`~lifelong.core.engines.map_ray`.
     """
     layout = cfg.layout
-    cand = emb[torch.from_numpy(np.asarray(row_item, dtype=np.int64))]
-    tl_cfg = TimelineConfig(ll_cap=cfg.ll_cap, rt_cap=layout.rt, imp_cap=max(cfg.imp_cap, cfg.nal_negatives))
     n_rows, n_req = row_req.size, req_user.size
     req_first = np.searchsorted(row_req, np.arange(n_req + 1))
     nn_rows = {b: np.full((n_rows, getattr(layout, b)), -1, dtype=np.int64) for b in ("ll_nn", "rt_nn", "imp_nn")}
     rt_rows = np.full((n_req, layout.rt), -1, dtype=np.int64)
     neg_rows = np.full((n_req, cfg.nal_negatives), -1, dtype=np.int64)
+    bounds = [(a, min(a + cfg.request_chunk, n_req)) for a in range(0, n_req, cfg.request_chunk)]
+    shards = [(req_user[a:b], req_ts[a:b], row_req[req_first[a]:req_first[b]] - a,
+               row_item[req_first[a]:req_first[b]], cfg) for a, b in bounds]
+    results = shard_map(_select_chunk, (index, emb, item_idx), shards)
     with progress(f"NN feature logging ({label})", total=n_req) as advance:
-        for a in range(0, n_req, cfg.request_chunk):
-            b = min(a + cfg.request_chunk, n_req)
-            tl = build_timelines(index, req_user[a:b], req_ts[a:b], tl_cfg)
+        for (a, b), (nn, rt, neg) in zip(bounds, results):
             r0, r1 = req_first[a], req_first[b]
-            local_req = row_req[r0:r1] - a
-            rt, imp = tl.rt, tl.imp  # S_RT is capped at r: it is S_RT[:r]
-            imp_nn_seq = Jagged.from_ranges(imp.values, imp.offsets[:-1] + np.maximum(0, imp.lengths() - cfg.imp_cap),
-                                            np.minimum(imp.lengths(), cfg.imp_cap))
-            # The chunk's segments in one token table; S_all's blocks cut from it as serving cuts them
-            # (lifelong.transact.sequence_layout), S_RT[:r] once per request.
-            table, segments = _segment_table({"ll": tl.ll, "rt": rt, "imp": imp_nn_seq})
-            tokens = emb[torch.from_numpy(item_idx[table])]
-            cand_key = torch.from_numpy(np.asarray(local_req, dtype=np.int64))
-            for name in NN_BLOCKS:
-                starts, lengths = segments[BLOCK_SOURCES[name]]
-                picked = nn_block_index(layout, name, starts, lengths, cand_key, cand[r0:r1],
-                                        functools.partial(nn_topk_segments, tokens))
-                nn_rows[name][r0:r1] = _event_rows(table, picked)
-            rt_rows[a:b] = _event_rows(table, rt_block_index(layout, *segments["rt"]))
-            # A user's event rows rise with time: sorting descending puts the newest first, padding last.
-            neg_rows[a:b] = np.sort(_left_aligned(imp, cfg.nal_negatives, take_newest=True), axis=1)[:, ::-1]
+            for name, picked in nn.items():
+                nn_rows[name][r0:r1] = picked
+            rt_rows[a:b] = rt
+            neg_rows[a:b] = neg
             advance(b - a)
     return SelectedTokens(nn_rows, rt_rows, neg_rows)
 
 
 def build_split(ds: Dataset, items: ItemTable, cols: dict[str, np.ndarray], index: EventIndex,
                 lo: int, hi: int, shown: np.ndarray, cfg: BuildConfig, label: str,
-                negative_rate: float = 1.0) -> SplitRows:
+                negative_rate: float = 1.0, shard_map: ShardMap = map_local) -> SplitRows:
     """Rows for shown events with ``lo <= ts < hi``, requests de-duplicated.
 
     Rows without any head's label are kept with probability ``negative_rate`` and weighted
-    ``1 / negative_rate``.
+    ``1 / negative_rate``. ``shard_map`` is the engine that selects the tokens (:func:`select_tokens`).
     """
     row_ev = np.flatnonzero(shown & (cols["ts_ms"] >= lo) & (cols["ts_ms"] < hi))
     any_label = (cols["action_mask"][row_ev] & sum(HEAD_BITS.values())) != 0
@@ -250,7 +275,7 @@ def build_split(ds: Dataset, items: ItemTable, cols: dict[str, np.ndarray], inde
     row_req = np.cumsum(new_req) - 1
     req_user, req_ts = user[req_first], cols["ts_ms"][row_ev][req_first]
     tokens = select_tokens(index, items.normalized(), cols["item_idx"], req_user, req_ts, row_req,
-                           cols["item_idx"][row_ev], cfg, label)
+                           cols["item_idx"][row_ev], cfg, label, shard_map)
     nn_rows, rt_rows, neg_rows = tokens.nn, tokens.rt, tokens.nal_negatives
     n_rows, n_req = row_ev.size, req_first.size
     arrays: dict[str, np.ndarray] = {
@@ -295,13 +320,17 @@ def _oracle_probs(ds: Dataset, cols: dict[str, np.ndarray], row_ev: np.ndarray, 
     return np.where(found[:, None], probs, np.nan).astype(np.float32)
 
 
-def build_rows(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: BuildConfig = BuildConfig()) -> dict:
+def build_rows(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: BuildConfig = BuildConfig(),
+               engine: str = "local", ray_address: str | None = None) -> dict:
     """Build ``train/`` and ``eval/`` rows of a dataset directory into ``out`` (atomically).
 
     Args:
         data: a world or an ingested dataset directory.
         out: the rows directory to create.
         cfg: sizes and caps.
+        engine: ``local`` (this process) or ``ray`` (one Ray task per chunk of requests); both
+            write the same rows.
+        ray_address: with ``ray``, the cluster to connect to [default: a local Ray].
 
     Returns:
         The metadata written to ``out/build.json`` (counts, rows/s, protocol, layout).
@@ -313,6 +342,14 @@ def build_rows(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: B
     """
     start = time.perf_counter()
     ds = load_dataset(data)
+    # Opened before the output directory exists: an unreachable cluster leaves nothing behind.
+    with open_engine(engine, ray_address) as shard_map:
+        return _build_rows(ds, data, out, cfg, shard_map, start)
+
+
+def _build_rows(ds: Dataset, data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: BuildConfig,
+                shard_map: ShardMap, start: float) -> dict:
+    """:func:`build_rows` once the dataset is loaded and the engine chosen."""
     items = ItemTable.from_dataset(ds)
     ev = ds.events
     cols = {name: ev.column(name).to_numpy() for name in ("user_id", "ts_ms", "surface", "action_mask", "request_id")}
@@ -338,7 +375,7 @@ def build_rows(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: B
                                 ("eval", (protocol.eval_start_ms, protocol.eval_end_ms))):
             t0 = time.perf_counter()
             rows = build_split(ds, items, cols, index, lo, hi, shown, cfg, split,
-                               cfg.train_negative_rate if split == "train" else 1.0)
+                               cfg.train_negative_rate if split == "train" else 1.0, shard_map)
             seconds = time.perf_counter() - t0
             (tmp / split).mkdir()
             for name, arr in rows.arrays.items():
