@@ -67,7 +67,7 @@ def tiny_dataset(tmp_path):
 # -- a private redis-server (one per pytest-xdist worker) for the Redis backends -------------------
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
+def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
     try:
@@ -101,7 +101,7 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         port = free_port()
         proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                                  "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if _wait_ready(proc, port, timeout_s=10.0):
+        if wait_ready(proc, port, timeout_s=10.0):
             break
         proc.terminate()
         proc.wait()

@@ -24,6 +24,7 @@ from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.serving import Ranker
 from lifelong.transact.trainer import TrainConfig, load_model, train
 from lifelong.transact.training_rows import BuildConfig, build_rows
+from tests.conftest import wait_ready
 
 LAYOUT = SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4)
 N_USERS = 30
@@ -216,7 +217,7 @@ def start_redis_cluster(root: Path, nodes: int = 3, node_timeout_ms: int = 2000,
         cluster = LocalCluster(root, [free_port() for _ in range(nodes)], node_timeout_ms)
         for i in range(nodes):
             cluster.start_node(i)
-        if all(_answers_ping(cluster, i, 10.0) for i in range(nodes)):
+        if all(wait_ready(cluster.procs[i], cluster.ports[i], 10.0) for i in range(nodes)):
             break
         cluster.stop()
     else:
@@ -230,22 +231,6 @@ def start_redis_cluster(root: Path, nodes: int = 3, node_timeout_ms: int = 2000,
         cluster.stop()
         raise
     return cluster
-
-
-def _answers_ping(cluster: LocalCluster, i: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    client = cluster.client(i)
-    try:
-        while time.monotonic() < deadline:
-            if cluster.procs[i].poll() is not None:  # it exited: another process took the port first
-                return False
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        return False
-    finally:
-        client.close()
 
 
 def poll_until(predicate, timeout_s: float, pause_s: float = 0.1) -> bool:

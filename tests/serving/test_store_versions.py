@@ -30,7 +30,7 @@ from lifelong.store.feature_store import (
 from lifelong.store.lmdb_store import LOCK_FILE
 from lifelong.transact.serving import Ranker
 from lifelong.transact.trainer import load_model
-from tests.conftest import _wait_ready
+from tests.conftest import wait_ready
 from tests.serving.store_support import N_USERS, make_fixture
 
 
@@ -310,7 +310,7 @@ def test_ranker_reports_an_unreachable_redis_and_recovers(fx, tmp_path):
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _wait_ready(proc, port, 10.0)
+        assert wait_ready(proc, port, 10.0)
         url = f"redis://127.0.0.1:{port}/0"
         load_store(fx.a, url, progress=False)
         net, _ = load_model(fx.run)
@@ -323,7 +323,7 @@ def test_ranker_reports_an_unreachable_redis_and_recovers(fx, tmp_path):
             ok, reason = ranker.readiness()
             assert not ok and "cannot reach Redis" in reason
             proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            assert _wait_ready(proc, port, 10.0)
+            assert wait_ready(proc, port, 10.0)
             # A restarted server without persistence is empty: unavailable until loaded again.
             with pytest.raises(StoreUnavailable, match="no version loaded"):
                 ranker.rank([fx.request(1)])
