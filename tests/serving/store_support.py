@@ -5,7 +5,9 @@ Cluster tests, a throwaway cluster of local redis-server processes."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import numpy as np
 import redis
 import torch
 
-from lifelong.core.processes import free_port, stop_process
+from lifelong.core.processes import stop_process
 from lifelong.data.world import load_config, simulate_to
 from lifelong.serving.ranking import RankRequest
 from lifelong.store.feature_store import load_store, open_store
@@ -205,6 +207,25 @@ class LocalCluster:
             stop_process(proc)
 
 
+def cluster_port() -> int:
+    """A port for a cluster node: free together with its cluster bus port (port + 10000) a moment ago.
+
+    An ephemeral port from the kernel is no good: Linux hands out 32768-60999, and a node on a
+    port above 55535 refuses to start because its bus port would pass 65535. So pick from below
+    the ephemeral range, where ``port + 10000`` is still a valid port.
+    """
+    for _ in range(100):
+        port = random.randrange(12000, 22000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair (port, port + 10000) in 12000-32000 after 100 tries")
+
+
 def start_redis_cluster(root: Path, nodes: int = 3, node_timeout_ms: int = 2000,
                         timeout_s: float = 30.0) -> LocalCluster:
     """Start ``nodes`` cluster-mode redis-servers on free ports, join them with ``redis-cli
@@ -214,7 +235,7 @@ def start_redis_cluster(root: Path, nodes: int = 3, node_timeout_ms: int = 2000,
     (another test process) makes a node exit: then every node is stopped and new ports are tried.
     """
     for _ in range(3):
-        cluster = LocalCluster(root, [free_port() for _ in range(nodes)], node_timeout_ms)
+        cluster = LocalCluster(root, [cluster_port() for _ in range(nodes)], node_timeout_ms)
         for i in range(nodes):
             cluster.start_node(i)
         if all(wait_ready(cluster.procs[i], cluster.ports[i], 10.0) for i in range(nodes)):
