@@ -15,6 +15,7 @@ import pytest
 from lifelong.core.atomic import clean_stale_temps, pid_alive
 from lifelong.core.errors import DataError
 from lifelong.data.io import (
+    NpyWriter,
     iter_parquet_batches,
     open_dataset,
     parquet_writer,
@@ -143,3 +144,20 @@ def test_build_removes_temporaries_of_a_killed_build(world, tmp_path):
     assert alive.is_dir()
     assert (tmp_path / "rows" / "build.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "rows"])
+
+
+def test_npy_writer_writes_what_np_save_writes_and_refuses_what_does_not_fit(tmp_path):
+    a = np.arange(7 * 5, dtype=np.int32).reshape(7, 5)
+    with NpyWriter(tmp_path / "a.npy", np.int32, a.shape) as w:
+        for block in (a[:3], a[3:3], a[3:]):
+            w.write(block)
+    np.save(tmp_path / "b.npy", a)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    with NpyWriter(tmp_path / "c.npy", np.int32, a.shape) as w:
+        with pytest.raises(ValueError, match="does not fit"):
+            w.write(a[:2].astype(np.int64))
+        with pytest.raises(ValueError, match="more than 7 rows"):
+            w.write(np.concatenate([a, a]))
+        w.write(a)
+    with pytest.raises(ValueError, match="3 of 7 rows written"), NpyWriter(tmp_path / "d.npy", np.int32, a.shape) as w:
+        w.write(a[:3])

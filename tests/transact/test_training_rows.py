@@ -16,7 +16,7 @@ from lifelong.ops.nn_select import nn_topk
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.registry import build_model
 from lifelong.transact.sequence_layout import SequenceLayout
-from lifelong.transact.training_rows import BuildConfig, ItemTable, build_rows, select_tokens
+from lifelong.transact.training_rows import BuildConfig, ItemTable, _chunk_bounds, build_rows, select_tokens
 
 LAYOUT = SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4)
 
@@ -89,6 +89,33 @@ def test_no_token_at_or_after_its_request_time(world):
     assert ((mask[tok.nal_negatives] == int(Action.IMPRESSION)) | (tok.nal_negatives < 0)).all()
     # Caps hold.
     assert ll.shape[1] == LAYOUT.ll_nn and tok.rt.shape[1] == LAYOUT.rt
+
+
+def test_chunks_bounded_by_tokens_select_the_same_tokens(world):
+    """Cutting requests by sequence tokens (what bounds the build's memory on long histories)
+    changes the chunks, never the selected tokens."""
+    ds = load_dataset(world)
+    ev = ds.events
+    user, ts = ev.column("user_id").to_numpy(), ev.column("ts_ms").to_numpy()
+    mask, req = ev.column("action_mask").to_numpy(), ev.column("request_id").to_numpy()
+    items = ItemTable.from_dataset(ds)
+    item_idx = items.index_of(ev.column("item_id").to_numpy())
+    rows = np.flatnonzero(ts >= ts.max() - 5 * 86_400_000)
+    new = np.r_[True, (user[rows][1:] != user[rows][:-1]) | (req[rows][1:] != req[rows][:-1])]
+    row_req, first = np.cumsum(new) - 1, rows[new]
+    index = EventIndex(user, ts, mask)
+    by_requests = BuildConfig(layout=LAYOUT, ll_cap=50, imp_cap=10, nal_negatives=5)
+    by_tokens = BuildConfig(layout=LAYOUT, ll_cap=50, imp_cap=10, nal_negatives=5, chunk_tokens=200)
+    bounds = _chunk_bounds(index, user[first], ts[first], by_tokens)
+    assert len(bounds) > 3 and bounds[0][0] == 0 and bounds[-1][1] == first.size
+    assert all(b0 == a1 for (_, b0), (a1, _) in zip(bounds[:-1], bounds[1:]))
+    assert len(_chunk_bounds(index, user[first], ts[first], by_requests)) == 1
+    picked = [select_tokens(index, items.normalized(), item_idx, user[first], ts[first], row_req, item_idx[rows], cfg)
+              for cfg in (by_requests, by_tokens)]
+    for name in picked[0].nn:
+        assert np.array_equal(picked[0].nn[name], picked[1].nn[name]), name
+    assert np.array_equal(picked[0].rt, picked[1].rt)
+    assert np.array_equal(picked[0].nal_negatives, picked[1].nal_negatives)
 
 
 def test_rows_directory_layout(rows_dir):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -95,6 +96,50 @@ def parquet_writer(path: str | os.PathLike[str], schema: pa.Schema, **options: A
     It writes ``path`` in place: open it inside :func:`atomic_output_dir`.
     """
     return pq.ParquetWriter(path, schema, **{**PARQUET_WRITE_OPTIONS, **options})
+
+
+class NpyWriter:
+    """An ``.npy`` file of a known shape written block by block along its first axis, in order.
+
+    For arrays larger than memory: each block goes to the file as it comes (plain writes, not a
+    memory map, whose written pages would stay mapped and count as the process's memory). The
+    file is what ``np.save`` of the whole array writes. Write it inside :func:`atomic_output_dir`;
+    :meth:`close` checks that every row came.
+
+    Example::
+
+        with NpyWriter(path, np.int32, (4, 2)) as w:
+            w.write(np.zeros((3, 2), np.int32))
+            w.write(np.ones((1, 2), np.int32))
+    """
+
+    def __init__(self, path: str | os.PathLike[str], dtype: Any, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape, self.rows = Path(path), np.dtype(dtype), tuple(shape), 0
+        self._file = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self._file, header)
+
+    def write(self, block: np.ndarray) -> None:
+        if block.dtype != self.dtype or block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path.name}: a block of {block.dtype} {block.shape} does not fit {self.dtype} {self.shape}")
+        if self.rows + block.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path.name}: more than {self.shape[0]} rows written")
+        self._file.write(np.ascontiguousarray(block).tobytes())
+        self.rows += block.shape[0]
+
+    def close(self) -> None:
+        self._file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.rows} of {self.shape[0]} rows written")
+
+    def __enter__(self) -> NpyWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the atomic output directory is discarded: do not mask the error with a row count
+            self._file.close()
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -16,13 +16,16 @@ the int8 item table and are dequantized when a batch is assembled (:mod:`rank_da
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 import lifelong
@@ -30,10 +33,11 @@ from lifelong.core.engines import ShardMap, map_local, open_engine
 from lifelong.core.errors import ConfigError
 from lifelong.core.progress import progress
 from lifelong.core.quantization import dequantize_int8, quantize_int8
-from lifelong.data.io import Dataset, atomic_output_dir, load_dataset, write_json
+from lifelong.data.io import Dataset, NpyWriter, atomic_output_dir, iter_parquet_batches, load_dataset, write_json
 from lifelong.data.protocol import Protocol
 from lifelong.data.schema import EMBED_DIM, HEAD_BITS, HEADS, POSITIVE_BITS, Action
 from lifelong.data.timelines import EventIndex, Jagged, TimelineConfig, build_timelines
+from lifelong.data.validate import validate_table
 from lifelong.ops.nn_select import l2_normalize, nn_topk_segments
 from lifelong.transact.sequence_layout import (
     BLOCK_SOURCES,
@@ -54,7 +58,13 @@ class BuildConfig:
         ll_cap: most tokens of S_LL searched by NN(S_LL, c) (paper: O(10^4)).
         imp_cap: most tokens of S_imp searched by NN(S_imp, c).
         nal_negatives: impression negatives logged per request for the NAL (newest first).
-        request_chunk: requests whose sequences are materialised at once (bounds memory).
+        request_chunk: most requests whose sequences are materialised at once (a chunk: one
+            task of the Ray engine).
+        chunk_tokens: most sequence tokens (S_LL + S_RT + S_imp, after the caps) a chunk
+            materialises: a chunk closes at whichever limit comes first. Its token embeddings are
+            ``chunk_tokens x 32`` float32 (512 MiB at the default), so users with 10^4-long
+            histories get chunks of ~400 requests instead of 4,096, and peak memory no longer grows
+            with history length.
         train_negative_rate: share of training rows without any positive label that is kept
             (seeded); kept ones get weight ``1 / rate`` so the loss, hence calibration and NE,
             stays unbiased. 1.0 keeps every row.
@@ -74,6 +84,7 @@ class BuildConfig:
     imp_cap: int = 100
     nal_negatives: int = 32
     request_chunk: int = 4096
+    chunk_tokens: int = 1 << 22
     train_negative_rate: float = 1.0
     seed: int = 0
     protocol_days: tuple[float, float, float] | None = None
@@ -81,8 +92,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.train_negative_rate <= 1.0:
             raise ConfigError(f"train_negative_rate must be in (0, 1], got {self.train_negative_rate}")
-        if min(self.ll_cap, self.imp_cap, self.nal_negatives, self.request_chunk) < 1:
-            raise ConfigError("ll_cap, imp_cap, nal_negatives and request_chunk must be >= 1")
+        if min(self.ll_cap, self.imp_cap, self.nal_negatives, self.request_chunk, self.chunk_tokens) < 1:
+            raise ConfigError("ll_cap, imp_cap, nal_negatives, request_chunk and chunk_tokens must be >= 1")
 
 
 @dataclass
@@ -110,30 +121,26 @@ class ItemTable:
         return l2_normalize(dequantize_int8(torch.from_numpy(self.emb_int8)))
 
 
-@dataclass
-class SplitRows:
-    """Rows of one split as numpy arrays (the on-disk layout, one ``.npy`` per entry)."""
-
-    arrays: dict[str, np.ndarray]
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.arrays["user_id"].size)
-
-    @property
-    def n_requests(self) -> int:
-        return int(self.arrays["req_id"].size)
+#: A token's fields as stored: ``{block}_{field}.npy`` of rows, ``rt_{field}.npy`` of requests.
+TOKEN_DTYPES = {"item": np.int32, "action": np.uint16, "surface": np.int8}
 
 
 def _gather_tokens(event_rows: np.ndarray, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Token fields for event rows, -1 rows becoming padding (item -1, action 0, surface 0)."""
     valid = event_rows >= 0
     safe = np.where(valid, event_rows, 0)
-    return {
-        "item": np.where(valid, cols["item_idx"][safe], -1).astype(np.int32),
-        "action": np.where(valid, cols["action_mask"][safe], 0).astype(np.uint16),
-        "surface": np.where(valid, cols["surface"][safe], 0).astype(np.int8),
-    }
+    source = {"item": "item_idx", "action": "action_mask", "surface": "surface"}
+    pad = {"item": -1, "action": 0, "surface": 0}
+    return {f: np.where(valid, cols[source[f]][safe], pad[f]).astype(dtype) for f, dtype in TOKEN_DTYPES.items()}
+
+
+def _nal_positives(rt_tok: dict[str, np.ndarray]) -> np.ndarray:
+    """NAL targets per request: position t of the RT block predicts the token at t + 1 when that
+    is a positive action (-1 otherwise)."""
+    n_req = rt_tok["item"].shape[0]
+    next_item = np.concatenate([rt_tok["item"][:, 1:], np.full((n_req, 1), -1, np.int32)], axis=1)
+    next_pos = np.concatenate([(rt_tok["action"][:, 1:] & POSITIVE_BITS) != 0, np.zeros((n_req, 1), bool)], axis=1)
+    return np.where(next_pos & (next_item >= 0), next_item, -1).astype(np.int32)
 
 
 def _left_aligned(j: Jagged, width: int, take_newest: bool) -> np.ndarray:
@@ -181,6 +188,10 @@ class SelectedTokens:
     nal_negatives: np.ndarray
 
 
+def _timeline_config(cfg: BuildConfig) -> TimelineConfig:
+    return TimelineConfig(ll_cap=cfg.ll_cap, rt_cap=cfg.layout.rt, imp_cap=max(cfg.imp_cap, cfg.nal_negatives))
+
+
 def _select_chunk(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, req_user: np.ndarray,
                   req_ts: np.ndarray, local_req: np.ndarray, row_item: np.ndarray,
                   cfg: BuildConfig) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -191,8 +202,7 @@ def _select_chunk(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, re
     (``local_req`` is each row's request within the chunk) and requests.
     """
     layout = cfg.layout
-    tl_cfg = TimelineConfig(ll_cap=cfg.ll_cap, rt_cap=layout.rt, imp_cap=max(cfg.imp_cap, cfg.nal_negatives))
-    tl = build_timelines(index, req_user, req_ts, tl_cfg)
+    tl = build_timelines(index, req_user, req_ts, _timeline_config(cfg))
     rt, imp = tl.rt, tl.imp  # S_RT is capped at r: it is S_RT[:r]
     imp_nn_seq = Jagged.from_ranges(imp.values, imp.offsets[:-1] + np.maximum(0, imp.lengths() - cfg.imp_cap),
                                     np.minimum(imp.lengths(), cfg.imp_cap))
@@ -214,13 +224,44 @@ def _select_chunk(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, re
     return nn, rt_rows, neg_rows
 
 
+def _chunk_bounds(index: EventIndex, req_user: np.ndarray, req_ts: np.ndarray, cfg: BuildConfig) -> list[tuple[int, int]]:
+    """Consecutive request ranges ``[a, b)``, each at most ``cfg.request_chunk`` requests and
+    ``cfg.chunk_tokens`` sequence tokens (a request longer than that alone is one chunk)."""
+    ranges = build_timelines(index, req_user, req_ts, _timeline_config(cfg)).ranges
+    tokens = sum(end - start for start, end in ranges.values())
+    cum = np.r_[0, np.cumsum(tokens)]
+    bounds, a, n_req = [], 0, req_user.size
+    while a < n_req:
+        by_tokens = int(np.searchsorted(cum, cum[a] + cfg.chunk_tokens, side="right")) - 1
+        b = min(a + cfg.request_chunk, max(by_tokens, a + 1), n_req)
+        bounds.append((a, b))
+        a = b
+    return bounds
+
+
+def _selected_chunks(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, req_user: np.ndarray,
+                     req_ts: np.ndarray, row_req: np.ndarray, row_item: np.ndarray, cfg: BuildConfig,
+                     shard_map: ShardMap) -> Iterator[tuple[tuple[int, int], tuple[int, int], tuple]]:
+    """Each chunk's ``((a, b), (r0, r1), (nn, rt, nal_negatives))`` in order: its requests
+    ``[a, b)``, its rows ``[r0, r1)`` and :func:`_select_chunk`'s result (engine ``shard_map``)."""
+    n_req = req_user.size
+    req_first = np.searchsorted(row_req, np.arange(n_req + 1))
+    bounds = _chunk_bounds(index, req_user, req_ts, cfg)
+    shards = [(req_user[a:b], req_ts[a:b], row_req[req_first[a]:req_first[b]] - a,
+               row_item[req_first[a]:req_first[b]], cfg) for a, b in bounds]
+    for (a, b), result in zip(bounds, shard_map(_select_chunk, (index, emb, item_idx), shards)):
+        yield (a, b), (int(req_first[a]), int(req_first[b])), result
+
+
 def select_tokens(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, req_user: np.ndarray,
                   req_ts: np.ndarray, row_req: np.ndarray, row_item: np.ndarray, cfg: BuildConfig,
                   label: str = "rows", shard_map: ShardMap = map_local) -> SelectedTokens:
     """The S_all tokens of rows (request, candidate), from the full sequences before each request.
 
-    Requests are cut into chunks of ``cfg.request_chunk`` (consecutive requests, so users in
-    order); each chunk is a shard that ``shard_map`` runs, and the shards are merged in order.
+    Requests are cut into chunks of at most ``cfg.request_chunk`` requests and ``cfg.chunk_tokens``
+    sequence tokens (consecutive requests, so users in order); each chunk is a shard that
+    ``shard_map`` runs, and the shards are merged in order. The build itself streams the chunks
+    to disk instead (:func:`build_split`); this holds every row's tokens in memory.
 
     Args:
         index: the events' :class:`EventIndex`.
@@ -235,17 +276,12 @@ def select_tokens(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, re
     """
     layout = cfg.layout
     n_rows, n_req = row_req.size, req_user.size
-    req_first = np.searchsorted(row_req, np.arange(n_req + 1))
-    nn_rows = {b: np.full((n_rows, getattr(layout, b)), -1, dtype=np.int64) for b in ("ll_nn", "rt_nn", "imp_nn")}
+    nn_rows = {b: np.full((n_rows, getattr(layout, b)), -1, dtype=np.int64) for b in NN_BLOCKS}
     rt_rows = np.full((n_req, layout.rt), -1, dtype=np.int64)
     neg_rows = np.full((n_req, cfg.nal_negatives), -1, dtype=np.int64)
-    bounds = [(a, min(a + cfg.request_chunk, n_req)) for a in range(0, n_req, cfg.request_chunk)]
-    shards = [(req_user[a:b], req_ts[a:b], row_req[req_first[a]:req_first[b]] - a,
-               row_item[req_first[a]:req_first[b]], cfg) for a, b in bounds]
-    results = shard_map(_select_chunk, (index, emb, item_idx), shards)
     with progress(f"NN feature logging ({label})", total=n_req) as advance:
-        for (a, b), (nn, rt, neg) in zip(bounds, results):
-            r0, r1 = req_first[a], req_first[b]
+        for (a, b), (r0, r1), (nn, rt, neg) in _selected_chunks(index, emb, item_idx, req_user, req_ts, row_req,
+                                                                row_item, cfg, shard_map):
             for name, picked in nn.items():
                 nn_rows[name][r0:r1] = picked
             rt_rows[a:b] = rt
@@ -254,13 +290,17 @@ def select_tokens(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, re
     return SelectedTokens(nn_rows, rt_rows, neg_rows)
 
 
-def build_split(ds: Dataset, items: ItemTable, cols: dict[str, np.ndarray], index: EventIndex,
-                lo: int, hi: int, shown: np.ndarray, cfg: BuildConfig, label: str,
-                negative_rate: float = 1.0, shard_map: ShardMap = map_local) -> SplitRows:
-    """Rows for shown events with ``lo <= ts < hi``, requests de-duplicated.
+def build_split(oracle: Path | None, items: ItemTable, cols: dict[str, np.ndarray], index: EventIndex,
+                lo: int, hi: int, shown: np.ndarray, cfg: BuildConfig, label: str, out: Path,
+                negative_rate: float = 1.0, shard_map: ShardMap = map_local) -> dict:
+    """Write the rows of shown events with ``lo <= ts < hi`` into ``out`` (one ``.npy`` per
+    array), requests de-duplicated; their counts and label rates.
 
     Rows without any head's label are kept with probability ``negative_rate`` and weighted
-    ``1 / negative_rate``. ``shard_map`` is the engine that selects the tokens (:func:`select_tokens`).
+    ``1 / negative_rate``. ``oracle`` is the world's ``oracle.parquet`` (None for real data).
+    ``shard_map`` is the engine that selects the tokens. The token arrays
+    (most of the bytes: ~1 KB a row) go to disk chunk by chunk as they are selected, so memory
+    holds one chunk's tokens, not the split's.
     """
     row_ev = np.flatnonzero(shown & (cols["ts_ms"] >= lo) & (cols["ts_ms"] < hi))
     any_label = (cols["action_mask"][row_ev] & sum(HEAD_BITS.values())) != 0
@@ -274,10 +314,10 @@ def build_split(ds: Dataset, items: ItemTable, cols: dict[str, np.ndarray], inde
     req_first = np.flatnonzero(new_req)
     row_req = np.cumsum(new_req) - 1
     req_user, req_ts = user[req_first], cols["ts_ms"][row_ev][req_first]
-    tokens = select_tokens(index, items.normalized(), cols["item_idx"], req_user, req_ts, row_req,
-                           cols["item_idx"][row_ev], cfg, label, shard_map)
-    nn_rows, rt_rows, neg_rows = tokens.nn, tokens.rt, tokens.nal_negatives
     n_rows, n_req = row_ev.size, req_first.size
+    layout = cfg.layout
+    labels = (np.stack([(cols["action_mask"][row_ev] & HEAD_BITS[h]) != 0 for h in HEADS], axis=1).astype(np.uint8)
+              if n_rows else np.zeros((0, len(HEADS)), np.uint8))
     arrays: dict[str, np.ndarray] = {
         "user_id": user.astype(np.int64),
         "item": cols["item_idx"][row_ev].astype(np.int32),
@@ -285,39 +325,61 @@ def build_split(ds: Dataset, items: ItemTable, cols: dict[str, np.ndarray], inde
         "request": row_req.astype(np.int32),
         "ts_ms": cols["ts_ms"][row_ev],
         "weight": weight,
-        "labels": np.stack([(cols["action_mask"][row_ev] & HEAD_BITS[h]) != 0 for h in HEADS], axis=1).astype(np.uint8)
-        if n_rows else np.zeros((0, len(HEADS)), np.uint8),
+        "labels": labels,
         "req_id": req[req_first] if n_rows else np.zeros(0, np.int64),
         "req_user": req_user,
         "req_ts": req_ts,
     }
-    for name, rows in nn_rows.items():
-        for f, v in _gather_tokens(rows, cols).items():
-            arrays[f"{name}_{f}"] = v
-    rt_tok = _gather_tokens(rt_rows, cols)
-    for f, v in rt_tok.items():
-        arrays[f"rt_{f}"] = v
-    # NAL: position t of the RT block predicts the token at t + 1 when that is a positive action.
-    next_item = np.concatenate([rt_tok["item"][:, 1:], np.full((n_req, 1), -1, np.int32)], axis=1)
-    next_pos = np.concatenate([(rt_tok["action"][:, 1:] & POSITIVE_BITS) != 0, np.zeros((n_req, 1), bool)], axis=1)
-    arrays["nal_pos_item"] = np.where(next_pos & (next_item >= 0), next_item, -1).astype(np.int32)
-    arrays["nal_neg_item"] = _gather_tokens(neg_rows, cols)["item"]
-    if ds.oracle is not None:
-        arrays["oracle"] = _oracle_probs(ds, cols, row_ev, items)
-    return SplitRows(arrays)
+    if oracle is not None:
+        arrays["oracle"] = _oracle_probs(oracle, cols, row_ev, items, lo, hi)
+    for name, arr in arrays.items():
+        np.save(out / f"{name}.npy", arr)
+    del arrays
+    shapes = {**{f"{b}_{f}": (n_rows, getattr(layout, b)) for b in NN_BLOCKS for f in TOKEN_DTYPES},
+              **{f"rt_{f}": (n_req, layout.rt) for f in TOKEN_DTYPES},
+              "nal_pos_item": (n_req, layout.rt), "nal_neg_item": (n_req, cfg.nal_negatives)}
+    dtypes = {name: TOKEN_DTYPES[name.rsplit("_", 1)[1]] for name in shapes}
+    with contextlib.ExitStack() as stack:
+        sink = {name: stack.enter_context(NpyWriter(out / f"{name}.npy", dtypes[name], shape))
+                for name, shape in shapes.items()}
+        with progress(f"NN feature logging ({label})", total=n_req) as advance:
+            for (a, b), _, (nn, rt, neg) in _selected_chunks(index, items.normalized(), cols["item_idx"], req_user,
+                                                             req_ts, row_req, cols["item_idx"][row_ev], cfg, shard_map):
+                for block, picked in nn.items():
+                    for f, v in _gather_tokens(picked, cols).items():
+                        sink[f"{block}_{f}"].write(v)
+                rt_tok = _gather_tokens(rt, cols)
+                for f, v in rt_tok.items():
+                    sink[f"rt_{f}"].write(v)
+                sink["nal_pos_item"].write(_nal_positives(rt_tok))
+                sink["nal_neg_item"].write(_gather_tokens(neg, cols)["item"])
+                advance(b - a)
+    return {"rows": n_rows, "requests": n_req,
+            "label_rates": dict(zip(HEADS, labels.mean(axis=0).round(4).tolist())) if n_rows else {}}
 
 
-def _oracle_probs(ds: Dataset, cols: dict[str, np.ndarray], row_ev: np.ndarray, items: ItemTable) -> np.ndarray:
-    """True head probabilities of each row, joined on (request id, item)."""
-    o = ds.oracle
-    n_items = np.int64(items.item_id.size)
-    okey = o.column("request_id").to_numpy() * n_items + items.index_of(o.column("item_id").to_numpy())
-    rkey = cols["request_id"][row_ev] * n_items + cols["item_idx"][row_ev]
+def _oracle_probs(path: Path, cols: dict[str, np.ndarray], row_ev: np.ndarray, items: ItemTable,
+                  lo: int, hi: int) -> np.ndarray:
+    """True head probabilities of each row, joined on (request id, item).
+
+    The oracle file is streamed and only its rows with ``lo <= ts < hi`` (the split's window)
+    are kept: one row per impression, it is as long as the events table.
+    """
+    names = ["request_id", "item_id", "ts_ms", *(f"p_{h}" for h in HEADS)]
+    keys, probs = [], []
+    for batch in iter_parquet_batches(path, names, batch_size=1 << 20):
+        table = validate_table(pa.Table.from_batches([batch]), "oracle", path, columns=names)
+        ts = table.column("ts_ms").to_numpy()
+        keep = np.flatnonzero((ts >= lo) & (ts < hi))
+        keys.append(table.column("request_id").to_numpy()[keep] * np.int64(items.item_id.size)
+                    + items.index_of(table.column("item_id").to_numpy()[keep]))
+        probs.append(np.stack([table.column(f"p_{h}").to_numpy()[keep] for h in HEADS], axis=1).astype(np.float32))
+    okey, probs = np.concatenate(keys), np.concatenate(probs)
+    rkey = cols["request_id"][row_ev] * np.int64(items.item_id.size) + cols["item_idx"][row_ev]
     order = np.argsort(okey, kind="stable")
-    pos = np.minimum(np.searchsorted(okey[order], rkey), okey.size - 1)
-    found = okey[order][pos] == rkey
-    probs = np.stack([o.column(f"p_{h}").to_numpy() for h in HEADS], axis=1)[order][pos]
-    return np.where(found[:, None], probs, np.nan).astype(np.float32)
+    pos = order[np.minimum(np.searchsorted(okey[order], rkey), okey.size - 1)] if okey.size else np.zeros(rkey.size, int)
+    found = okey[pos] == rkey if okey.size else np.zeros(rkey.size, bool)
+    return np.where(found[:, None], probs[pos] if okey.size else np.nan, np.nan).astype(np.float32)
 
 
 def build_rows(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: BuildConfig = BuildConfig(),
@@ -341,30 +403,42 @@ def build_rows(data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: B
         print(meta["splits"]["train"]["rows"])
     """
     start = time.perf_counter()
-    ds = load_dataset(data)
+    ds = load_dataset(data, with_oracle=False)
+    items = ItemTable.from_dataset(ds)
+    cols = _event_columns(ds.events, items)
+    meta, oracle = ds.meta, Path(data) / "oracle.parquet"
+    # The build reads the events through ``cols`` only: dropping the Arrow tables keeps one copy
+    # of the events in memory, not two (the full `bench` world's events are 1.7 GB a copy).
+    del ds
+    pa.default_memory_pool().release_unused()
     # Opened before the output directory exists: an unreachable cluster leaves nothing behind.
     with open_engine(engine, ray_address) as shard_map:
-        return _build_rows(ds, data, out, cfg, shard_map, start)
+        return _build_rows(meta, items, cols, oracle if oracle.exists() else None, data, out, cfg, shard_map, start)
 
 
-def _build_rows(ds: Dataset, data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: BuildConfig,
+def _event_columns(events: pa.Table, items: ItemTable) -> dict[str, np.ndarray]:
+    """The events' columns the build reads, as numpy, and each event's item index."""
+    cols = {name: events.column(name).to_numpy() for name in ("user_id", "ts_ms", "surface", "action_mask", "request_id")}
+    cols["item_idx"] = items.index_of(events.column("item_id").to_numpy())
+    return cols
+
+
+def _build_rows(source_meta: dict, items: ItemTable, cols: dict[str, np.ndarray], oracle: Path | None,
+                data: str | os.PathLike[str], out: str | os.PathLike[str], cfg: BuildConfig,
                 shard_map: ShardMap, start: float) -> dict:
-    """:func:`build_rows` once the dataset is loaded and the engine chosen."""
-    items = ItemTable.from_dataset(ds)
-    ev = ds.events
-    cols = {name: ev.column(name).to_numpy() for name in ("user_id", "ts_ms", "surface", "action_mask", "request_id")}
-    protocol = Protocol.from_meta(ds.meta)
-    if cfg.protocol_days is not None and ev.num_rows:
+    """:func:`build_rows` once the dataset is read and the engine chosen."""
+    n_events = cols["ts_ms"].size
+    protocol = Protocol.from_meta(source_meta)
+    if cfg.protocol_days is not None and n_events:
         protocol = Protocol.fit(int(cols["ts_ms"].min()), int(cols["ts_ms"].max()) + 1, *cfg.protocol_days)
-    cols["item_idx"] = items.index_of(ev.column("item_id").to_numpy())
     index = EventIndex(cols["user_id"], cols["ts_ms"], cols["action_mask"])
     has_impressions = bool(np.any(cols["action_mask"] & int(Action.IMPRESSION)))
     # Without impressions (MovieLens) every event is a shown item with its label.
-    shown = (cols["action_mask"] & int(Action.IMPRESSION)) != 0 if has_impressions else np.ones(ev.num_rows, bool)
-    meta: dict = {"kind": "rows", "data": str(Path(data).resolve()), "source_meta": ds.meta,
+    shown = (cols["action_mask"] & int(Action.IMPRESSION)) != 0 if has_impressions else np.ones(n_events, bool)
+    meta: dict = {"kind": "rows", "data": str(Path(data).resolve()), "source_meta": source_meta,
                   "protocol": protocol.to_dict(), "heads": list(HEADS), "layout": asdict(cfg.layout),
                   "config": {k: v for k, v in asdict(cfg).items() if k != "layout"},
-                  "has_impressions": has_impressions, "has_oracle": ds.oracle is not None,
+                  "has_impressions": has_impressions, "has_oracle": oracle is not None,
                   "n_items": int(items.item_id.size), "lifelong_version": lifelong.__version__, "splits": {}}
     with atomic_output_dir(out) as tmp:
         (tmp / "items").mkdir()
@@ -374,16 +448,13 @@ def _build_rows(ds: Dataset, data: str | os.PathLike[str], out: str | os.PathLik
         for split, (lo, hi) in (("train", (protocol.train_start_ms, protocol.cutoff_ms)),
                                 ("eval", (protocol.eval_start_ms, protocol.eval_end_ms))):
             t0 = time.perf_counter()
-            rows = build_split(ds, items, cols, index, lo, hi, shown, cfg, split,
-                               cfg.train_negative_rate if split == "train" else 1.0, shard_map)
-            seconds = time.perf_counter() - t0
             (tmp / split).mkdir()
-            for name, arr in rows.arrays.items():
-                np.save(tmp / split / f"{name}.npy", arr)
-            meta["splits"][split] = {"rows": rows.n_rows, "requests": rows.n_requests, "seconds": round(seconds, 2),
-                                     "rows_per_s": round(rows.n_rows / max(seconds, 1e-9)),
-                                     "label_rates": dict(zip(HEADS, rows.arrays["labels"].mean(axis=0).round(4).tolist()))
-                                     if rows.n_rows else {}}
+            stats = build_split(oracle, items, cols, index, lo, hi, shown, cfg, split, tmp / split,
+                                cfg.train_negative_rate if split == "train" else 1.0, shard_map)
+            seconds = time.perf_counter() - t0
+            meta["splits"][split] = {"rows": stats["rows"], "requests": stats["requests"], "seconds": round(seconds, 2),
+                                     "rows_per_s": round(stats["rows"] / max(seconds, 1e-9)),
+                                     "label_rates": stats["label_rates"]}
         meta["seconds"] = round(time.perf_counter() - start, 2)
         write_json(meta, tmp / "build.json")
     return meta
