@@ -1,13 +1,17 @@
-"""The trainer: deterministic seeds and exact resumption after an interruption."""
+"""The trainer: deterministic seeds, exact resumption after an interruption, the learning-rate
+schedule, gradient clipping, the validation split and early stopping."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.world import load_config, simulate_to
+from lifelong.transact.rank_data import RankData
 from lifelong.transact.sequence_layout import SequenceLayout
-from lifelong.transact.trainer import TrainConfig, train
+from lifelong.transact.trainer import TrainConfig, load_model, split_validation, train, validation_ne
 from lifelong.transact.training_rows import BuildConfig, build_rows
 
 
@@ -47,3 +51,65 @@ def test_same_seed_same_weights_other_seed_differs(rows, tmp_path):
     a, b, c = (_weights(tmp_path / n) for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_scheduled_clipped_run_resumes_to_the_same_weights(rows, tmp_path):
+    cfg = TrainConfig(model="transact", nal="none", epochs=2, max_rows=400, batch_size=64, warmup_steps=3,
+                      lr_schedule="cosine", clip_norm=0.5)
+    meta = train(rows, tmp_path / "straight", cfg, log=lambda s: None)
+    # The schedule ran: warmup, then the cosine reaches min_lr_ratio * lr at the last step.
+    assert meta["epochs"][-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert meta["epochs"][0]["lr"] > meta["epochs"][-1]["lr"]
+
+    def crash_after_first_epoch(message: str) -> None:
+        if "epoch 1:" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(rows, tmp_path / "resumed", cfg, log=crash_after_first_epoch)
+    train(rows, tmp_path / "resumed", cfg, log=lambda s: None)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(rows, tmp_path / "plain", TrainConfig(model="transact", nal="none", epochs=2, max_rows=400, batch_size=64),
+          log=lambda s: None)
+    plain = _weights(tmp_path / "plain")
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_validation_keeps_the_best_epoch_and_stops_after_patience(rows, tmp_path):
+    cfg = TrainConfig(model="wide_deep", nal="none", epochs=6, batch_size=64, lr=0.05, val_days=2, patience=1)
+    logs: list[str] = []
+    meta = train(rows, tmp_path / "run", cfg, log=logs.append)
+    data = RankData(rows, "train")
+    train_rows, val_rows = split_validation(data, cfg)
+    assert meta["validation_rows"] == val_rows.size > 0 and meta["rows"] == train_rows.size
+    assert train_rows.size + val_rows.size == len(data)
+    cutoff = data.meta["protocol"]["cutoff_ms"]
+    ts = np.asarray(data.arrays["ts_ms"])
+    assert (ts[val_rows] >= cutoff - 2 * 86_400_000).all() and (ts[train_rows] < cutoff - 2 * 86_400_000).all()
+    means = [e["val_ne"]["mean"] for e in meta["epochs"]]
+    # It stops at the first epoch that does not lower the best NE (patience 1), or runs them all.
+    stop = next((i for i in range(1, len(means)) if means[i] >= min(means[:i])), None)
+    assert len(means) == (cfg.epochs if stop is None else stop + 1)
+    assert meta["best_epoch"] == int(np.argmin(means)) + 1 and meta["best_val_ne"] == min(means)
+    assert (stop is None) != any("early stop" in m for m in logs)
+    # model.pt holds the best epoch's weights: its validation NE is the best one.
+    model, _ = load_model(tmp_path / "run")
+    assert validation_ne(model, data, val_rows)["mean"] == pytest.approx(min(means), abs=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"patience": 2}, "set val_days > 0 too"),
+    ({"lr_schedule": "linear"}, "unknown lr_schedule"),
+    ({"clip_norm": -1.0}, "must be >= 0"),
+    ({"min_lr_ratio": 2.0}, "min_lr_ratio must be in"),
+])
+def test_bad_schedule_settings_are_one_clear_error(change, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(model="wide_deep", nal="none", **change)
+
+
+def test_a_validation_window_as_long_as_the_rows_is_refused(rows, tmp_path):
+    with pytest.raises(DataError, match="leaves no training rows"):
+        train(rows, tmp_path / "run", TrainConfig(model="wide_deep", nal="none", val_days=400), log=lambda s: None)
+    assert not (tmp_path / "run" / "model.pt").exists()

@@ -81,6 +81,13 @@ def train(
     nproc: Annotated[int | None, typer.Option(help="Train data-parallel (DDP) in N local processes, each taking "
                                                    "batch_size / N rows of every batch (docs/scaling.md). Not under "
                                                    "torchrun, which starts the ranks itself.")] = None,
+    val_days: Annotated[float | None, typer.Option(help="Hold out the last N days of training rows as validation: NE "
+                                                        "after every epoch, the best epoch kept [default: 0, off].")] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a lower validation NE; --epochs is "
+                                                      "then a maximum [default: 0, off].")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Steps of linear learning-rate warmup [default: 0].")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help="constant | cosine [default: constant].")] = None,
+    clip_norm: Annotated[float | None, typer.Option(help="Clip the gradient norm to this [default: 0, off].")] = None,
 ) -> None:
     """Train a ranker (L = L_CE + w_NAL * L_NAL); prints losses and examples/s.
 
@@ -97,7 +104,9 @@ def train(
 
     layer = merge({"nal": "none"}, load_file(config) if config is not None else {})
     flags = {"model": model, "nal": nal, "nal_loss": nal_loss, "w_nal": w_nal, "epochs": epochs,
-             "batch_size": batch_size, "lr": lr, "seed": seed, "max_rows": max_rows, "user_emb": user_emb}
+             "batch_size": batch_size, "lr": lr, "seed": seed, "max_rows": max_rows, "user_emb": user_emb,
+             "val_days": val_days, "patience": patience, "warmup_steps": warmup_steps, "lr_schedule": lr_schedule,
+             "clip_norm": clip_norm}
     sets = [parse_set(text) for text in set_ or []]
     named = "name" in layer["model"] if isinstance(layer.get("model"), dict) else "model" in layer
     if not (named or model is not None or any(key in ("model", "model.name") for key, _ in sets)):

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+import pyarrow as pa
 
 import lifelong
 from lifelong.core.errors import DataError, StoreUnavailable, WriterLocked
@@ -517,6 +518,8 @@ def load_store(data_dir: str | os.PathLike[str], url: str | os.PathLike[str], pr
         items = ItemRecords.from_dir(data_dir / "items")
         events = load_dataset(build["data"], with_oracle=False).events
         cols = {name: events.column(name).to_numpy() for name in ("user_id", "item_id", "ts_ms", "surface", "action_mask")}
+        del events  # one copy of the events in memory, not the table and its columns
+        pa.default_memory_pool().release_unused()
         item, known = items.index_of(cols["item_id"])
         if not known.all():
             bad = int(np.flatnonzero(~known)[0])

@@ -15,6 +15,7 @@ docs/scaling.md has the commands and what may differ from one process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -40,6 +41,7 @@ from lifelong.core.distributed import (
     shard,
 )
 from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.metrics import normalized_entropy
 from lifelong.core.progress import progress
 from lifelong.data.io import write_json
 from lifelong.modules.heads import ranking_loss
@@ -50,6 +52,7 @@ from lifelong.transact.registry import MODEL_NAMES, build_model, default_config,
 
 NAL_MODES = ("none", "in_batch", "impression")
 NAL_LOSSES = ("softmax", "bce")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,9 @@ class TrainConfig:
         nal_loss: ``softmax`` (sampled softmax) or ``bce``.
         w_nal: weight of the NAL in the total loss (paper default 0.01).
         head_weights: BCE weight per head, in the rows' head order.
-        epochs: passes over the training rows.
+        epochs: passes over the training rows; with ``patience`` the most it makes.
         batch_size: rows per step.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (the peak, with a schedule).
         weight_decay: AdamW weight decay.
         seed: seeds weights, shuffling and in-batch negative sampling.
         max_rows: train on a seeded random subset of this many rows (None: all).
@@ -74,6 +77,17 @@ class TrainConfig:
             is prepended as tokens (``TransActConfig.user_tokens``; transact models only). The
             export should predate the training rows (``--as-of-ms``), or its embedding has seen
             their labels.
+        val_days: hold out the training rows of the last ``val_days`` days before the protocol's
+            cutoff as a validation split (0: train on all rows, no validation). The model is
+            evaluated on it after every epoch (NE per head, and their mean), and ``model.pt``
+            keeps the epoch with the lowest mean NE.
+        patience: with a validation split, stop after this many epochs without a lower mean
+            validation NE (0: run every epoch).
+        warmup_steps: optimizer steps of linear learning-rate warmup from ``lr / warmup_steps``.
+        lr_schedule: ``constant`` or ``cosine`` (after warmup, decay to ``min_lr_ratio * lr`` at
+            the last step of the last epoch).
+        min_lr_ratio: the cosine schedule's final learning rate, as a share of ``lr``.
+        clip_norm: clip the gradients' global L2 norm to this before each step (0: no clipping).
 
     Example::
 
@@ -94,6 +108,12 @@ class TrainConfig:
     max_rows: int | None = None
     model_overrides: dict = field(default_factory=dict)
     user_emb: str | None = None
+    val_days: float = 0.0
+    patience: int = 0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -109,6 +129,14 @@ class TrainConfig:
             raise ConfigError(f"--user-emb prepends user tokens to a model's sequence; {self.model} has none")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.val_days < 0 or self.patience < 0 or self.warmup_steps < 0 or self.clip_norm < 0:
+            raise ConfigError("val_days, patience, warmup_steps and clip_norm must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.patience and not self.val_days:
+            raise ConfigError("patience stops on the validation NE: set val_days > 0 too")
 
 
 _SET_BY_DATA = ("layout", "n_heads", "user_tokens")
@@ -179,6 +207,51 @@ class _Losses(torch.nn.Module):
         return _losses(self.model, batch, row_w, self.weights, self.cfg, gen)
 
 
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) of ``total_steps``, as a share of ``cfg.lr``.
+
+    Example::
+
+        >>> cfg = TrainConfig(warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+        >>> [round(lr_factor(cfg, s, 110), 3) for s in (0, 9, 10, 60, 109)]
+        [0.1, 1.0, 1.0, 0.55, 0.1]
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(total_steps - 1 - cfg.warmup_steps, 1)
+    done = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def split_validation(data: RankData, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation row indices: validation is the rows of the last ``cfg.val_days``
+    days before the protocol's cutoff (whole days of requests, every user), none when 0."""
+    rows = np.arange(len(data))
+    if not cfg.val_days:
+        return rows, rows[:0]
+    if "ts_ms" not in data.arrays:
+        raise DataError(data.directory, "val_days needs the rows' ts_ms (rebuild with lifelong transact build)")
+    start = data.meta["protocol"]["cutoff_ms"] - cfg.val_days * 86_400_000
+    held = np.asarray(data.arrays["ts_ms"]) >= start
+    if held.all() or not held.any():
+        raise DataError(data.directory, f"val_days={cfg.val_days} leaves {'no training' if held.all() else 'no validation'} "
+                                        "rows: choose fewer days than the training window holds")
+    return rows[~held], rows[held]
+
+
+@torch.no_grad()
+def validation_ne(model: torch.nn.Module, data: RankData, rows: np.ndarray, batch_size: int = 4096) -> dict[str, float]:
+    """NE of each head on ``rows`` and their ``mean`` (the model is left in eval mode)."""
+    model.eval()
+    probs = np.concatenate([torch.sigmoid(model(data.batch(rows[a:a + batch_size])).logits).numpy()
+                            for a in range(0, rows.size, batch_size)])
+    labels = np.asarray(data.arrays["labels"])[rows]
+    ne = {h: normalized_entropy(labels[:, i], probs[:, i]) for i, h in enumerate(data.heads)}
+    return {**ne, "mean": float(np.mean(list(ne.values())))}
+
+
 def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: TrainConfig,
           log=print) -> dict:
     """Train a ranker on the ``train`` rows of ``data_dir``; write the run to ``out``.
@@ -213,9 +286,9 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
         raise ConfigError(f"{len(cfg.head_weights)} head weights for heads {data.heads}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    rows = np.arange(len(data))
-    if len(rows) == 0:
+    if len(data) == 0:
         raise DataError(data.directory, "no training rows")
+    rows, val_rows = split_validation(data, cfg)
     if cfg.max_rows is not None and cfg.max_rows < len(rows):
         rows = np.sort(rng.choice(rows, cfg.max_rows, replace=False))
     model = make_model(cfg, data)
@@ -224,12 +297,18 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
                           "DDP does not average: train this model in one process (no --nproc)")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = len(rows) // cfg.batch_size + (len(rows) % cfg.batch_size >= ranks.size)
+    scheduled = cfg.warmup_steps > 0 or cfg.lr_schedule != "constant"
+    # Without warmup or schedule no scheduler is made, so such runs step exactly as before.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, cfg.epochs * steps_per_epoch)) \
+        if scheduled else None
+    best = {"ne": math.inf, "epoch": 0, "state": None, "since": 0}
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
     meta = {"kind": "run", "data": str(Path(data_dir).resolve()), "train": asdict(cfg), "heads": list(data.heads),
             "layout": asdict(data.layout), "rows": int(len(rows)), "epochs": [],
             "parameters": int(sum(p.numel() for p in model.parameters())), "lifelong_version": lifelong.__version__,
-            "user_emb": data.user_emb_info}
+            "user_emb": data.user_emb_info, "validation_rows": int(val_rows.size)}
     if ranks.parallel:
         meta["data_parallel"] = {"processes": ranks.size, "backend": "gloo",
                                  "batch_per_process": cfg.batch_size // ranks.size}
@@ -242,6 +321,9 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
             opt.load_state_dict(ckpt["optimizer"])
             start_epoch, meta["epochs"] = ckpt["epoch"], ckpt["epochs"]
             rng.bit_generator.state, gen = ckpt["rng"], ckpt["gen"]
+            if sched is not None:
+                sched.load_state_dict(ckpt["scheduler"])
+            best = ckpt.get("best", best)
             log(f"resuming {out} after epoch {start_epoch}")
     weights = torch.tensor(cfg.head_weights)
     # Wrapped after the checkpoint is loaded: DDP starts every rank from rank 0's parameters. Some
@@ -251,6 +333,8 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
     ddp = DistributedDataParallel(_Losses(model, weights, cfg), static_graph=True,
                                   forward_sync_buffers=False) if ranks.parallel else None
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.patience and best["since"] >= cfg.patience:
+            break  # a run resumed after it had already stopped early
         model.train()
         order = rng.permutation(rows)
         if ranks.parallel:
@@ -284,7 +368,11 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
                     totals["nal"] += float(nal.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 # Collision-less id tables (row.tables) step with their own sparse optimizers,
                 # their rows stamped with the batch's newest impression time.
                 sparse_step(model, int(data.arrays["ts_ms"][idx].max()) if "ts_ms" in data.arrays else steps)
@@ -297,14 +385,31 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
         if ranks.parallel:  # each rank summed its scaled share: their sum over ranks is size x the global losses
             totals = dict(zip(totals, (all_reduce_sum(list(totals.values()), ranks) / ranks.size).tolist()))
         record = {k: v / max(steps, 1) for k, v in totals.items()}
-        record.update(epoch=epoch + 1, seconds=round(seconds, 2), examples_per_s=round(len(order) / seconds, 1))
+        record.update(epoch=epoch + 1, seconds=round(seconds, 2), examples_per_s=round(len(order) / seconds, 1),
+                      lr=opt.param_groups[0]["lr"])
+        note = ""
+        if val_rows.size:  # every rank computes it on the same weights: they stop together
+            record["val_ne"] = validation_ne(model, data, val_rows)
+            if record["val_ne"]["mean"] < best["ne"]:
+                best = {"ne": record["val_ne"]["mean"], "epoch": epoch + 1,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "since": 0}
+            else:
+                best["since"] += 1
+            note = f", validation NE {record['val_ne']['mean']:.4f}" + (" (best)" if best["since"] == 0 else "")
         meta["epochs"].append(record)
         if ranks.main:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                          "epochs": meta["epochs"], "train": asdict(cfg), "rng": rng.bit_generator.state, "gen": gen},
+                          "epochs": meta["epochs"], "train": asdict(cfg), "rng": rng.bit_generator.state, "gen": gen,
+                          "best": best, **({"scheduler": sched.state_dict()} if sched is not None else {})},
                          ckpt_path)
         log(f"{cfg.model} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, nal {record['nal']:.4f}), "
-            f"{record['examples_per_s']:,.0f} examples/s")
+            f"{record['examples_per_s']:,.0f} examples/s{note}")
+        if cfg.patience and best["since"] >= cfg.patience:
+            log(f"early stop: no lower validation NE in {cfg.patience} epoch(s) after epoch {best['epoch']}")
+            break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+        meta["best_epoch"], meta["best_val_ne"] = best["epoch"], best["ne"]
     meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
     if ranks.main:
         save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
