@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lifelong.core.errors import ConfigError, DataError
+from lifelong.core.metrics import normalized_entropy
 from lifelong.data.world import load_config, simulate_to
+from lifelong.transact.evaluate import evaluate_run
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.sequence_layout import SequenceLayout
 from lifelong.transact.trainer import TrainConfig, load_model, split_validation, train, validation_ne
@@ -113,3 +115,14 @@ def test_a_validation_window_as_long_as_the_rows_is_refused(rows, tmp_path):
     with pytest.raises(DataError, match="leaves no training rows"):
         train(rows, tmp_path / "run", TrainConfig(model="wide_deep", nal="none", val_days=400), log=lambda s: None)
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_the_oracles_ne_is_reported_as_the_floor(rows, tmp_path):
+    train(rows, tmp_path / "run", TrainConfig(model="wide_deep", nal="none", epochs=1), log=lambda s: None)
+    ev = evaluate_run(tmp_path / "run", rows)
+    data = RankData(rows, "eval")
+    labels = np.asarray(data.arrays["labels"])
+    for i, head in enumerate(data.heads):
+        assert ev.oracle_ne[head] == pytest.approx(normalized_entropy(labels[:, i], data.oracle[:, i]))
+    # The true probabilities beat a model trained on a few hundred rows on the heads with positives.
+    assert ev.oracle_ne["click"] < ev.per_head["click"]["ne"]

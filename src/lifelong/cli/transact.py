@@ -136,13 +136,15 @@ def evaluate(
 
     ev = evaluate_run(run, data, user_emb=user_emb)
     table = Table(title=f"{run} on {data}: {ev.rows:,} rows, {ev.requests:,} requests, {ev.users:,} users")
-    cols = ["head", "HIT@3", "NE", "AUC", "GAUC"] + (["oracle HIT@3", "random HIT@3", "oracle lift"] if ev.oracle_hit else [])
+    cols = ["head", "HIT@3", "NE", "AUC", "GAUC"] + (["oracle HIT@3", "random HIT@3", "oracle lift", "oracle NE"]
+                                                     if ev.oracle_hit else [])
     for col in cols:
         table.add_column(col, justify="right")
     for head, m in ev.per_head.items():
         cells = [head, f"{m['hit@3']:.4f}", f"{m['ne']:.4f}", f"{m['auc']:.4f}", f"{m['gauc']:.4f}"]
         if ev.oracle_hit:
-            cells += [f"{ev.oracle_hit[head]:.4f}", f"{ev.random_hit[head]:.4f}", f"{ev.lift_fraction[head]:.3f}"]
+            cells += [f"{ev.oracle_hit[head]:.4f}", f"{ev.random_hit[head]:.4f}", f"{ev.lift_fraction[head]:.3f}",
+                      f"{ev.oracle_ne[head]:.4f}"]
         table.add_row(*cells)
     out.print(table)
 

@@ -37,6 +37,8 @@ class Evaluation:
         oracle_hit, random_hit: HIT@3 per head of the oracle and of a random order (NaN when
             the data has no oracle).
         lift_fraction: per head, ``(HIT_model − HIT_random) / (HIT_oracle − HIT_random)``.
+        oracle_ne: per head, the NE of the oracle's true probabilities: the floor a model's NE
+            can reach on this split (only the labels' own randomness is left).
     """
 
     per_head: dict[str, dict[str, float]]
@@ -46,10 +48,12 @@ class Evaluation:
     oracle_hit: dict[str, float] = field(default_factory=dict)
     random_hit: dict[str, float] = field(default_factory=dict)
     lift_fraction: dict[str, float] = field(default_factory=dict)
+    oracle_ne: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"per_head": self.per_head, "rows": self.rows, "requests": self.requests, "users": self.users,
-                "oracle_hit": self.oracle_hit, "random_hit": self.random_hit, "lift_fraction": self.lift_fraction}
+                "oracle_hit": self.oracle_hit, "random_hit": self.random_hit, "lift_fraction": self.lift_fraction,
+                "oracle_ne": self.oracle_ne}
 
 
 def evaluate_predictions(data: RankData, probs: np.ndarray, k: int = 3,
@@ -76,6 +80,7 @@ def evaluate_predictions(data: RankData, probs: np.ndarray, k: int = 3,
             result.random_hit[h] = hit_at_k_random(groups, users, y, k)
             result.lift_fraction[h] = oracle_lift_fraction(per_head[h][f"hit@{k}"], result.random_hit[h],
                                                            result.oracle_hit[h])
+            result.oracle_ne[h] = normalized_entropy(y, oracle[:, i])
     return result
 
 

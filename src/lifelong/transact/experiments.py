@@ -198,6 +198,8 @@ def summarise(table: str, title: str, rows: list[Row], results: dict[str, list[d
         first = base[0]
         summary["oracle"] = {h: first["oracle_hit"][h] for h in ("repin", "hide")}
         summary["random"] = {h: first["random_hit"][h] for h in ("repin", "hide")}
+        if "oracle_ne" in first:  # evaluations kept from before the oracle's NE was recorded lack it
+            summary["oracle_ne"] = first["oracle_ne"]
     return summary
 
 
@@ -230,6 +232,9 @@ def build_report(summary: dict) -> Report:
                                 *(Column(f"NE/{h}", None, lambda r, h=h: _ms(r["ne"][h])) for h in heads),
                                 *(Column(f"gain {h}", None, lambda r, h=h: _ms(r["ne_gain"][h], True, pct_digits=2))
                                   for h in heads)], summary["rows"])]
+        if "oracle_ne" in summary:
+            blocks.append("The oracle's NE (its true probabilities; the floor on this split): "
+                          + ", ".join(f"{h} {summary['oracle_ne'][h]:.4f}" for h in heads) + ".")
     n = summary["rows"][0]["seeds"]
     blocks.append(f"{n} seed{'s' if n > 1 else ''} per row; ± is the standard deviation over seeds.")
     return Report("report", data=summary, blocks=blocks, title=summary["title"],
