@@ -22,6 +22,7 @@ VARIANTS = {
     "v1": ("transact", {}),
     "v2_two_heads": ("transact_v2", {"attn_heads": 4, "n_layers": 3}),
     "v2_late_fusion": ("transact_v2", {"early_fusion": False}),
+    "v2_similarity": ("transact_v2", {"token_similarity": True}),
 }
 
 
@@ -34,6 +35,8 @@ def fresh_model(variant: str) -> TransAct:
         for p_name, p in model.named_parameters():
             if ".norm" in p_name:
                 p.add_(0.1 * torch.randn_like(p))
+            if p_name == "similarity":  # large enough that a wrong similarity term shows
+                p.mul_(50.0)
     return model
 
 

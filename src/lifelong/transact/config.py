@@ -28,6 +28,10 @@ class TransActConfig:
         row: hashed id features.
         early_fusion: concatenate the candidate embedding to every token (d_model = 64);
             without it tokens are the item embeddings alone (d_model = 32).
+        token_similarity: add each token's dot product with the candidate, times a learned
+            d_model vector, to the token (off: the paper's plain concatenation). Attention over
+            ``concat(e_j, e_c)`` can learn how alike a token and the candidate are only through
+            products of projections; this hands it the similarity NN selection ranks by.
         n_layers, attn_heads, ffn_dim, dropout: the transformer encoder. Dropout defaults to
             0: the encoder is tiny, and on CPU sampling dropout masks over (B, S, d) tokens
             costs about half of a training step.
@@ -49,6 +53,7 @@ class TransActConfig:
     n_heads: int = len(HEADS)
     row: RowFeatureConfig = field(default_factory=RowFeatureConfig)
     early_fusion: bool = True
+    token_similarity: bool = False
     n_layers: int = 2
     attn_heads: int = 1
     ffn_dim: int = 32

@@ -110,7 +110,7 @@ def _encode_cpu(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor
     flat = index.gather(1, slot).reshape(-1)
 
     def gather(table: torch.Tensor) -> torch.Tensor:
-        return table.index_select(0, flat).view(n, width, d)
+        return table.index_select(0, flat).view(n, width, table.shape[-1])
 
     # Each distinct token's part of the layer input (zero over the candidate's half) and its
     # q, k, v projections, computed once however many rows read it.
@@ -123,6 +123,13 @@ def _encode_cpu(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor
         x.add_(F.pad(cand_emb, (EMBED_DIM, 0)).unsqueeze(1))
         for part, c in zip(qkv, cand_qkv):
             part.add_(c)
+    if model.cfg.token_similarity:
+        # The similarity term is a scalar per (row, token) times one vector: its q, k, v are
+        # that scalar times the vector's projections, computed once.
+        sim = model.token_similarity(gather(emb), cand_emb).unsqueeze(-1)  # (N, W, 1)
+        x.add_(sim * model.similarity)
+        for part, w in zip(qkv, torch.matmul(model.similarity, w_tok)):
+            part.add_(sim * w)
 
     r, bias = 0, None
     if user_emb is not None:
@@ -177,5 +184,7 @@ def _encode_triton(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Ten
     x = tok_x[index.gather(1, slot)] + ctx.position[slot]
     if model.cfg.early_fusion:
         x += F.pad(cand_emb, (EMBED_DIM, 0)).unsqueeze(1)
+    if model.cfg.token_similarity:
+        x += model.token_similarity(emb[index.gather(1, slot)], cand_emb).unsqueeze(-1) * model.similarity
     h = skut_encode(x.to(device), lengths.to(device), model.encoder.layers)
     return unpack_rows(h.to(tok_emb.device), slot, s), valid

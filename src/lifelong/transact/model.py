@@ -39,7 +39,7 @@ class TransAct(nn.Module):
     """TransAct V2 / v1 ranker.
 
     Tokens ``F = concat(seq_emb, cand_emb) + E_act + E_surf + E_pos`` (d = 64 with early
-    fusion) go through a causal transformer encoder with padding mask; a linear layer and a
+    fusion; with ``token_similarity`` also ``+ <seq_emb, cand_emb> · w_sim``) go through a causal transformer encoder with padding mask; a linear layer and a
     max-pool over real tokens summarise them; the summary joins the row features in a DCN-v2
     cross network + MLP with one logit per head.
 
@@ -84,6 +84,8 @@ class TransAct(nn.Module):
             self.rt_proj = nn.Linear(d, EMBED_DIM)
 
         self.token_context = TokenContext(d, cfg.seq_len)
+        if cfg.token_similarity:
+            self.similarity = nn.Parameter(torch.randn(d) * 0.02)
         self.encoder = TransformerEncoder(d, cfg.n_layers, cfg.attn_heads, cfg.ffn_dim, cfg.dropout)
         self.pool_proj = nn.Linear(d, cfg.pool_dim)
         self.row = RowFeatures(cfg.row)
@@ -129,9 +131,18 @@ class TransAct(nn.Module):
                      cand_emb: torch.Tensor) -> torch.Tensor:
         """Encoder input ``F`` (B, S', d) of tokens already read: (B, S', 32) embeddings,
         (B, S') action masks and surfaces, (B, 32) candidate embeddings."""
+        x = emb
         if self.cfg.early_fusion:
-            emb = torch.cat([emb, cand_emb.unsqueeze(1).expand(-1, emb.shape[1], -1)], dim=-1)
-        return emb + self.token_context(action, surface)
+            x = torch.cat([emb, cand_emb.unsqueeze(1).expand(-1, emb.shape[1], -1)], dim=-1)
+        x = x + self.token_context(action, surface)
+        if self.cfg.token_similarity:
+            x = x + self.token_similarity(emb, cand_emb).unsqueeze(-1) * self.similarity
+        return x
+
+    @staticmethod
+    def token_similarity(emb: torch.Tensor, cand_emb: torch.Tensor) -> torch.Tensor:
+        """(B, S') dot product of each token's (B, S', 32) embedding with its row's (B, 32) candidate."""
+        return torch.bmm(emb, cand_emb.unsqueeze(-1)).squeeze(-1)
 
     def score(self, h: torch.Tensor, valid: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """Head logits (B, H) from encoder output ``h``, its validity and the row features.
