@@ -151,7 +151,7 @@ def evaluate(
 
 @transact_app.command()
 def experiment(
-    table: Annotated[str, typer.Argument(help="quickstart | table2 | table4 | table6 | table7 | dv365 (files in "
+    table: Annotated[str, typer.Argument(help="quickstart | table2 | table4 | table6 | table7 | dv365 | similarity (files in "
                                               "lifelong/configs/experiments/), or the path of an experiment YAML file")],
     data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory (resumable).")],
