@@ -1,10 +1,14 @@
-"""Experiment summaries: mean ± std over seeds, relative to the table's first row."""
+"""Experiment files and summaries: every packaged table loads; mean ± std over seeds, relative to
+the table's first row."""
 
 from __future__ import annotations
 
 import math
 
-from lifelong.transact.experiments import Row, render_markdown, summarise
+import pytest
+
+from lifelong.core.errors import ConfigError
+from lifelong.transact.experiments import Row, load_table, render_markdown, summarise, table_names
 
 
 def _ev(repin: float, hide: float) -> dict:
@@ -27,3 +31,16 @@ def test_relative_figures_are_per_seed_against_the_base_row():
     md = render_markdown(s)
     assert "| model | 0.6000 ± 0.0000 | +35.0% ± 21.2 |" in md
     assert "| oracle | 1.0000 |" in md
+
+
+@pytest.mark.parametrize("name", table_names())
+def test_every_packaged_experiment_loads_with_checked_rows(name):
+    table = load_table(name)
+    assert table.rows and len({row.label for row in table.rows}) == len(table.rows)
+
+
+def test_an_experiment_with_a_misspelled_model_key_is_one_clear_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("title: t\nrows:\n  - label: a\n    config: {model: {name: transact_v2, token_similarty: true}}\n")
+    with pytest.raises(ConfigError, match=r"rows\[0\]\.config \(a\).*token_similarty"):
+        load_table(path)
