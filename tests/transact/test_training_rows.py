@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -58,20 +60,41 @@ def rows_dir(world, tmp_path_factory):
     return out
 
 
+@dataclass
+class LastDays:
+    """Every event of a world's last 5 days as a row, requests de-duplicated: what select_tokens takes."""
+
+    user: np.ndarray
+    ts: np.ndarray
+    mask: np.ndarray
+    index: EventIndex
+    emb: torch.Tensor
+    item_idx: np.ndarray
+    rows: np.ndarray
+    row_req: np.ndarray
+    first: np.ndarray
+
+    @classmethod
+    def of(cls, world) -> LastDays:
+        ds = load_dataset(world)
+        ev = ds.events
+        user, ts = ev.column("user_id").to_numpy(), ev.column("ts_ms").to_numpy()
+        mask, req = ev.column("action_mask").to_numpy(), ev.column("request_id").to_numpy()
+        items = ItemTable.from_dataset(ds)
+        rows = np.flatnonzero(ts >= ts.max() - 5 * 86_400_000)
+        new = np.r_[True, (user[rows][1:] != user[rows][:-1]) | (req[rows][1:] != req[rows][:-1])]
+        return cls(user, ts, mask, EventIndex(user, ts, mask), items.normalized(),
+                   items.index_of(ev.column("item_id").to_numpy()), rows, np.cumsum(new) - 1, rows[new])
+
+    def select(self, cfg: BuildConfig):
+        return select_tokens(self.index, self.emb, self.item_idx, self.user[self.first], self.ts[self.first],
+                             self.row_req, self.item_idx[self.rows], cfg)
+
+
 def test_no_token_at_or_after_its_request_time(world):
-    ds = load_dataset(world)
-    ev = ds.events
-    user, ts = ev.column("user_id").to_numpy(), ev.column("ts_ms").to_numpy()
-    mask, req = ev.column("action_mask").to_numpy(), ev.column("request_id").to_numpy()
-    items = ItemTable.from_dataset(ds)
-    item_idx = items.index_of(ev.column("item_id").to_numpy())
-    rows = np.flatnonzero(ts >= ts.max() - 5 * 86_400_000)
-    new = np.r_[True, (user[rows][1:] != user[rows][:-1]) | (req[rows][1:] != req[rows][:-1])]
-    row_req = np.cumsum(new) - 1
-    first = rows[new]
-    cfg = BuildConfig(layout=LAYOUT, ll_cap=50, imp_cap=10, nal_negatives=5, request_chunk=7)
-    tok = select_tokens(EventIndex(user, ts, mask), items.normalized(), item_idx, user[first], ts[first],
-                        row_req, item_idx[rows], cfg)
+    last = LastDays.of(world)
+    user, ts, mask, rows, row_req, first = last.user, last.ts, last.mask, last.rows, last.row_req, last.first
+    tok = last.select(BuildConfig(layout=LAYOUT, ll_cap=50, imp_cap=10, nal_negatives=5, request_chunk=7))
     row_ts, row_user = ts[rows], user[rows]
     for name, ev_rows in tok.nn.items():
         valid = ev_rows >= 0
@@ -94,24 +117,15 @@ def test_no_token_at_or_after_its_request_time(world):
 def test_chunks_bounded_by_tokens_select_the_same_tokens(world):
     """Cutting requests by sequence tokens (what bounds the build's memory on long histories)
     changes the chunks, never the selected tokens."""
-    ds = load_dataset(world)
-    ev = ds.events
-    user, ts = ev.column("user_id").to_numpy(), ev.column("ts_ms").to_numpy()
-    mask, req = ev.column("action_mask").to_numpy(), ev.column("request_id").to_numpy()
-    items = ItemTable.from_dataset(ds)
-    item_idx = items.index_of(ev.column("item_id").to_numpy())
-    rows = np.flatnonzero(ts >= ts.max() - 5 * 86_400_000)
-    new = np.r_[True, (user[rows][1:] != user[rows][:-1]) | (req[rows][1:] != req[rows][:-1])]
-    row_req, first = np.cumsum(new) - 1, rows[new]
-    index = EventIndex(user, ts, mask)
+    last = LastDays.of(world)
     by_requests = BuildConfig(layout=LAYOUT, ll_cap=50, imp_cap=10, nal_negatives=5)
     by_tokens = BuildConfig(layout=LAYOUT, ll_cap=50, imp_cap=10, nal_negatives=5, chunk_tokens=200)
-    bounds = _chunk_bounds(index, user[first], ts[first], by_tokens)
-    assert len(bounds) > 3 and bounds[0][0] == 0 and bounds[-1][1] == first.size
+    req_user, req_ts = last.user[last.first], last.ts[last.first]
+    bounds = _chunk_bounds(last.index, req_user, req_ts, by_tokens)
+    assert len(bounds) > 3 and bounds[0][0] == 0 and bounds[-1][1] == last.first.size
     assert all(b0 == a1 for (_, b0), (a1, _) in zip(bounds[:-1], bounds[1:]))
-    assert len(_chunk_bounds(index, user[first], ts[first], by_requests)) == 1
-    picked = [select_tokens(index, items.normalized(), item_idx, user[first], ts[first], row_req, item_idx[rows], cfg)
-              for cfg in (by_requests, by_tokens)]
+    assert len(_chunk_bounds(last.index, req_user, req_ts, by_requests)) == 1
+    picked = [last.select(cfg) for cfg in (by_requests, by_tokens)]
     for name in picked[0].nn:
         assert np.array_equal(picked[0].nn[name], picked[1].nn[name]), name
     assert np.array_equal(picked[0].rt, picked[1].rt)
