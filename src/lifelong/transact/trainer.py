@@ -213,7 +213,7 @@ def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
     Example::
 
         >>> cfg = TrainConfig(warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
-        >>> [round(lr_factor(cfg, s, 110), 3) for s in (0, 9, 10, 60, 109)]
+        >>> [round(lr_factor(cfg, s, 111), 3) for s in (0, 9, 10, 60, 110)]
         [0.1, 1.0, 1.0, 0.55, 0.1]
     """
     if step < cfg.warmup_steps:
