@@ -181,10 +181,11 @@ def _encode_triton(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Ten
     emb, action, surface, index = append_padding(tok_emb, tok_action, tok_surface, tok_index)
     valid, lengths, slot = pack_rows(tok_index)
     tok_x = F.pad(emb, (0, d - EMBED_DIM)) + ctx.action(action) + ctx.surface(surface)
-    x = tok_x[index.gather(1, slot)] + ctx.position[slot]
+    packed = index.gather(1, slot)
+    x = tok_x[packed] + ctx.position[slot]
     if model.cfg.early_fusion:
         x += F.pad(cand_emb, (EMBED_DIM, 0)).unsqueeze(1)
     if model.cfg.token_similarity:
-        x += model.token_similarity(emb[index.gather(1, slot)], cand_emb).unsqueeze(-1) * model.similarity
+        x += model.token_similarity(emb[packed], cand_emb).unsqueeze(-1) * model.similarity
     h = skut_encode(x.to(device), lengths.to(device), model.encoder.layers)
     return unpack_rows(h.to(tok_emb.device), slot, s), valid

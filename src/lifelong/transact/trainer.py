@@ -243,10 +243,8 @@ def split_validation(data: RankData, cfg: TrainConfig) -> tuple[np.ndarray, np.n
 
 @torch.no_grad()
 def validation_ne(model: torch.nn.Module, data: RankData, rows: np.ndarray, batch_size: int = 4096) -> dict[str, float]:
-    """NE of each head on ``rows`` and their ``mean`` (the model is left in eval mode)."""
-    model.eval()
-    probs = np.concatenate([torch.sigmoid(model(data.batch(rows[a:a + batch_size])).logits).numpy()
-                            for a in range(0, rows.size, batch_size)])
+    """NE of each head on ``rows`` and their ``mean`` (:func:`predict` leaves the model in eval mode)."""
+    probs = predict(model, data, batch_size, rows)
     labels = np.asarray(data.arrays["labels"])[rows]
     ne = {h: normalized_entropy(labels[:, i], probs[:, i]) for i, h in enumerate(data.heads)}
     return {**ne, "mean": float(np.mean(list(ne.values())))}
@@ -297,10 +295,12 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
                           "DDP does not average: train this model in one process (no --nproc)")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = len(rows) // cfg.batch_size + (len(rows) % cfg.batch_size >= ranks.size)
+    n_batches = (len(rows) + cfg.batch_size - 1) // cfg.batch_size
+    if 0 < len(rows) % cfg.batch_size < ranks.size:
+        n_batches -= 1  # a last batch of fewer rows than ranks would leave a rank without any: skipped
     scheduled = cfg.warmup_steps > 0 or cfg.lr_schedule != "constant"
     # Without warmup or schedule no scheduler is made, so such runs step exactly as before.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, cfg.epochs * steps_per_epoch)) \
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, cfg.epochs * n_batches)) \
         if scheduled else None
     best = {"ne": math.inf, "epoch": 0, "state": None, "since": 0}
     if ranks.main:
@@ -345,9 +345,6 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
         totals = {"loss": 0.0, "ce": 0.0, "nal": 0.0}
         steps = 0
         t0 = time.perf_counter()
-        n_batches = (len(order) + cfg.batch_size - 1) // cfg.batch_size
-        if 0 < len(order) % cfg.batch_size < ranks.size:
-            n_batches -= 1  # a last batch of fewer rows than ranks would leave a rank without any: skipped
         with progress(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", total=n_batches) as advance:
             for b in range(n_batches):
                 glob = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
@@ -437,11 +434,12 @@ def load_model(run: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: RankData, batch_size: int = 4096) -> np.ndarray:
-    """(n, H) head probabilities of every row of ``data``, in row order."""
+def predict(model: torch.nn.Module, data: RankData, batch_size: int = 4096,
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """(n, H) head probabilities of ``rows`` of ``data`` (default: every row), in their order."""
     model.eval()
-    out = np.zeros((len(data), len(data.heads)), dtype=np.float32)
-    for a in range(0, len(data), batch_size):
-        idx = np.arange(a, min(a + batch_size, len(data)))
-        out[idx] = torch.sigmoid(model(data.batch(idx)).logits).numpy()
+    rows = np.arange(len(data)) if rows is None else rows
+    out = np.zeros((rows.size, len(data.heads)), dtype=np.float32)
+    for a in range(0, rows.size, batch_size):
+        out[a:a + batch_size] = torch.sigmoid(model(data.batch(rows[a:a + batch_size])).logits).numpy()
     return out
