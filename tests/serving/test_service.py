@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from lifelong.bench.serve import eval_requests, serve_in_thread
 from lifelong.cli.service import build_service
-from lifelong.core.errors import ConfigError
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.data.schema import SURFACE_CODES
 from lifelong.data.world import load_config, simulate_to
 from lifelong.serving.batcher import BatchingConfig, DynamicBatcher
@@ -295,15 +295,37 @@ def test_fuzzed_requests_never_get_a_5xx_and_the_server_stays_up(live_server, bo
 
 
 def test_load_generator_against_a_live_server(live_server, served):
-    from lifelong.bench.serve import closed_loop, render
+    from lifelong.bench.serve import BATCH_STAGES, closed_loop, render, stage_profile
+    from lifelong.serving.metrics import parse_stage_seconds
 
     bodies = eval_requests(served / "ds", limit=20)
+    before = parse_stage_seconds(httpx.get(f"{live_server}/metrics").text)
     step = asyncio.run(closed_loop(f"{live_server}/rank", bodies, concurrency=3, seconds=1.0))
     assert step["requests"] > 0 and step["errors"] == 0 and step["examples_per_s"] > 0
     assert step["p50_ms"] <= step["p90_ms"] <= step["p99_ms"]
+    # The server timed every stage of the step's batches, and no more than the step lasted.
+    profile = stage_profile(before, parse_stage_seconds(httpx.get(f"{live_server}/metrics").text), step)
+    assert all(profile[k] > 0 for k in BATCH_STAGES), profile
+    assert 0 < profile["busy"] <= 1.0 and profile["queue"] >= 0
+    assert sum(profile[k] for k in BATCH_STAGES) <= step["mean_ms"] * 3  # 3 clients: at most 3 requests a batch
     text = render({"steps": [{"path": "naive", **step}, {"path": "optimized", **step}], "sustained": None,
                    "requests": len(bodies), "mean_candidates": 5.0})
     assert "1.0x" in text and "| optimized | 3 |" in text
+
+
+def test_replayed_requests_get_exactly_n_distinct_candidates_their_own_first(served):
+    logged = eval_requests(served / "ds")
+    for n in (2, 40):
+        bodies = eval_requests(served / "ds", n_candidates=n)
+        assert len(bodies) == len(logged)
+        for body, log in zip(bodies, logged):
+            assert len(body["candidates"]) == len(set(body["candidates"])) == n
+            own = list(dict.fromkeys(log["candidates"]))[:n]
+            assert body["candidates"][:len(own)] == own
+            assert body["user_id"] == log["user_id"] and body["request_time"] == log["request_time"]
+    assert eval_requests(served / "ds", n_candidates=40) == bodies  # seeded: the same draw every time
+    with pytest.raises(DataError, match="distinct candidates"):
+        eval_requests(served / "ds", n_candidates=10**6)
 
 
 # -- reliability: failing loudly, bounded work, the contract (a fake ranker, no model) ----------

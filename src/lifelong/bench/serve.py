@@ -34,11 +34,22 @@ from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.processes import free_port, start_server, stop_process
 from lifelong.data.schema import SURFACES
 from lifelong.serving.app import WORKER_HEADER
+from lifelong.serving.metrics import parse_stage_seconds
 from lifelong.transact.rank_data import RankData
 
 
-def eval_requests(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[dict]:
-    """The evaluation split's requests as ``POST /rank`` bodies (request order)."""
+def eval_requests(data_dir: str | os.PathLike[str], limit: int | None = None, n_candidates: int | None = None,
+                  seed: int = 0) -> list[dict]:
+    """The evaluation split's requests as ``POST /rank`` bodies (request order).
+
+    With ``n_candidates`` every request has exactly that many distinct candidates: its own
+    first (cut to the first ``n_candidates`` when it has more), then candidates of the split's
+    other requests drawn at random (``seed``), as a ranker scoring hundreds of candidates per
+    request sees them.
+
+    Raises:
+        DataError: the eval split has no rows, or fewer distinct candidates than ``n_candidates``.
+    """
     data = RankData(data_dir, "eval")
     a = data.arrays
     req = np.asarray(a["request"])
@@ -49,10 +60,25 @@ def eval_requests(data_dir: str | os.PathLike[str], limit: int | None = None) ->
     item_ids = data.item_id.numpy()[np.asarray(a["item"])]
     surfaces = np.asarray(a["surface"])
     req_user, req_ts = np.asarray(a["req_user"]), np.asarray(a["req_ts"])
+    pool = rng = None
+    if n_candidates is not None:
+        pool, rng = np.unique(item_ids), np.random.default_rng(seed)
+        if pool.size < n_candidates:
+            raise DataError(data_dir, f"the eval split has {pool.size} distinct candidates, fewer than {n_candidates}")
     bodies = []
     for s, e in zip(starts[:limit], ends[:limit]):
         r = int(req[s])
-        bodies.append({"user_id": int(req_user[r]), "candidates": item_ids[s:e].tolist(),
+        candidates = item_ids[s:e]
+        if n_candidates is not None:
+            # Draw a few more than needed so that dropping repeats rarely leaves too few.
+            drawn = np.concatenate([candidates, pool[rng.integers(0, pool.size, n_candidates + 16)]])
+            while True:
+                _, first = np.unique(drawn, return_index=True)
+                if first.size >= n_candidates:
+                    break
+                drawn = np.concatenate([drawn, pool[rng.integers(0, pool.size, n_candidates)]])
+            candidates = drawn[np.sort(first)[:n_candidates]]
+        bodies.append({"user_id": int(req_user[r]), "candidates": candidates.tolist(),
                        "surface": SURFACES[int(surfaces[s])], "request_time": int(req_ts[r])})
     return bodies
 
@@ -127,7 +153,7 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
     result = {"concurrency": concurrency, "seconds": round(wall, 2), "requests": len(latencies),
               "requests_per_s": len(latencies) / wall, "examples_per_s": examples / wall,
-              "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+              "mean_ms": float(lat.mean()), "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
               "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "server_errors": server_errors}
     if track_versions:
         result["versions"] = versions
@@ -139,55 +165,111 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
 def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.PathLike[str],
                     concurrency: list[int], seconds: float = 10.0, sustain_seconds: float = 60.0,
                     paths: tuple[str, ...] = ("naive", "optimized"), report: Path | None = None,
-                    warmup_s: float = 2.0, workers: tuple[int, ...] = (1,)) -> dict:
-    """Load steps for every path, worker count and concurrency, then a sustained run of the optimized path.
+                    warmup_s: float = 2.0, workers: tuple[int, ...] = (1,),
+                    candidates: tuple[int | None, ...] = (None,), max_requests: int | None = 5000,
+                    precision: str = "fp32") -> dict:
+    """Load steps for every candidate count, path, worker count and concurrency, then a sustained
+    run of the optimized path.
 
-    ``workers`` are the worker counts (``lifelong serve --workers``) the optimized path is served
-    with, one server after the other; the naive path runs one process. The sustained run uses
-    the first count. Every step names its ``workers``.
+    ``candidates`` are the candidates per request to replay (:func:`eval_requests`), one group of
+    steps each; None replays the requests as logged. The first ``max_requests`` requests of the
+    eval split are replayed, round robin (None: all). ``workers`` are the worker counts (``lifelong
+    serve --workers``) the optimized path is served with, one server after the other; the naive
+    path runs one process. ``precision`` is the optimized path's (``lifelong serve --precision``);
+    the naive path, the baseline, runs in float32. The sustained run uses the first count and the first candidate count.
+    Every step names its ``workers`` and ``candidates``; one served by one process also has
+    ``stages_ms`` (:func:`stage_profile`): the server's time per request in each stage over
+    the step, the mean wait for a batch and how busy the batch thread was.
 
     Returns ``{"steps": [...], "sustained": {...} | None, "requests": n, "mean_candidates": m,
-    "ratios": ratios(steps), "worker_ratios": worker_ratios(steps)}``, also written as JSON to
-    ``report`` when given.
+    "ratios": ..., "worker_ratios": ..., "by_candidates": [...]}``, also written as JSON to
+    ``report`` when given. ``by_candidates`` holds, per candidate count, its ``requests``,
+    ``mean_candidates`` and ``ratios`` (:func:`ratios` of its steps); the top-level ``requests``,
+    ``mean_candidates``, ``ratios`` and ``worker_ratios`` are those of the first count.
 
     Raises:
-        ConfigError: a worker count below 1, or counts other than ``1`` without the optimized path.
+        ConfigError: a worker count below 1, counts other than ``1`` without the optimized path,
+            or a candidate count below 1.
     """
     if not workers or min(workers) < 1:
         raise ConfigError(f"--workers: worker counts of at least 1, got {','.join(map(str, workers))}")
     if list(workers) != [1] and "optimized" not in paths:
         raise ConfigError("--workers compares worker counts of the optimized path: add it to --paths")
-    bodies = eval_requests(data_dir)
-    steps, sustained = [], None
-    for path in paths:
-        for n in workers if path == "optimized" else (1,):
-            port = free_port()
-            # A throughput benchmark measures the model, not the load shedder: the queue bound and the
-            # deadline are lifted far above what the closed loop of clients can queue.
-            log = Path(tempfile.gettempdir()) / f"lifelong-bench-serve-{path}-{port}.log"  # a pipe nobody reads fills up
-            proc = start_server(port, ["--run", str(run), "--store", store, "--path", path, "--workers", str(n),
-                                       "--max-queue-examples", "10000000", "--max-latency-ms", "600000"], log=log)
-            base = f"http://127.0.0.1:{port}"
-            try:
-                _wait_for_workers(base, n)
-                asyncio.run(closed_loop(f"{base}/rank", bodies, max(concurrency), warmup_s))
-                for c in concurrency:
-                    steps.append({"path": path, "workers": n, **asyncio.run(closed_loop(f"{base}/rank", bodies, c, seconds))})
-                    print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
-                if path == "optimized" and n == workers[0] and sustain_seconds > 0:
-                    best = max((s for s in steps if s["path"] == path), key=lambda s: s["examples_per_s"])
-                    sustained = {"path": path, "workers": n,
-                                 **asyncio.run(closed_loop(f"{base}/rank", bodies, best["concurrency"], sustain_seconds))}
-                    # With several workers a scrape reads one of them: the figure is that worker's.
-                    sustained["metrics_5xx"] = _scraped_5xx(f"{base}/metrics")
-            finally:
-                stop_process(proc)
-    result = {"steps": steps, "sustained": sustained, "requests": len(bodies),
-              "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies])), "ratios": ratios(steps),
-              "worker_ratios": worker_ratios(steps)}
+    if not candidates or any(n is not None and n < 1 for n in candidates):
+        raise ConfigError(f"--candidates: counts of at least 1, got {','.join(map(str, candidates))}")
+    if max_requests is not None and max_requests < 1:
+        raise ConfigError(f"--max-requests: at least 1, got {max_requests}")
+    steps, sustained, groups = [], None, []
+    for n_cand in candidates:
+        bodies = eval_requests(data_dir, limit=max_requests, n_candidates=n_cand)
+        first = len(steps)
+        for path in paths:
+            for n in workers if path == "optimized" else (1,):
+                port = free_port()
+                # A throughput benchmark measures the model, not the load shedder: the queue bound and the
+                # deadline are lifted far above what the closed loop of clients can queue.
+                log = Path(tempfile.gettempdir()) / f"lifelong-bench-serve-{path}-{port}.log"  # a pipe nobody reads fills up
+                step_precision = precision if path == "optimized" else "fp32"
+                proc = start_server(port, ["--run", str(run), "--store", store, "--path", path, "--workers", str(n),
+                                           "--max-queue-examples", "10000000", "--max-latency-ms", "600000",
+                                           "--precision", step_precision], log=log)
+                base = f"http://127.0.0.1:{port}"
+                try:
+                    _wait_for_workers(base, n)
+                    asyncio.run(closed_loop(f"{base}/rank", bodies, max(concurrency), warmup_s))
+                    for c in concurrency:
+                        before = parse_stage_seconds(httpx.get(f"{base}/metrics", timeout=5.0).text)
+                        step = {"path": path, "workers": n, "candidates": n_cand, "precision": step_precision,
+                                **asyncio.run(closed_loop(f"{base}/rank", bodies, c, seconds))}
+                        if n == 1:  # a scrape reads one worker: a profile only of a single process
+                            after = parse_stage_seconds(httpx.get(f"{base}/metrics", timeout=5.0).text)
+                            step["stages_ms"] = stage_profile(before, after, step)
+                        steps.append(step)
+                        print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
+                    if path == "optimized" and n == workers[0] and sustain_seconds > 0 and sustained is None:
+                        best = max((s for s in steps[first:] if s["path"] == path), key=lambda s: s["examples_per_s"])
+                        sustained = {"path": path, "workers": n, "candidates": n_cand,
+                                     **asyncio.run(closed_loop(f"{base}/rank", bodies, best["concurrency"], sustain_seconds))}
+                        # With several workers a scrape reads one of them: the figure is that worker's.
+                        sustained["metrics_5xx"] = _scraped_5xx(f"{base}/metrics")
+                finally:
+                    stop_process(proc)
+        groups.append({"candidates": n_cand, "requests": len(bodies),
+                       "mean_candidates": float(np.mean([len(b["candidates"]) for b in bodies])),
+                       "ratios": ratios(steps[first:]), "worker_ratios": worker_ratios(steps[first:])})
+    head = groups[0]
+    result = {"steps": steps, "sustained": sustained, "precision": precision, "requests": head["requests"],
+              "mean_candidates": head["mean_candidates"], "ratios": head["ratios"],
+              "worker_ratios": head["worker_ratios"], "by_candidates": groups}
     if report is not None:
         Path(report).write_text(json.dumps(result, indent=2))
     return result
+
+
+BATCH_STAGES = ("fetch", "nn_search", "prepare", "forward", "finish")
+"""The ranker's stages of a batch, in order (:class:`~lifelong.transact.serving.Ranker`)."""
+
+
+def stage_profile(before: dict[str, float], after: dict[str, float], step: dict) -> dict[str, float]:
+    """Where a load step's time went, from two ``/metrics`` scrapes of one process around it.
+
+    Each batch stage (:data:`BATCH_STAGES`) as server milliseconds per answered request (the
+    batch's time shared among its requests: what bounds throughput), ``queue`` as the mean wait
+    of a request for its batch (what adds to latency), and ``busy``: the share of the step's
+    wall time the batch thread worked. Below 1, the requests did not arrive fast enough: the
+    HTTP front, the event loop or the load generator (on the same cores) held them back.
+
+    Example::
+
+        >>> stage_profile({"forward": 1.0}, {"forward": 3.0, "queue": 1.0}, {"requests": 100, "seconds": 4.0})
+        {'fetch': 0.0, 'nn_search': 0.0, 'prepare': 0.0, 'forward': 20.0, 'finish': 0.0, 'queue': 10.0, 'busy': 0.5}
+    """
+    n = max(step["requests"], 1)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (*BATCH_STAGES, "queue")}
+    out = {k: 1000 * delta[k] / n for k in BATCH_STAGES}
+    out["queue"] = 1000 * delta["queue"] / n
+    out["busy"] = sum(delta[k] for k in BATCH_STAGES) / max(step["seconds"], 1e-9)
+    return out
 
 
 def _wait_for_workers(base: str, n: int, timeout_s: float = 120.0) -> None:
@@ -280,17 +362,49 @@ def worker_ratios(steps: list[dict]) -> dict:
 
 
 def render(result: dict) -> str:
-    """Markdown tables: every step, the optimized/naive ratios (:func:`ratios`), the sustained run."""
+    """Markdown tables per candidate count: every step, the optimized/naive ratios (:func:`ratios`),
+    the worker ratios, where the time went (:func:`stage_profile`); then the sustained run."""
     several = any(s.get("workers", 1) != 1 for s in result["steps"])  # a workers column only when it varies
-    lines = [f"{result['requests']:,} replayed requests, {result['mean_candidates']:.1f} candidates each on average", "",
-             f"| path |{' workers |' if several else ''} clients | req/s | examples/s | p50 ms | p90 ms | p99 ms | errors | 5xx |",
-             f"|---|{'---|' if several else ''}---|---|---|---|---|---|---|---|"]
-    for s in result["steps"]:
-        workers = f" {s.get('workers', 1)} |" if several else ""
-        lines.append(f"| {s['path']} |{workers} {s['concurrency']} | {s['requests_per_s']:,.1f} | "
-                     f"{s['examples_per_s']:,.0f} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
-                     f"{s['errors']} | {s['server_errors']} |")
-    r = ratios(result["steps"])
+    groups = result.get("by_candidates") or [{"candidates": None, "requests": result["requests"],
+                                              "mean_candidates": result["mean_candidates"]}]
+    lines: list[str] = []
+    for g in groups:
+        steps = [s for s in result["steps"] if s.get("candidates") == g["candidates"]]
+        asked = "as logged" if g["candidates"] is None else "per request"
+        lines += [f"{g['requests']:,} replayed requests, {g['mean_candidates']:.1f} candidates each ({asked})", "",
+                  f"| path |{' workers |' if several else ''} clients | req/s | examples/s | p50 ms | p90 ms | p99 ms | errors | 5xx |",
+                  f"|---|{'---|' if several else ''}---|---|---|---|---|---|---|---|"]
+        for s in steps:
+            workers = f" {s.get('workers', 1)} |" if several else ""
+            lines.append(f"| {s['path']} |{workers} {s['concurrency']} | {s['requests_per_s']:,.1f} | "
+                         f"{s['examples_per_s']:,.0f} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
+                         f"{s['errors']} | {s['server_errors']} |")
+        lines += _render_ratios(steps)
+        profiled = [s for s in steps if "stages_ms" in s]
+        if profiled:
+            lines += ["", "server ms per request by stage (batch stages shared among a batch's requests; queue: the "
+                          "mean wait for a batch; busy: share of the step the batch thread worked)", "",
+                      f"| path | clients | {' | '.join(BATCH_STAGES)} | queue | busy |",
+                      f"|---|---|{'---|' * len(BATCH_STAGES)}---|---|"]
+            for s in profiled:
+                p = s["stages_ms"]
+                lines.append(f"| {s['path']} | {s['concurrency']} | "
+                             + " | ".join(f"{p[k]:.2f}" for k in BATCH_STAGES) + f" | {p['queue']:.1f} | {p['busy']:.0%} |")
+        lines.append("")
+    s = result.get("sustained")
+    if s:
+        n = s.get("workers", 1)
+        served = "optimized" if n == 1 else f"optimized, {n} workers"
+        in_metrics = "in /metrics" if n == 1 else "in the /metrics of the worker scraped"
+        lines += [f"sustained {s['seconds']:.0f} s at {s['concurrency']} clients ({served}): {s['requests']:,} requests, "
+                  f"{s['examples_per_s']:,.0f} examples/s, p50/p90/p99 {s['p50_ms']:.1f}/{s['p90_ms']:.1f}/{s['p99_ms']:.1f} ms, "
+                  f"{s['errors']} errors, {s['server_errors']} 5xx seen by clients, {s['metrics_5xx']} 5xx {in_metrics}"]
+    return "\n".join(lines).rstrip("\n")
+
+
+def _render_ratios(steps: list[dict]) -> list[str]:
+    lines = []
+    r = ratios(steps)
     if r:
         b = r["best"]
         lines += ["", f"best throughput: optimized {b['optimized_examples_per_s']:,.0f} examples/s "
@@ -299,7 +413,7 @@ def render(result: dict) -> str:
                       f"{b['throughput']:.1f}x"]
         lines += [f"at {c['naive_concurrency']} clients: {c['throughput']:.1f}x throughput, p99 "
                   f"{c['optimized_p99_ms']:.1f} vs {c['naive_p99_ms']:.1f} ms" for c in r["by_concurrency"]]
-    w = worker_ratios(result["steps"])
+    w = worker_ratios(steps)
     if w:
         lines.append("")
         lines += [f"{c['workers']} workers over {w['baseline_workers']} at {c['concurrency']} clients: "
@@ -308,12 +422,4 @@ def render(result: dict) -> str:
         lines += [f"best of {c['workers']} workers ({c['concurrency']} clients) over best of {w['baseline_workers']} "
                   f"({c['baseline_concurrency']} clients): {c['throughput']:.2f}x throughput, p99 {c['p99_ms']:.1f} vs "
                   f"{c['baseline_p99_ms']:.1f} ms" for c in w["best"]]
-    s = result.get("sustained")
-    if s:
-        n = s.get("workers", 1)
-        served = "optimized" if n == 1 else f"optimized, {n} workers"
-        in_metrics = "in /metrics" if n == 1 else "in the /metrics of the worker scraped"
-        lines += ["", f"sustained {s['seconds']:.0f} s at {s['concurrency']} clients ({served}): {s['requests']:,} requests, "
-                      f"{s['examples_per_s']:,.0f} examples/s, p50/p90/p99 {s['p50_ms']:.1f}/{s['p90_ms']:.1f}/{s['p99_ms']:.1f} ms, "
-                      f"{s['errors']} errors, {s['server_errors']} 5xx seen by clients, {s['metrics_5xx']} 5xx {in_metrics}"]
-    return "\n".join(lines)
+    return lines

@@ -26,7 +26,7 @@ from lifelong.cli import transact as transact_cli
 from lifelong.cli.bench_features import bench_serve_features
 from lifelong.cli.dv365 import dv365_app
 from lifelong.cli.loop import abtest
-from lifelong.cli.options import STORE_HELP, moved_alias
+from lifelong.cli.options import STORE_HELP, int_list, moved_alias
 from lifelong.core.console import err, out
 from lifelong.core.errors import LifelongError
 from lifelong.store.urls import STREAM_HELP
@@ -192,9 +192,13 @@ def serve(
     workers: Annotated[int, typer.Option("--workers", help=(
         "Serving processes behind the one port, each with its own copy of the model, sharing the store; "
         "1: this process serves (docs/serving.md, Serving replicas)."))] = 1,
+    precision: Annotated[str, typer.Option("--precision", help=(
+        "fp32 | bf16: the model's forward under bfloat16 autocast, fast on CPUs with bfloat16 units "
+        "(docs/serving.md, Precision)."))] = "fp32",
 ) -> None:
     """Serve a trained ranker over HTTP: POST /rank, GET /healthz, /readyz, /metrics, /docs."""
     from lifelong.core.errors import ConfigError
+    from lifelong.core.precision import check_precision
 
     limits = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_candidates=max_candidates,
                   max_latency_ms=max_latency_ms, max_queue_examples=max_queue_examples, body_timeout_s=body_timeout_s)
@@ -207,6 +211,9 @@ def serve(
         raise ConfigError("--user-emb serves a run trained with one: not with --online")
     if workers < 1:
         raise ConfigError(f"--workers is the number of serving processes: at least 1, got {workers}")
+    if online and precision != "fp32":
+        raise ConfigError("--precision applies to a TransAct run (--run): not with --online")
+    check_precision(precision)
     if workers > 1 and (online or accept_sync):
         # Fanning a push out to every worker is not implemented: refused rather than served stale.
         raise ConfigError(f"{'--online' if online else '--accept-sync'} takes parameter pushes (POST /admin/sync), "
@@ -221,7 +228,8 @@ def serve(
             err.print(f"serving {version} ({path} path) on http://{host}:{port} with {workers} workers "
                       f"(pids {', '.join(map(str, pids))})  (OpenAPI: /docs, /openapi.json)")
 
-        serve_replicas(socks, dict(run=str(run), store=store, path=path, backend=backend, user_emb=user_emb, **limits),
+        serve_replicas(socks, dict(run=str(run), store=store, path=path, backend=backend, user_emb=user_emb,
+                                   precision=precision, **limits),
                        on_ready=ready)
         return
     from lifelong.cli.service import bind_port, build_online_service, build_service, run_server
@@ -234,7 +242,7 @@ def serve(
                       f"--serve http://{host}:{port}` to push parameters  (OpenAPI: /docs)")
         else:
             app_, version = build_service(run, store, path=path, backend=backend, user_emb=user_emb,
-                                          accept_sync=accept_sync, **limits)
+                                          accept_sync=accept_sync, precision=precision, **limits)
             err.print(f"serving {version} ({path} path) on http://{host}:{port}  (OpenAPI: /docs, /openapi.json)")
     except BaseException:
         sock.close()
@@ -271,18 +279,48 @@ def bench_serve(
     workers: Annotated[str, typer.Option("--workers", help=(
         "Comma-separated worker counts (lifelong serve --workers) to serve the optimized path with, one after the "
         "other: 1,2 compares one process with two replicas at every concurrency."))] = "1",
+    candidates: Annotated[str | None, typer.Option("--candidates", help=(
+        "Comma-separated candidates per request, one group of steps each (e.g. 32,128,512): each request keeps "
+        "its own candidates and draws the rest from the eval split's others [default: the requests as logged]."))] = None,
+    max_requests: Annotated[int, typer.Option("--max-requests", help="Replay the eval split's first N requests.")] = 5000,
+    precision: Annotated[str, typer.Option("--precision", help=(
+        "fp32 | bf16: the optimized path's forward (lifelong serve --precision); naive stays fp32."))] = "fp32",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here (ratios included).")] = None,
 ) -> None:
-    """Closed-loop HTTP load against real servers of each path: examples/s, p50/p90/p99, errors."""
+    """Closed-loop HTTP load against real servers of each path: examples/s, p50/p90/p99, errors, time per stage."""
     from lifelong.bench.serve import render, run_serve_bench
+    from lifelong.core.precision import check_precision
 
-    results = run_serve_bench(run, store, data, concurrency=[int(c) for c in concurrency.split(",")],
+    results = run_serve_bench(run, store, data, concurrency=list(int_list(concurrency, "--concurrency")),
                               seconds=seconds, sustain_seconds=sustain, paths=paths.split(","), report=json_out,
-                              workers=tuple(int(w) for w in workers.split(",")))
+                              workers=int_list(workers, "--workers"),
+                              candidates=(None,) if candidates is None else int_list(candidates, "--candidates"),
+                              max_requests=max_requests, precision=check_precision(precision))
     out.print(render(results))
 
 
 bench_app.command("serve-features")(bench_serve_features)
+
+
+@bench_app.command("train")
+def bench_train(
+    data: Annotated[Path | None, typer.Option("--data", help="Rows directory (lifelong transact build): TransAct V2 "
+                                                             "trains on its train split, NE on its eval split.")] = None,
+    dv365: Annotated[Path | None, typer.Option("--dv365", help="A world: the DV365 tower trains on its users' examples.")] = None,
+    rows: Annotated[int, typer.Option(help="Training rows of TransAct V2 (a seeded draw).")] = 20_000,
+    eval_rows: Annotated[int, typer.Option("--eval-rows", help="Held-out rows the NE is measured on.")] = 20_000,
+    dv365_users: Annotated[int, typer.Option("--dv365-users", help="Users whose examples the DV365 tower trains on.")] = 200,
+    epochs: Annotated[int, typer.Option(help="Epochs of every run.")] = 1,
+    rounds: Annotated[int, typer.Option(help="Runs of each variant, alternating; the median examples/s is reported.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the rows, the weights and the shuffling.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here (ratios included).")] = None,
+) -> None:
+    """Training examples/s of today's step vs the optimized one on the same rows, with the NE each reaches."""
+    from lifelong.bench.train import render, run_train_bench
+
+    result = run_train_bench(data, dv365, rows=rows, eval_rows=eval_rows, dv365_users=dv365_users, epochs=epochs,
+                             seed=seed, rounds=rounds, report=json_out, log=err.print)
+    out.print(render(result))
 
 
 def _print_inspection(report, png: Path) -> None:

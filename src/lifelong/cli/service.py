@@ -44,7 +44,8 @@ def build_service(run: str | os.PathLike[str], store: str, path: str = "optimize
                   max_batch: int = 2048, max_wait_ms: float = 2.0, max_candidates: int = 1000,
                   max_latency_ms: float = 1000.0, max_queue_examples: int = 640,
                   body_timeout_s: float = 5.0, user_emb: str | None = None,
-                  accept_sync: bool = False, worker: int | None = None) -> tuple[FastAPI, str]:
+                  accept_sync: bool = False, worker: int | None = None,
+                  precision: str = "fp32") -> tuple[FastAPI, str]:
     """The FastAPI app serving ``run`` over ``store`` and the model version it reports.
 
     Args:
@@ -63,6 +64,8 @@ def build_service(run: str | os.PathLike[str], store: str, path: str = "optimize
         accept_sync: take parameter pushes of ``lifelong monolith online --model-run RUN``
             (``POST /admin/sync``, applied in place between batches; every response names the
             version that scored it). Always on for a run with collision-less id tables.
+        precision: ``fp32`` or ``bf16``: the model's forward under bfloat16 autocast
+            (:class:`~lifelong.transact.serving.Ranker`).
         worker: this process's index among the replicas of ``lifelong serve --workers N``, named
             in its answers; a run that takes pushes is then refused (a push would reach one
             replica only).
@@ -75,6 +78,7 @@ def build_service(run: str | os.PathLike[str], store: str, path: str = "optimize
         app, version = build_service("runs/v2", "lmdb:///tmp/store")
     """
     from lifelong.serving.app import create_app
+    from lifelong.serving.metrics import ServiceMetrics
     from lifelong.store.feature_store import open_store
     from lifelong.transact.online import SyncedTransActRanker, id_tables, run_config
     from lifelong.transact.serving import Ranker, model_version, user_emb_reader
@@ -88,12 +92,14 @@ def build_service(run: str | os.PathLike[str], store: str, path: str = "optimize
     feature_store = open_store(store)
     reader = user_emb_reader(run, model, meta, user_emb)
     version = model_version(Path(run))
+    metrics = ServiceMetrics()  # the ranker times its stages into the metrics /metrics renders
     if synced:
         ranker = SyncedTransActRanker(model, feature_store, version, run_config(run), path=path, backend=backend,
-                                      user_emb=reader)
+                                      user_emb=reader, stages=metrics.stages, precision=precision)
     else:
-        ranker = Ranker(model, feature_store, path=path, backend=backend, user_emb=reader)
-    app = create_app(ranker, version, _batching(max_batch, max_wait_ms, max_queue_examples),
+        ranker = Ranker(model, feature_store, path=path, backend=backend, user_emb=reader, stages=metrics.stages,
+                        precision=precision)
+    app = create_app(ranker, version, _batching(max_batch, max_wait_ms, max_queue_examples), metrics=metrics,
                      max_candidates=max_candidates, max_latency_ms=max_latency_ms, body_timeout_s=body_timeout_s,
                      worker=worker)
     return app, version

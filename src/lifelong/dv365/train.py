@@ -52,10 +52,11 @@ from lifelong.core.distributed import (
 )
 from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import auc, normalized_entropy
+from lifelong.core.precision import check_precision, forward_precision
 from lifelong.core.progress import progress
 from lifelong.data.io import write_json
 from lifelong.data.protocol import DAY_MS
-from lifelong.dv365.backbone import TASKS, BackboneConfig, BackboneSimulation, backbone_loss
+from lifelong.dv365.backbone import TASKS, BackboneConfig, BackboneOutput, BackboneSimulation, backbone_loss
 from lifelong.dv365.examples import ExampleSet, TokenCache, World, open_world, sample_examples
 from lifelong.dv365.fsa import FSAConfig
 from lifelong.dv365.slices import SliceSpec
@@ -80,6 +81,9 @@ class DV365TrainConfig:
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         seed: seeds the user subset, the example draw, the weights and the shuffling.
+        precision: ``fp32``, or ``bf16``: training forward passes under bfloat16 autocast,
+            parameters and losses in float32 (:mod:`lifelong.core.precision`). Evaluation and
+            export stay float32.
 
     Example::
 
@@ -101,8 +105,10 @@ class DV365TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     seed: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.gap_ms < 0:
             raise ConfigError(f"gap_ms must be >= 0, got {self.gap_ms}")
         for key in ("train_days", "per_group", "eval_per_group", "epochs", "groups_per_batch"):
@@ -157,23 +163,25 @@ def group_tokens(prepared: Prepared, examples: ExampleSet, cut_offset_ms: int) -
 
 
 def _forward(tower: DV365Tower, backbone: BackboneSimulation, tokens: torch.Tensor, examples: ExampleSet,
-             groups: np.ndarray):
+             groups: np.ndarray, precision: str = "fp32"):
     features, labels, watch = examples.batch(groups)
-    # Without user vectors the backbone ignores the tower: skip its forward.
-    user = tower(tokens[torch.from_numpy(groups)].float()) if backbone.user_proj is not None else tokens[:0]
-    return backbone(user, features), labels, watch
+    with forward_precision(precision):
+        # Without user vectors the backbone ignores the tower: skip its forward.
+        user = tower(tokens[torch.from_numpy(groups)].float()) if backbone.user_proj is not None else tokens[:0]
+        out = backbone(user, features)
+    return BackboneOutput(out.logits.float(), out.watch.float()), labels, watch
 
 
 class _Losses(nn.Module):
     """``backbone_loss`` of a batch of groups as one module, the one DDP wraps (tower and backbone
     together; it finds the tensors a forward returns in a tuple, not inside a ``BackboneOutput``)."""
 
-    def __init__(self, tower: DV365Tower, backbone: BackboneSimulation, watch_weight: float):
+    def __init__(self, tower: DV365Tower, backbone: BackboneSimulation, watch_weight: float, precision: str):
         super().__init__()
-        self.tower, self.backbone, self.watch_weight = tower, backbone, watch_weight
+        self.tower, self.backbone, self.watch_weight, self.precision = tower, backbone, watch_weight, precision
 
     def forward(self, tokens: torch.Tensor, examples: ExampleSet, groups: np.ndarray):
-        out, labels, watch = _forward(self.tower, self.backbone, tokens, examples, groups)
+        out, labels, watch = _forward(self.tower, self.backbone, tokens, examples, groups, self.precision)
         return backbone_loss(out, labels, watch, self.watch_weight)
 
 
@@ -242,7 +250,7 @@ def fit(prepared: Prepared, cfg: DV365TrainConfig, log: Callable[[str], None] = 
     # Wrapped after the checkpoint is loaded (DDP starts every rank from rank 0's parameters); a
     # static graph, as the tower gets no gradient without user vectors. The buffers (the content
     # tables) are constants every rank builds alike: not broadcast at every step.
-    ddp = DistributedDataParallel(_Losses(tower, backbone, cfg.backbone.watch_weight), static_graph=True,
+    ddp = DistributedDataParallel(_Losses(tower, backbone, cfg.backbone.watch_weight, cfg.precision), static_graph=True,
                                   forward_sync_buffers=False) if ranks.parallel else None
     sizes = np.diff(train.offsets)
     n_batches = (train.n_groups + cfg.groups_per_batch - 1) // cfg.groups_per_batch
@@ -259,7 +267,7 @@ def fit(prepared: Prepared, cfg: DV365TrainConfig, log: Callable[[str], None] = 
                 glob = order[b * cfg.groups_per_batch:(b + 1) * cfg.groups_per_batch]
                 groups = np.sort(shard(glob, ranks))
                 if ddp is None:
-                    out, labels, watch = _forward(tower, backbone, tokens, train, groups)
+                    out, labels, watch = _forward(tower, backbone, tokens, train, groups, cfg.precision)
                     loss, bce, mse = backbone_loss(out, labels, watch, cfg.backbone.watch_weight)
                 else:  # the losses are means over the rank's examples: scaled to its share of the batch's
                     share = loss_share(int(sizes[groups].sum()), int(sizes[glob].sum()), ranks)

@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from lifelong.core.errors import ConfigError
@@ -71,6 +71,7 @@ class _Entry(Generic[T, R]):
     deadline: float | None  # time.monotonic() seconds
     gone: Callable[[], Awaitable[bool]] | None
     queued: bool = True  # counted in the queue's examples
+    submitted: float = field(default_factory=time.monotonic)
     dispatched: bool = False  # handed to the worker: it will be scored
 
 
@@ -235,8 +236,10 @@ class DynamicBatcher(Generic[T, R]):
             live = await self._drop_dead(batch)
             if not live:
                 continue
+            now = time.monotonic()
             for e in live:
                 e.dispatched = True
+                self.metrics.stages.add("queue", now - e.submitted)
             items = [e.item for e in live]
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, items)

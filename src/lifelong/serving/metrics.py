@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -51,6 +54,66 @@ class Histogram:
         return out
 
 
+class StageClock:
+    """Wall seconds spent in each named stage of serving, summed over calls (thread-safe).
+
+    The ranker times its stages of a batch (``fetch``, ``nn_search``, ``prepare``, ``forward``,
+    ``finish``); the batcher times each request's wait for a batch (``queue``). ``/metrics``
+    exposes the sums as ``lifelong_stage_seconds_total{stage=...}``, so the difference of two
+    scrapes says where a load step's time went (``lifelong bench serve`` prints it).
+
+    Example::
+
+        >>> clock = StageClock()
+        >>> with clock.stage("forward"):
+        ...     pass
+        >>> clock.add("queue", 0.25); clock.add("queue", 0.5)
+        >>> clock.seconds["queue"], clock.calls["queue"], sorted(clock.seconds)
+        (0.75, 2, ['forward', 'queue'])
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] += seconds
+            self.calls[name] += 1
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the ``with`` body as one call of stage ``name`` (counted even when it raises)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return ["# HELP lifelong_stage_seconds_total Wall seconds spent in each serving stage (queue: summed over requests).",
+                    "# TYPE lifelong_stage_seconds_total counter",
+                    *(f'lifelong_stage_seconds_total{{stage="{k}"}} {v!r}' for k, v in sorted(self.seconds.items())),
+                    "# HELP lifelong_stage_calls_total Times each serving stage ran (batches; queue: requests).",
+                    "# TYPE lifelong_stage_calls_total counter",
+                    *(f'lifelong_stage_calls_total{{stage="{k}"}} {n}' for k, n in sorted(self.calls.items()))]
+
+
+def parse_stage_seconds(text: str) -> dict[str, float]:
+    """``{stage: seconds}`` of a ``/metrics`` page's ``lifelong_stage_seconds_total`` lines.
+
+    Example::
+
+        >>> parse_stage_seconds('lifelong_stage_seconds_total{stage="forward"} 1.5\\nother 2')
+        {'forward': 1.5}
+    """
+    prefix = 'lifelong_stage_seconds_total{stage="'
+    return {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
 CAUSES = ("invalid", "unknown_items", "too_many_candidates", "body_too_large", "body_timeout", "overloaded",
           "deadline", "client_gone", "store_unavailable", "no_model", "internal")
 """Why a ``/rank`` request was not answered 200: the ``cause`` label of ``lifelong_errors_total``."""
@@ -84,6 +147,7 @@ class ServiceMetrics:
         self.dropped_examples: dict[str, int] = defaultdict(int)
         self.store_errors = 0
         self.ready: bool | None = None
+        self.stages = StageClock()
 
     def request(self, status: int, seconds: float, cause: str | None = None) -> None:
         """A ``/rank`` request was answered ``status``; a non-200 names its ``cause`` (see :data:`CAUSES`)."""
@@ -152,7 +216,8 @@ class ServiceMetrics:
                       "# HELP lifelong_queue_depth Requests waiting for a batch.",
                       "# TYPE lifelong_queue_depth gauge", f"lifelong_queue_depth {self.queue_depth}",
                       "# HELP lifelong_queue_examples Candidates waiting for a batch (bounded by max_queue_examples).",
-                      "# TYPE lifelong_queue_examples gauge", f"lifelong_queue_examples {self.queue_examples}"]
+                      "# TYPE lifelong_queue_examples gauge", f"lifelong_queue_examples {self.queue_examples}",
+                      *self.stages.lines()]
             if self.ready is not None:
                 lines += ["# HELP lifelong_ready Whether the last readiness probe (/readyz) found the ranker ready.",
                           "# TYPE lifelong_ready gauge", f"lifelong_ready {int(self.ready)}"]

@@ -75,7 +75,10 @@ class RankData:
         try:
             self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(d.glob("*.npy"))}
             items = self.directory / "items"
-            self.item_emb = dequantize_int8(torch.from_numpy(np.load(items / "emb_int8.npy")))
+            emb = dequantize_int8(torch.from_numpy(np.load(items / "emb_int8.npy")))
+            # A zero row after the items: padding (-1) gathers it, in one index_select per batch.
+            self._emb_table = torch.cat([emb, emb.new_zeros(1, emb.shape[1])])
+            self.item_emb = self._emb_table[:-1]
             self.item_author = torch.from_numpy(np.load(items / "author_id.npy").astype(np.int64))
             self.item_topic = torch.from_numpy(np.load(items / "topic_id.npy").astype(np.int64))
             self.item_id = torch.from_numpy(np.load(items / "item_id.npy").astype(np.int64))
@@ -119,8 +122,9 @@ class RankData:
 
     def _emb(self, item: torch.Tensor) -> torch.Tensor:
         """Dequantized embeddings of item indices, zeros for padding (-1)."""
-        out = self.item_emb[item.clamp_min(0)]
-        return out * (item >= 0).unsqueeze(-1)
+        pad = self._emb_table.shape[0] - 1
+        flat = torch.where(item >= 0, item, pad).reshape(-1)
+        return self._emb_table.index_select(0, flat).view(*item.shape, self._emb_table.shape[1])
 
     def batch(self, rows: np.ndarray) -> RankBatch:
         """Assemble the rows ``rows`` (indices into this split) into a RankBatch."""

@@ -33,6 +33,7 @@ takes effect at the next batch), decodes them, and fills a user the version lack
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -51,10 +52,12 @@ from torch import nn
 from lifelong.core.config import build
 from lifelong.core.errors import ConfigError, DataError, StoreUnavailable
 from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS
+from lifelong.core.precision import check_precision, forward_precision
 from lifelong.core.quantization import INT8_SCALE, dequantize_int8
 from lifelong.data.schema import EMBED_DIM
 from lifelong.ops.nn_search import nn_search, nn_search_naive
 from lifelong.ops.nn_select import l2_normalize
+from lifelong.serving.metrics import StageClock
 from lifelong.serving.ranking import RankRequest, RankResult
 from lifelong.store.embeddings import EmbeddingReader, decode_records
 from lifelong.store.feature_store import FeatureStore, ItemRecords, StoreReader, VersionGone
@@ -203,6 +206,12 @@ class Ranker:
         head_weights: ``w_h`` of the final score by head name.
         user_emb: the DV365 export store a model with ``abilities.user_tokens`` reads (required
             then, refused otherwise); read per batch, so a new export is served from the next one.
+        precision: ``fp32``, or ``bf16``: the model's forward under bfloat16 autocast
+            (:mod:`lifelong.core.precision`; scores then differ from float32's by about 1e-3).
+        forward_rows: the optimized path scores a batch in chunks of this many rows.
+        stages: where the time of each batch's stages is summed (``fetch``: the store read and the
+            rows' ids; ``nn_search``: every row's ``S_all``; ``prepare``: the tokens and tensors the
+            model reads; ``forward``; ``finish``: probabilities and scores); a new clock by default.
 
     Example::
 
@@ -212,9 +221,13 @@ class Ranker:
 
     def __init__(self, model: nn.Module, store: FeatureStore, path: str = "optimized",
                  backend: str | None = None, head_weights: dict[str, float] = DEFAULT_HEAD_WEIGHTS,
-                 user_emb: EmbeddingReader | None = None):
+                 user_emb: EmbeddingReader | None = None, stages: StageClock | None = None,
+                 precision: str = "fp32", forward_rows: int = 256):
         if path not in PATHS:
             raise ConfigError(f"unknown serving path {path!r}; choose one of {', '.join(PATHS)}")
+        if forward_rows < 1:
+            raise ConfigError(f"forward_rows must be >= 1, got {forward_rows}")
+        self.precision, self.forward_rows = check_precision(precision), forward_rows
         self.model, self.store, self.path, self.backend = model.eval(), store, path, backend
         meta = store.meta()  # StoreUnavailable when nothing is loaded: serve after `lifelong store load`
         self.layout = SequenceLayout(**meta["layout"])
@@ -248,6 +261,7 @@ class Ranker:
         self.read_positions = self.layout.positions(self.abilities.blocks)
         self.token_table = path == "optimized" and self.abilities.token_table
         self.arena = Arena(rows=4096, tokens=1 << 16, seq_len=self.layout.total)
+        self.stages = stages or StageClock()
 
     # -- DV365 user embeddings ----------------------------------------------------------------
 
@@ -459,10 +473,11 @@ class Ranker:
         return out
 
     def _finish(self, logits: torch.Tensor, counts: list[int], cold: list[bool]) -> list[RankResult]:
-        probs = torch.sigmoid(logits).numpy()
-        scores = probs @ self.weights
-        bounds = np.cumsum([0, *counts])
-        return [RankResult(probs[a:b], scores[a:b], c) for a, b, c in zip(bounds[:-1], bounds[1:], cold)]
+        with self.stages.stage("finish"):
+            probs = torch.sigmoid(logits).numpy()
+            scores = probs @ self.weights
+            bounds = np.cumsum([0, *counts])
+            return [RankResult(probs[a:b], scores[a:b], c) for a, b, c in zip(bounds[:-1], bounds[1:], cold)]
 
     def _histories(self, requests: list[RankRequest], reader: StoreReader,
                    version: _StoreVersion) -> tuple[np.ndarray, list[bool], list[_History]]:
@@ -540,20 +555,23 @@ class Ranker:
         tokens some row selected, and those tokens' dequantized embeddings, actions, surfaces."""
         counts = [int(r.items.size) for r in requests]
         n = sum(counts)
-        self.arena.reserve(n, 0)
-        key_of_request, cold, hist = self._histories(requests, reader, version)
-        ids, items = self._rows(requests, rows, n, version)
+        with self.stages.stage("fetch"):
+            self.arena.reserve(n, 0)
+            key_of_request, cold, hist = self._histories(requests, reader, version)
+            ids, items = self._rows(requests, rows, n, version)
         tokens = self.arena.tok_int8[:self.n_tokens]
         search = functools.partial(nn_search, backend=self.backend)
-        tok_index = self._token_index(hist, np.repeat(key_of_request, counts), version.item_unit[items], tokens,
-                                      search, version.scale)
-        if positions is not None:
-            tok_index = tok_index.index_select(1, positions)
-        # Only the tokens some row selected enter the model: a 10^4-token S_LL contributes a few
-        # hundred, and per-token work (dequantization, the fused first layer) scales with those.
-        used, tok_index = _compact(tok_index)
-        return (ids, items, counts, cold, tok_index, dequantize_int8(tokens[used], version.scale),
-                self.arena.tok_action[used], self.arena.tok_surface[used])
+        with self.stages.stage("nn_search"):
+            tok_index = self._token_index(hist, np.repeat(key_of_request, counts), version.item_unit[items], tokens,
+                                          search, version.scale)
+        with self.stages.stage("prepare"):
+            if positions is not None:
+                tok_index = tok_index.index_select(1, positions)
+            # Only the tokens some row selected enter the model: a 10^4-token S_LL contributes a few
+            # hundred, and per-token work (dequantization, the fused first layer) scales with those.
+            used, tok_index = _compact(tok_index)
+            return (ids, items, counts, cold, tok_index, dequantize_int8(tokens[used], version.scale),
+                    self.arena.tok_action[used], self.arena.tok_surface[used])
 
     def _rank_optimized(self, requests: list[RankRequest], rows: list[np.ndarray], reader: StoreReader,
                         version: _StoreVersion, users: tuple[torch.Tensor, np.ndarray, int] | None) -> list[RankResult]:
@@ -564,30 +582,51 @@ class Ranker:
         if users is not None:  # each distinct user's embedding once; rows index it
             user_emb, user_index = users[0], torch.from_numpy(np.repeat(users[1], counts))
         if self.token_table:
-            user = {} if user_emb is None else {"user_emb": user_emb, "user_index": user_index}
-            logits = self.model.score_token_table(tok_emb, tok_action, tok_surface, tok_index, cand_emb,
-                                                  _RowInputs(ids, cand_emb), backend=self.backend, **user)
+            def score(rows: slice) -> torch.Tensor:
+                user = {} if user_emb is None else {"user_emb": user_emb, "user_index": user_index[rows]}
+                return self.model.score_token_table(tok_emb, tok_action, tok_surface, tok_index[rows], cand_emb[rows],
+                                                    _RowInputs(ids[:, rows], cand_emb[rows]), backend=self.backend,
+                                                    **user)
         else:
-            batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface,
-                                  None if user_emb is None else user_emb[user_index])
-            logits = self.model(batch).logits
+            with self.stages.stage("prepare"):
+                batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface,
+                                      None if user_emb is None else user_emb[user_index])
+
+            def score(rows: slice) -> torch.Tensor:
+                return self.model(_slice_batch(batch, rows)).logits
+        with self.stages.stage("forward"), forward_precision(self.precision):
+            # In chunks of rows: a forward over thousands of rows at once runs slower per row,
+            # its activations no longer fitting in cache.
+            n = tok_index.shape[0]
+            logits = torch.cat([score(slice(a, a + self.forward_rows)).float() for a in range(0, n, self.forward_rows)])
         return self._finish(logits, counts, cold)
 
     def _rank_naive(self, request: RankRequest, rows: np.ndarray, reader: StoreReader,
                     version: _StoreVersion, user_emb: torch.Tensor | None = None) -> RankResult:
         n = int(request.items.size)
-        _, cold, hist = self._histories([request], reader, version)
-        tokens = self.arena.tok_int8[:self.n_tokens].clone()
-        ids, items = self._rows([request], [rows], n, version)
-        ids = ids.clone()
-        tok_index = self._token_index(hist, np.zeros(n, dtype=np.int64), version.item_unit[items], tokens,
-                                      nn_search_naive, version.scale).clone()
-        cand_emb = version.item_emb[items]
-        batch = _gather_batch(ids, cand_emb, tok_index, dequantize_int8(tokens, version.scale),
-                              self.arena.tok_action[:self.n_tokens].clone(),
-                              self.arena.tok_surface[:self.n_tokens].clone(),
-                              None if user_emb is None else user_emb.unsqueeze(0).repeat(n, 1, 1))  # a copy per row
-        return self._finish(self.model(batch).logits, [n], cold)[0]
+        with self.stages.stage("fetch"):
+            _, cold, hist = self._histories([request], reader, version)
+            tokens = self.arena.tok_int8[:self.n_tokens].clone()
+            ids, items = self._rows([request], [rows], n, version)
+            ids = ids.clone()
+        with self.stages.stage("nn_search"):
+            tok_index = self._token_index(hist, np.zeros(n, dtype=np.int64), version.item_unit[items], tokens,
+                                          nn_search_naive, version.scale).clone()
+        with self.stages.stage("prepare"):
+            cand_emb = version.item_emb[items]
+            batch = _gather_batch(ids, cand_emb, tok_index, dequantize_int8(tokens, version.scale),
+                                  self.arena.tok_action[:self.n_tokens].clone(),
+                                  self.arena.tok_surface[:self.n_tokens].clone(),
+                                  None if user_emb is None else user_emb.unsqueeze(0).repeat(n, 1, 1))  # a copy per row
+        with self.stages.stage("forward"), forward_precision(self.precision):
+            logits = self.model(batch).logits.float()
+        return self._finish(logits, [n], cold)[0]
+
+
+def _slice_batch(batch: RankBatch, rows: slice) -> RankBatch:
+    """The rows ``rows`` of a batch (every field is per row)."""
+    return dataclasses.replace(batch, **{f.name: value[rows] for f in dataclasses.fields(batch)
+                                         if (value := getattr(batch, f.name)) is not None})
 
 
 def _compact(tok_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
