@@ -187,6 +187,11 @@ def test_store_load_and_serve_user_errors(tiny_rows, tmp_path):
     assert res.returncode == 2 and "cannot reach Redis" in res.stderr
     res = run_cli("serve", "--run", str(tmp_path / "norun"), "--store", str(tmp_path / "s"))
     assert res.returncode == 2 and "not a finished run" in res.stderr
+    res = run_cli("serve", "--run", str(tmp_path / "norun"), "--store", str(tmp_path / "s"), "--precision", "fp16")
+    assert res.returncode == 2 and "precision must be one of fp32, bf16" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("bench", "serve", "--run", str(tmp_path / "norun"), "--store", str(tmp_path / "s"),
+                  "--data", str(tiny_rows / "rows"), "--candidates", "32,many")
+    assert res.returncode == 2 and "comma-separated integers" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize(
@@ -199,6 +204,8 @@ def test_store_load_and_serve_user_errors(tiny_rows, tmp_path):
          "wide_deep has none"),
         (("transact", "train", "--data", "{rows}", "--model", "transact_v2", "--user-emb", "lmdb://{tmp}/e", "--out", "{tmp}/r"),
          "no LMDB feature store"),
+        (("transact", "train", "--data", "{rows}", "--model", "bst", "--precision", "fp8", "--out", "{tmp}/r"),
+         "precision must be one of fp32, bf16"),
         (("transact", "build", "--data", "{tmp}/nothing", "--out", "{tmp}/rows2"), "dataset directory not found"),
         (("transact", "experiment", "table9", "--data", "{rows}", "--out", "{tmp}/rep"), "unknown experiment"),
     ],

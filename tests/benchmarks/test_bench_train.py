@@ -56,5 +56,5 @@ def test_bench_train_refuses_bad_input_in_one_line(world):
         run_train_bench(None, None)
     with pytest.raises(ConfigError, match="rounds must be >= 1"):
         run_train_bench(world / "ds", rounds=0)
-    r = run_cli(["bench", "train", "--rows", "0", "--data", str(world / "ds")])
+    r = run_cli("bench", "train", "--rows", "0", "--data", str(world / "ds"))
     assert r.returncode == 2 and "rows must be >= 1" in r.stderr and "Traceback" not in r.stderr

@@ -129,6 +129,23 @@ def test_redis_store_serves_the_same_scores_as_lmdb(served, redis_url):
         np.testing.assert_array_equal(x.probs, y.probs)
 
 
+def test_chunked_forward_scores_as_one_and_bf16_scores_near_fp32(served):
+    """A batch scored in chunks of rows equals one forward over all of them; bfloat16 autocast moves
+    scores by about 1e-3, not the order of a request's candidates much."""
+    net, _ = load_model(served / "transact_v2")
+    data = RankData(served / "ds", "eval")
+    with open_store(str(served / "store")) as store:
+        reqs, _ = _requests(served / "ds", data, Ranker(net, store))
+        probs = {name: np.concatenate([r.probs for r in Ranker(net, store, **kw).rank(reqs)])
+                 for name, kw in (("whole", {"forward_rows": 10**6}), ("chunks", {"forward_rows": 7}),
+                                  ("bf16", {"precision": "bf16"}))}
+        with pytest.raises(ConfigError, match="precision must be one of"):
+            Ranker(net, store, precision="fp16")
+    assert np.abs(probs["whole"] - probs["chunks"]).max() <= 1e-5
+    gap = np.abs(probs["whole"] - probs["bf16"]).max()
+    assert 0 < gap < 0.05
+
+
 def test_arena_is_reused_across_batches(served):
     net, _ = load_model(served / "transact_v2")
     with open_store(str(served / "store")) as store:

@@ -251,23 +251,28 @@ BATCH_STAGES = ("fetch", "nn_search", "prepare", "forward", "finish")
 
 
 def stage_profile(before: dict[str, float], after: dict[str, float], step: dict) -> dict[str, float]:
-    """Where a load step's time went, from two ``/metrics`` scrapes of one process around it.
+    """Where a load step's time went, from two ``/metrics`` scrapes of one process around it
+    (:func:`~lifelong.serving.metrics.parse_stage_seconds`).
 
     Each batch stage (:data:`BATCH_STAGES`) as server milliseconds per answered request (the
-    batch's time shared among its requests: what bounds throughput), ``queue`` as the mean wait
-    of a request for its batch (what adds to latency), and ``busy``: the share of the step's
-    wall time the batch thread worked. Below 1, the requests did not arrive fast enough: the
-    HTTP front, the event loop or the load generator (on the same cores) held them back.
+    batch's time shared among its requests: what bounds throughput); ``queue``, the mean wait of
+    a request for its batch; ``server``, the mean time from a request's arrival to its answer in
+    the server (what the clients waited beyond it, ``mean_ms - server``, is HTTP and the load
+    generator); and ``busy``, the share of the step's wall time the batch thread worked. Below
+    1, requests did not arrive fast enough: the HTTP front, the event loop or the load generator
+    (on the same cores) held them back.
 
     Example::
 
-        >>> stage_profile({"forward": 1.0}, {"forward": 3.0, "queue": 1.0}, {"requests": 100, "seconds": 4.0})
-        {'fetch': 0.0, 'nn_search': 0.0, 'prepare': 0.0, 'forward': 20.0, 'finish': 0.0, 'queue': 10.0, 'busy': 0.5}
+        >>> stage_profile({"forward": 1.0}, {"forward": 3.0, "queue": 1.0, "answered": 4.0, "answers": 100},
+        ...               {"requests": 100, "seconds": 4.0})
+        {'fetch': 0.0, 'nn_search': 0.0, 'prepare': 0.0, 'forward': 20.0, 'finish': 0.0, 'queue': 10.0, 'server': 40.0, 'busy': 0.5}
     """
     n = max(step["requests"], 1)
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (*BATCH_STAGES, "queue")}
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (*BATCH_STAGES, "queue", "answered", "answers")}
     out = {k: 1000 * delta[k] / n for k in BATCH_STAGES}
     out["queue"] = 1000 * delta["queue"] / n
+    out["server"] = 1000 * delta["answered"] / max(delta["answers"], 1)
     out["busy"] = sum(delta[k] for k in BATCH_STAGES) / max(step["seconds"], 1e-9)
     return out
 
@@ -382,14 +387,16 @@ def render(result: dict) -> str:
         lines += _render_ratios(steps)
         profiled = [s for s in steps if "stages_ms" in s]
         if profiled:
-            lines += ["", "server ms per request by stage (batch stages shared among a batch's requests; queue: the "
-                          "mean wait for a batch; busy: share of the step the batch thread worked)", "",
-                      f"| path | clients | {' | '.join(BATCH_STAGES)} | queue | busy |",
-                      f"|---|---|{'---|' * len(BATCH_STAGES)}---|---|"]
+            lines += ["", "ms per request by stage (batch stages: the batch's time shared among its requests; queue: "
+                          "the mean wait for a batch; server / client: mean latency in the server / at the client; "
+                          "busy: share of the step the batch thread worked)", "",
+                      f"| path | clients | {' | '.join(BATCH_STAGES)} | queue | server | client | busy |",
+                      f"|---|---|{'---|' * len(BATCH_STAGES)}---|---|---|---|"]
             for s in profiled:
                 p = s["stages_ms"]
                 lines.append(f"| {s['path']} | {s['concurrency']} | "
-                             + " | ".join(f"{p[k]:.2f}" for k in BATCH_STAGES) + f" | {p['queue']:.1f} | {p['busy']:.0%} |")
+                             + " | ".join(f"{p[k]:.2f}" for k in BATCH_STAGES)
+                             + f" | {p['queue']:.1f} | {p['server']:.1f} | {s['mean_ms']:.1f} | {p['busy']:.0%} |")
         lines.append("")
     s = result.get("sustained")
     if s:

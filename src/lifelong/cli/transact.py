@@ -88,6 +88,8 @@ def train(
     warmup_steps: Annotated[int | None, typer.Option(help="Steps of linear learning-rate warmup [default: 0].")] = None,
     lr_schedule: Annotated[str | None, typer.Option(help="constant | cosine [default: constant].")] = None,
     clip_norm: Annotated[float | None, typer.Option(help="Clip the gradient norm to this [default: 0, off].")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 | bf16: the forward pass under bfloat16 autocast, fast "
+                                                       "on CPUs with bfloat16 units [default: fp32].")] = None,
 ) -> None:
     """Train a ranker (L = L_CE + w_NAL * L_NAL); prints losses and examples/s.
 
@@ -106,7 +108,7 @@ def train(
     flags = {"model": model, "nal": nal, "nal_loss": nal_loss, "w_nal": w_nal, "epochs": epochs,
              "batch_size": batch_size, "lr": lr, "seed": seed, "max_rows": max_rows, "user_emb": user_emb,
              "val_days": val_days, "patience": patience, "warmup_steps": warmup_steps, "lr_schedule": lr_schedule,
-             "clip_norm": clip_norm}
+             "clip_norm": clip_norm, "precision": precision}
     sets = [parse_set(text) for text in set_ or []]
     named = "name" in layer["model"] if isinstance(layer.get("model"), dict) else "model" in layer
     if not (named or model is not None or any(key in ("model", "model.name") for key, _ in sets)):

@@ -102,16 +102,26 @@ class StageClock:
 
 
 def parse_stage_seconds(text: str) -> dict[str, float]:
-    """``{stage: seconds}`` of a ``/metrics`` page's ``lifelong_stage_seconds_total`` lines.
+    """``{stage: seconds}`` of a ``/metrics`` page's ``lifelong_stage_seconds_total`` lines, plus
+    ``answered`` (seconds) and ``answers``: the sum and count of its request latency histogram.
 
     Example::
 
         >>> parse_stage_seconds('lifelong_stage_seconds_total{stage="forward"} 1.5\\nother 2')
         {'forward': 1.5}
+        >>> parse_stage_seconds('lifelong_request_latency_seconds_sum 3.0\\nlifelong_request_latency_seconds_count 4')
+        {'answered': 3.0, 'answers': 4.0}
     """
     prefix = 'lifelong_stage_seconds_total{stage="'
-    return {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line.startswith(prefix)}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            out[line[len(prefix):].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lifelong_request_latency_seconds_sum "):
+            out["answered"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lifelong_request_latency_seconds_count "):
+            out["answers"] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 CAUSES = ("invalid", "unknown_items", "too_many_candidates", "body_too_large", "body_timeout", "overloaded",

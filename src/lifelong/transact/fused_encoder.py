@@ -116,8 +116,15 @@ def _encode_cpu(model: TransAct, tok_emb: torch.Tensor, tok_action: torch.Tensor
     # q, k, v projections, computed once however many rows read it.
     tok_x = F.pad(emb, (0, d - EMBED_DIM)) + ctx.action(action) + ctx.surface(surface)
     tok_qkv = torch.matmul(tok_x, w_tok)  # (3, T + 1, d)
-    x = gather(tok_x).add_(ctx.position[slot])
-    qkv = [gather(tok_qkv[i]).add_(pos_qkv[i][slot]) for i in range(3)]
+    # Where no row has padding before a real token (full blocks, as with long histories) every
+    # row's packed positions are 0..W-1: the position parts broadcast instead of being gathered.
+    in_order = bool((slot == torch.arange(width)).all())
+
+    def at_slots(table: torch.Tensor) -> torch.Tensor:
+        return table[:width] if in_order else table[slot]
+
+    x = gather(tok_x).add_(at_slots(ctx.position))
+    qkv = [gather(tok_qkv[i]).add_(at_slots(pos_qkv[i])) for i in range(3)]
     if model.cfg.early_fusion:
         cand_qkv = torch.matmul(cand_emb, w_cand).unsqueeze(2)  # (3, N, 1, d)
         x.add_(F.pad(cand_emb, (EMBED_DIM, 0)).unsqueeze(1))
