@@ -584,9 +584,12 @@ class Ranker:
         if self.token_table:
             def score(rows: slice) -> torch.Tensor:
                 user = {} if user_emb is None else {"user_emb": user_emb, "user_index": user_index[rows]}
-                return self.model.score_token_table(tok_emb, tok_action, tok_surface, tok_index[rows], cand_emb[rows],
-                                                    _RowInputs(ids[:, rows], cand_emb[rows]), backend=self.backend,
-                                                    **user)
+                # Each chunk reads only its own rows' tokens: the per-token work is not redone
+                # for the whole batch's tokens in every chunk.
+                used, index = _compact(tok_index[rows]) if n > self.forward_rows else (slice(None), tok_index)
+                return self.model.score_token_table(tok_emb[used], tok_action[used], tok_surface[used], index,
+                                                    cand_emb[rows], _RowInputs(ids[:, rows], cand_emb[rows]),
+                                                    backend=self.backend, **user)
         else:
             with self.stages.stage("prepare"):
                 batch = _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface,
@@ -594,10 +597,10 @@ class Ranker:
 
             def score(rows: slice) -> torch.Tensor:
                 return self.model(_slice_batch(batch, rows)).logits
+        n = tok_index.shape[0]
         with self.stages.stage("forward"), forward_precision(self.precision):
             # In chunks of rows: a forward over thousands of rows at once runs slower per row,
             # its activations no longer fitting in cache.
-            n = tok_index.shape[0]
             logits = torch.cat([score(slice(a, a + self.forward_rows)).float() for a in range(0, n, self.forward_rows)])
         return self._finish(logits, counts, cold)
 

@@ -18,8 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,6 @@ from lifelong.core.progress import progress
 from lifelong.data.io import write_json
 from lifelong.modules.heads import ranking_loss
 from lifelong.tables.embedding import collisionless_modules, sparse_step
-from lifelong.transact.batch import RankBatch
 from lifelong.transact.nal import next_action_loss
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.registry import MODEL_NAMES, build_model, default_config, model_abilities
@@ -94,8 +92,6 @@ class TrainConfig:
         precision: ``fp32``, or ``bf16``: the forward pass under bfloat16 autocast, parameters
             and losses in float32 (:mod:`lifelong.core.precision`; fast only on a CPU with
             bfloat16 units). Evaluation and serving stay float32.
-        prefetch: assemble the next batch in a thread while this one trains (the same batches,
-            the same weights; off only to measure what it saves).
 
     Example::
 
@@ -123,7 +119,6 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     clip_norm: float = 0.0
     precision: str = "fp32"
-    prefetch: bool = True
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -203,32 +198,6 @@ def _losses(model: torch.nn.Module, batch, row_w: torch.Tensor | None, weights: 
     if cfg.nal == "none" or output.rt_states is None:
         return ce, None
     return ce, next_action_loss(output.rt_states.float(), batch, negatives=cfg.nal, loss=cfg.nal_loss, generator=gen)
-
-
-def _batches(data: RankData, order: np.ndarray, n_batches: int, cfg: TrainConfig,
-             ranks: Ranks) -> Iterator[tuple[np.ndarray, np.ndarray, RankBatch, torch.Tensor | None]]:
-    """An epoch's batches in ``order``: each one's global rows, this rank's sorted rows, the
-    batch and its row weights (None without down-sampling weights).
-
-    With ``cfg.prefetch`` the next batch is assembled in a thread while the caller trains on
-    this one (gathers release the GIL); the batches are the same either way.
-    """
-    def load(b: int) -> tuple[np.ndarray, np.ndarray, RankBatch, torch.Tensor | None]:
-        glob = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        idx = np.sort(shard(glob, ranks))
-        row_w = torch.from_numpy(np.asarray(data.arrays["weight"][idx])) if "weight" in data.arrays else None
-        return glob, idx, data.batch(idx), row_w
-
-    if not cfg.prefetch:
-        yield from map(load, range(n_batches))
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lifelong-batches") as pool:
-        upcoming = pool.submit(load, 0) if n_batches else None
-        for b in range(n_batches):
-            current = upcoming.result()
-            if b + 1 < n_batches:
-                upcoming = pool.submit(load, b + 1)
-            yield current
 
 
 class _Losses(torch.nn.Module):
@@ -384,7 +353,11 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
         steps = 0
         t0 = time.perf_counter()
         with progress(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", total=n_batches) as advance:
-            for glob, idx, batch, row_w in _batches(data, order, n_batches, cfg, ranks):
+            for b in range(n_batches):
+                glob = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                idx = np.sort(shard(glob, ranks))
+                batch = data.batch(idx)
+                row_w = torch.from_numpy(np.asarray(data.arrays["weight"][idx])) if "weight" in data.arrays else None
                 ce, nal = _losses(model, batch, row_w, weights, cfg, gen) if ddp is None else ddp(batch, row_w, gen)
                 if ddp is not None:
                     row_share = loss_share(len(idx), len(glob), ranks)
