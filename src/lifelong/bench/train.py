@@ -3,11 +3,11 @@
 Each variant is a set of training settings over the same run: same model, seed, rows, batch
 size and epochs (TransAct V2 through :func:`~lifelong.transact.trainer.train`, the DV365 tower
 through :func:`~lifelong.dv365.train.fit` on one shared sample of examples). ``today`` is the
-step before the optimisations (:data:`TODAY`); ``optimized`` is :data:`OPTIMIZED`. Reported per variant: the training examples/s
-the trainer measures (its epoch loop: data loading, forward, backward, optimizer), and the
-NE per head on held-out rows (TransAct: the first ``eval_rows`` of the eval split in a seeded
-draw; DV365: the run's own evaluation examples), so that a speedup is shown next to what it
-does to quality. With ``rounds`` > 1 the variants alternate (today, optimized, today, ...) and
+step before the optimisations (:data:`TODAY`); ``optimized`` is :data:`OPTIMIZED`. Reported per
+variant: the training examples/s the trainer measures (its epoch loop: data loading, forward,
+backward, optimizer), and the NE per head on held-out rows (TransAct: a seeded draw of
+``eval_rows`` rows of the eval split; DV365: the run's own evaluation examples), so that a
+speedup is shown next to what it does to quality. With ``rounds`` > 1 the variants alternate (today, optimized, today, ...) and
 the median examples/s of each is reported, which a noisy shared machine needs.
 """
 
@@ -45,7 +45,8 @@ def bench_transact(data_dir: str | os.PathLike[str], model: str = "transact_v2",
                    epochs: int = 1, eval_rows: int = 20_000, seed: int = 0, rounds: int = 1,
                    base: dict | None = None, log: Callable[[str], None] = _quiet) -> dict:
     """Each variant of :data:`VARIANTS` trains ``model`` on the same ``rows`` training rows
-    (``base``: further ``TrainConfig`` fields of every variant); returns ``{"model", "rows", "eval_rows", "variants": {name: {"examples_per_s", "runs", "ne"}}, "speedup"}``.
+    (``base``: further ``TrainConfig`` fields of every variant); returns ``{"model", "rows",
+    "eval_rows", "variants": {name: {"examples_per_s", "runs", "ne"}}, "speedup", "ne_change"}``.
 
     ``runs`` holds each round's examples/s; ``ne`` the NE per head and their ``mean`` of the
     first round's model; ``speedup`` is optimized over today (medians).
