@@ -13,7 +13,7 @@ from lifelong.data.world import load_config, simulate_to
 from lifelong.transact.evaluate import evaluate_run
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.sequence_layout import SequenceLayout
-from lifelong.transact.trainer import TrainConfig, load_model, split_validation, train, validation_ne
+from lifelong.transact.trainer import TrainConfig, load_model, predict, split_validation, train, validation_ne
 from lifelong.transact.training_rows import BuildConfig, build_rows
 
 
@@ -141,3 +141,10 @@ def test_the_oracles_ne_is_reported_as_the_floor(rows, tmp_path):
         assert ev.oracle_ne[head] == pytest.approx(normalized_entropy(labels[:, i], data.oracle[:, i]))
     # The true probabilities beat a model trained on a few hundred rows on the heads with positives.
     assert ev.oracle_ne["click"] < ev.per_head["click"]["ne"]
+
+
+def test_predict_returns_rows_in_the_order_asked(rows, tmp_path):
+    train(rows, tmp_path / "run", TrainConfig(model="wide_deep", nal="none", epochs=1), log=lambda s: None)
+    model, data = load_model(tmp_path / "run")[0], RankData(rows, "eval")
+    picked = np.array([5, 0, 3, 1])
+    np.testing.assert_allclose(predict(model, data, batch_size=3, rows=picked), predict(model, data)[picked], atol=1e-6)

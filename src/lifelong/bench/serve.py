@@ -176,8 +176,8 @@ def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.
     eval split are replayed, round robin (None: all). ``workers`` are the worker counts (``lifelong
     serve --workers``) the optimized path is served with, one server after the other; the naive
     path runs one process. ``precision`` is the optimized path's (``lifelong serve --precision``);
-    the naive path, the baseline, runs in float32. The sustained run uses the first count and the first candidate count.
-    Every step names its ``workers`` and ``candidates``; one served by one process also has
+    the naive path, the baseline, runs in float32. The sustained run uses the first worker count
+    and the first candidate count. Every step names its ``workers`` and ``candidates``; one served by one process also has
     ``stages_ms`` (:func:`stage_profile`): the server's time per request in each stage over
     the step, the mean wait for a batch and how busy the batch thread was.
 
@@ -218,12 +218,12 @@ def run_serve_bench(run: str | os.PathLike[str], store: str, data_dir: str | os.
                     _wait_for_workers(base, n)
                     asyncio.run(closed_loop(f"{base}/rank", bodies, max(concurrency), warmup_s))
                     for c in concurrency:
-                        before = parse_stage_seconds(httpx.get(f"{base}/metrics", timeout=5.0).text)
+                        # A scrape reads one worker: a profile only of a single process.
+                        before = _scraped_stages(base) if n == 1 else None
                         step = {"path": path, "workers": n, "candidates": n_cand, "precision": step_precision,
                                 **asyncio.run(closed_loop(f"{base}/rank", bodies, c, seconds))}
-                        if n == 1:  # a scrape reads one worker: a profile only of a single process
-                            after = parse_stage_seconds(httpx.get(f"{base}/metrics", timeout=5.0).text)
-                            step["stages_ms"] = stage_profile(before, after, step)
+                        if before is not None:
+                            step["stages_ms"] = stage_profile(before, _scraped_stages(base), step)
                         steps.append(step)
                         print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
                     if path == "optimized" and n == workers[0] and sustain_seconds > 0 and sustained is None:
@@ -292,6 +292,10 @@ def _wait_for_workers(base: str, n: int, timeout_s: float = 120.0) -> None:
             seen.add(httpx.get(f"{base}/healthz", timeout=1.0).json()["worker"])
         except httpx.HTTPError:
             time.sleep(0.2)
+
+
+def _scraped_stages(base: str) -> dict[str, float]:
+    return parse_stage_seconds(httpx.get(f"{base}/metrics", timeout=5.0).text)
 
 
 def _scraped_5xx(url: str) -> int:

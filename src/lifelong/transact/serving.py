@@ -581,6 +581,7 @@ class Ranker:
         user_emb = user_index = None
         if users is not None:  # each distinct user's embedding once; rows index it
             user_emb, user_index = users[0], torch.from_numpy(np.repeat(users[1], counts))
+        n = tok_index.shape[0]
         if self.token_table:
             def score(rows: slice) -> torch.Tensor:
                 user = {} if user_emb is None else {"user_emb": user_emb, "user_index": user_index[rows]}
@@ -597,7 +598,6 @@ class Ranker:
 
             def score(rows: slice) -> torch.Tensor:
                 return self.model(_slice_batch(batch, rows)).logits
-        n = tok_index.shape[0]
         with self.stages.stage("forward"), forward_precision(self.precision):
             # In chunks of rows: a forward over thousands of rows at once runs slower per row,
             # its activations no longer fitting in cache.

@@ -445,8 +445,11 @@ def predict(model: torch.nn.Module, data: RankData, batch_size: int = 4096,
             rows: np.ndarray | None = None) -> np.ndarray:
     """(n, H) head probabilities of ``rows`` of ``data`` (default: every row), in their order."""
     model.eval()
-    rows = np.arange(len(data)) if rows is None else rows
+    rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+    # RankData.batch returns its rows sorted: score in sorted order, then put each back in place.
+    order = np.argsort(rows, kind="stable")
     out = np.zeros((rows.size, len(data.heads)), dtype=np.float32)
     for a in range(0, rows.size, batch_size):
-        out[a:a + batch_size] = torch.sigmoid(model(data.batch(rows[a:a + batch_size])).logits).numpy()
+        at = order[a:a + batch_size]
+        out[at] = torch.sigmoid(model(data.batch(rows[at])).logits).numpy()
     return out
