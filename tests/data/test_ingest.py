@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lifelong.core.errors import DataError, LifelongError
+from lifelong.core.errors import ConfigError, DataError, LifelongError
 from lifelong.data.ingest import SOURCES, ingest
 from lifelong.data.ingest.common import dense_ids, vocabulary_codes
 from lifelong.data.io import load_dataset
@@ -106,6 +106,25 @@ def test_kuairand_mapping_and_quarantine(tmp_path):
     assert meta["quarantined"] == report.quarantined and meta["counts"]["events"] == 4
     assert meta["protocol"] == report.protocol and meta["protocol"]["eval_end_ms"] == T0 + 86_400_000 + 1
     assert {"src", "embedding_method", "lifelong_version", "counts"} <= meta.keys()
+
+
+def test_requests_by_day_join_a_users_chunks_of_one_utc_day(tmp_path):
+    _kuairand(tmp_path / "src")
+    src = tmp_path / "src" / "processed_standard_kcore_15.csv"
+    # A second chunk of user 7 on the first day, an hour later: its own request natively.
+    src.write_text(src.read_text() + _kuai_row(7, 102, 20220410, 1800, T0 + 3_600_000) + "\n")
+    native = load_dataset(ingest("kuairand", tmp_path / "src", tmp_path / "native").out).events.to_pylist()
+    report = ingest("kuairand", tmp_path / "src", tmp_path / "day", requests="day")
+    ev = load_dataset(report.out).events.to_pylist()
+    assert [(r["user_id"], r["item_id"], r["ts_ms"]) for r in ev] == [
+        (r["user_id"], r["item_id"], r["ts_ms"]) for r in native]
+    assert len({r["request_id"] for r in native}) == 4
+    req = [r["request_id"] for r in ev]  # user 3's day; user 7's first day (3 events); user 7's next day
+    assert req[1] == req[2] == req[3] and len({req[0], req[1], req[4]}) == 3
+    meta = json.loads((report.out / "dataset.json").read_text())
+    assert meta["mapping"]["request_id"].startswith("one per (user, UTC day)")
+    with pytest.raises(ConfigError, match="unknown --requests 'week'"):
+        ingest("kuairand", tmp_path / "src", tmp_path / "week", requests="week")
 
 
 def test_kuairand_crlf_and_no_quarantine_file(tmp_path):
@@ -307,16 +326,18 @@ def _taobao(src: Path) -> Path:
 def test_taobao_mapping_window_and_catalogue(tmp_path):
     _taobao(tmp_path / "src")
     report = ingest("taobao", tmp_path / "src", tmp_path / "out")
-    assert (report.rows_read, report.events_written, report.users) == (11, 5, 2)
+    assert (report.rows_read, report.events_written, report.users) == (11, 4, 2)  # pv + cart of 100: one event
     assert report.quarantined == {"unknown behaviour": 1, "timestamp outside window": 3,
                                   "unparseable timestamp": 1, "wrong number of fields": 1}
     assert report.items == 9 and report.items_without_events == 5  # 100..108; 109's line is unreadable
     ds = load_dataset(report.out)
     _assert_sorted(ds.events)
     ev = ds.events.to_pylist()
-    assert [(r["item_id"], r["action_mask"]) for r in ev] == [
-        (100, IMP), (100, int(Action.CART)), (101, REPIN), (102, int(Action.PURCHASE)), (107, IMP)]
-    assert ev[0]["request_id"] == ev[1]["request_id"] != ev[2]["request_id"]
+    # A user's rows on an item within the hour are one shown item with the union of their actions.
+    assert [(r["item_id"], r["action_mask"], r["ts_ms"]) for r in ev] == [
+        (100, IMP | int(Action.CART), TB_T0 * 1000), (101, IMP | REPIN, (TB_T0 + 4000) * 1000),
+        (102, IMP | int(Action.PURCHASE), TB_T0 * 1000), (107, IMP, 1512316799 * 1000)]
+    assert ev[0]["request_id"] != ev[1]["request_id"]  # the next hour
     topics = dict(zip(ds.items.column("item_id").to_pylist(), ds.items.column("topic_id").to_pylist()))
     assert topics[101] == 1 and topics[103] == 2 and topics[100] == 3  # categories 5000, 6000, 7000
     q = _quarantine(report.out)
@@ -370,7 +391,8 @@ def test_real_dataset_counts(tmp_path, source):
         assert int(np.count_nonzero(masks & IMP)) == 189_359
     if source == "taobao":  # 35 rows of the head file predate the documented window
         assert report.quarantined == {"timestamp outside window": 35}
-        assert report.events_written == 84_287 - 35
+        assert report.events_written < 84_287 - 35  # repeated rows on an item within the hour merge
+        assert np.all(masks & IMP)
     if source == "movielens":
         assert not np.any(masks & IMP)
     emb = ds.items.column("embedding").combine_chunks().flatten().to_numpy().astype(np.float32).reshape(-1, 32)

@@ -11,15 +11,18 @@ import torch
 
 from lifelong.transact.experiments import run_name
 from lifelong.transact.serving import model_version
-from lifelong.transact.trainer import TrainConfig, build_train_config
+from lifelong.transact.trainer import TrainConfig, build_train_config, model_config
 
 
-def _fake_run(path, cfg: TrainConfig, with_run_json: bool = True):
-    """A run directory as ``train`` leaves it, as far as ``model_version`` reads it."""
+def _fake_run(path, cfg: TrainConfig, with_run_json: bool = True, with_model_config: bool = True):
+    """A run directory as ``train`` leaves it, as far as ``model_version`` reads it (without
+    ``model_config``: as runs were saved before they recorded it)."""
     path.mkdir(parents=True)
-    torch.save({"name": cfg.model, "train": asdict(cfg), "state_dict": {"w": torch.arange(3.0)}}, path / "model.pt")
+    resolved = {"model_config": model_config(cfg)} if with_model_config else {}
+    torch.save({"name": cfg.model, "train": asdict(cfg), **resolved, "state_dict": {"w": torch.arange(3.0)}},
+               path / "model.pt")
     if with_run_json:
-        (path / "run.json").write_text(json.dumps({"kind": "run", "train": asdict(cfg)}))
+        (path / "run.json").write_text(json.dumps({"kind": "run", "train": asdict(cfg), **resolved}))
     return path
 
 
@@ -46,3 +49,15 @@ def test_run_without_run_json_reads_the_config_from_model_pt(tmp_path):
     with_json = model_version(_fake_run(tmp_path / "a" / "seed0", cfg))
     without = model_version(_fake_run(tmp_path / "b" / "seed0", cfg, with_run_json=False))
     assert with_json.split("@")[0] == without.split("@")[0] == f"{run_name(cfg)}/seed0"
+
+
+def test_the_name_follows_every_model_setting_and_old_runs_keep_theirs(tmp_path):
+    # The default of token_similarity is on; a run that sets it is named as one that does not.
+    default = TrainConfig(model="transact_v2", nal="impression")
+    explicit = build_train_config({"model": {"name": "transact_v2", "token_similarity": True}, "nal": "impression"})
+    concatenation = build_train_config({"model": {"name": "transact_v2", "token_similarity": False},
+                                        "nal": "impression"})
+    assert run_name(default) == run_name(explicit) != run_name(concatenation)
+    # A run saved before runs recorded model_config was trained when concatenation was the default.
+    old = model_version(_fake_run(tmp_path / "old" / "seed0", default, with_model_config=False))
+    assert old.split("/")[0] == run_name(concatenation)

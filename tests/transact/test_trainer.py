@@ -148,3 +148,20 @@ def test_predict_returns_rows_in_the_order_asked(rows, tmp_path):
     model, data = load_model(tmp_path / "run")[0], RankData(rows, "eval")
     picked = np.array([5, 0, 3, 1])
     np.testing.assert_allclose(predict(model, data, batch_size=3, rows=picked), predict(model, data)[picked], atol=1e-6)
+
+
+def test_a_run_records_every_model_setting_and_one_saved_without_them_loads_as_trained(rows, tmp_path):
+    train(rows, tmp_path / "run", TrainConfig(model="transact", nal="none", epochs=1, max_rows=200), log=lambda s: None)
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    assert saved["model_config"]["token_similarity"] is True and saved["model_config"]["blocks"] == ("rt",)
+    assert load_model(tmp_path / "run")[0].cfg.token_similarity
+    # A run saved before runs recorded their model config, when the default was concatenation:
+    # its weights have no similarity vector, and it must load as the model it was.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    state = {k: v for k, v in saved["state_dict"].items() if k != "similarity"}
+    assert len(state) == len(saved["state_dict"]) - 1
+    torch.save({k: v for k, v in saved.items() if k != "model_config"} | {"state_dict": state}, legacy / "model.pt")
+    model = load_model(legacy)[0]
+    assert not model.cfg.token_similarity
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -61,12 +61,15 @@ def ingest(
     source: Annotated[str, typer.Argument(help="kuairand | movielens | mind | taobao")],
     src: Annotated[Path, typer.Argument(help="The dataset folder, e.g. ../shared/data/kuairand27k-likehate")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the dataset into.")],
+    requests: Annotated[str, typer.Option(help="What one request is: native (the source's own unit) or day (a "
+                                               "user's UTC day: coarser, for HIT@3 where native requests hold 1-2 "
+                                               "labelled items, e.g. KuaiRand).")] = "native",
 ) -> None:
     """Convert a real public dataset into lifelong's schema (items, events, users)."""
     from lifelong.data.ingest import ingest as run_ingest
 
     start = time.perf_counter()
-    report = run_ingest(source, src, out_dir)
+    report = run_ingest(source, src, out_dir, requests=requests)
     table = Table(title=f"ingest {source} -> {out_dir}  ({time.perf_counter() - start:.1f} s)", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")

@@ -166,11 +166,16 @@ def experiment(
                                                       "with (exported before the training split).")] = None,
     eval_user_emb: Annotated[str | None, typer.Option(help="dv365 table: the export they are evaluated with "
                                                            "[default: --user-emb].")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for every row's training config, as "
+                                                   "`transact train --set` (e.g. val_days=1, patience=2, "
+                                                   "lr_schedule=cosine); repeatable.")] = None,
+    head: Annotated[str, typer.Option(help="The head the report ranks by (HIT@3, NE, AUC): repin, or click for "
+                                           "data without saves (MIND).")] = "repin",
 ) -> None:
     """Reproduce one of the TransAct V2 paper's tables (or the dv365 one): markdown, JSON and a bar chart."""
     from lifelong.transact.experiments import render_markdown, run_experiment
 
     summary = run_experiment(table, data, out_dir, seeds=seeds, epochs=epochs, max_rows=max_rows, log=out.print,
-                             runs=runs, user_emb=user_emb, eval_user_emb=eval_user_emb)
+                             runs=runs, user_emb=user_emb, eval_user_emb=eval_user_emb, sets=set_ or (), head=head)
     out.print(render_markdown(summary))
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'report.png'}")

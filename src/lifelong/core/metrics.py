@@ -105,6 +105,21 @@ def normalized_entropy(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7)
     return float(log_loss / -(base * np.log(base) + (1 - base) * np.log(1 - base)))
 
 
+def head_ne(labels: np.ndarray, probs: np.ndarray) -> float:
+    """:func:`normalized_entropy` of one head, or NaN when its labels are all one class: the
+    entropy of the average label is then 0 and NE has no meaning (MIND's rows have no saves),
+    where the plain formula would divide by a clipped epsilon.
+
+    Example::
+
+        >>> import math
+        >>> math.isnan(head_ne(np.zeros(4), np.full(4, 0.01)))
+        True
+    """
+    y = np.asarray(labels)
+    return float("nan") if y.size == 0 or y.min() == y.max() else normalized_entropy(y, probs)
+
+
 def _average_ranks(groups: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """1-based ranks of score within each group, ties averaged; returns (order, ranks)."""
     order = np.lexsort((score, groups))

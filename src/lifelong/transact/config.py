@@ -31,7 +31,9 @@ class TransActConfig:
         token_similarity: add each token's dot product with the candidate, times a learned
             d_model vector, to the token (off: the paper's plain concatenation). Attention over
             ``concat(e_j, e_c)`` can learn how alike a token and the candidate are only through
-            products of projections; this hands it the similarity NN selection ranks by.
+            products of projections; this hands it the similarity NN selection ranks by. On
+            by default: it won the ablation on three world seeds for both encoders
+            (docs/results.md).
         n_layers, attn_heads, ffn_dim, dropout: the transformer encoder. Dropout defaults to
             0: the encoder is tiny, and on CPU sampling dropout masks over (B, S, d) tokens
             costs about half of a training step.
@@ -53,7 +55,7 @@ class TransActConfig:
     n_heads: int = len(HEADS)
     row: RowFeatureConfig = field(default_factory=RowFeatureConfig)
     early_fusion: bool = True
-    token_similarity: bool = False
+    token_similarity: bool = True
     n_layers: int = 2
     attn_heads: int = 1
     ffn_dim: int = 32

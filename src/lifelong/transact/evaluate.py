@@ -18,9 +18,9 @@ from lifelong.core.metrics import (
     auc,
     final_score,
     gauc,
+    head_ne,
     hit_at_k,
     hit_at_k_random,
-    normalized_entropy,
     oracle_lift_fraction,
 )
 from lifelong.transact.abilities import abilities_of
@@ -73,14 +73,14 @@ def evaluate_predictions(data: RankData, probs: np.ndarray, k: int = 3,
         oracle_score = final_score({h: oracle[:, i] for i, h in enumerate(heads)}, weights)
     for i, h in enumerate(heads):
         y = labels[:, i]
-        per_head[h] = {f"hit@{k}": hit_at_k(groups, users, score, y, k), "ne": normalized_entropy(y, probs[:, i]),
+        per_head[h] = {f"hit@{k}": hit_at_k(groups, users, score, y, k), "ne": head_ne(y, probs[:, i]),
                        "auc": auc(y, probs[:, i]), "gauc": gauc(users, y, probs[:, i])}
         if oracle_score is not None:
             result.oracle_hit[h] = hit_at_k(groups, users, oracle_score, y, k)
             result.random_hit[h] = hit_at_k_random(groups, users, y, k)
             result.lift_fraction[h] = oracle_lift_fraction(per_head[h][f"hit@{k}"], result.random_hit[h],
                                                            result.oracle_hit[h])
-            result.oracle_ne[h] = normalized_entropy(y, oracle[:, i])
+            result.oracle_ne[h] = head_ne(y, oracle[:, i])
     return result
 
 

@@ -14,8 +14,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lifelong.core.config import build, load_file
 from lifelong.core.errors import ConfigError
@@ -25,7 +27,7 @@ from lifelong.core.report import Table as ReportTable
 from lifelong.data.io import write_json
 from lifelong.transact.evaluate import evaluate_run
 from lifelong.transact.rank_data import RankData
-from lifelong.transact.trainer import TrainConfig, build_train_config, train
+from lifelong.transact.trainer import TrainConfig, build_train_config, model_config, train
 
 
 @dataclass(frozen=True)
@@ -91,28 +93,38 @@ def load_table(name: str | os.PathLike[str]) -> Table:
     return table
 
 
-def run_name(cfg: TrainConfig) -> str:
+def run_name(cfg: TrainConfig, resolved_model: Mapping[str, Any] | None = None) -> str:
     """Directory name of a run's configuration, seed aside: equal configurations share runs.
+
+    The name hashes every model setting (``resolved_model``, default :func:`model_config` of
+    ``cfg``), not only the ones ``cfg`` changes: a changed default names a new run, and a
+    setting made explicit at its default names the same one.
 
     Example::
 
         >>> run_name(TrainConfig(model="bst", nal="none", seed=0)) == run_name(TrainConfig(model="bst", nal="none", seed=4))
         True
     """
-    key = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "model_overrides")}
+    key["model_config"] = model_config(cfg) if resolved_model is None else resolved_model
     return f"{cfg.model}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
 def run_experiment(table: str | os.PathLike[str], data_dir: str | os.PathLike[str], out: str | os.PathLike[str], seeds: int = 3,
                    epochs: int = 2, max_rows: int | None = None, log=print,
                    runs: str | os.PathLike[str] | None = None, user_emb: str | None = None,
-                   eval_user_emb: str | None = None, **train_overrides) -> dict:
+                   eval_user_emb: str | None = None, sets: Iterable[str] = (), head: str = "repin",
+                   **train_overrides) -> dict:
     """Train and evaluate every row of ``table`` for ``seeds`` seeds; write the report to ``out``.
 
     ``table`` names a packaged experiment (:func:`table_names`) or is the path of a YAML file
     of the same form (:func:`load_table`).
 
-    ``train_overrides`` are TrainConfig fields applied to every row (e.g. ``batch_size``). Runs
+    ``train_overrides`` are TrainConfig fields applied to every row (e.g. ``batch_size``), and
+    ``sets`` ``key=value`` overrides of every row's config as ``lifelong transact train --set``
+    takes them (e.g. ``val_days=1``, ``model.token_similarity=false``). ``head`` is the head
+    the report ranks by (HIT@3, NE, AUC and the plot; ``hide`` is always the second): ``repin``,
+    or ``click`` for rows without saves (MIND). Runs
     live in ``runs`` (default ``out/runs``), one directory per configuration and seed; a run
     already evaluated is reused, so tables pointed at one ``runs`` directory share their common
     rows (TransAct V2 with impression NAL is a row of tables 2, 4, 6 and 7).
@@ -139,13 +151,15 @@ def run_experiment(table: str | os.PathLike[str], data_dir: str | os.PathLike[st
     out = Path(out)
     runs_dir = Path(runs) if runs is not None else out / "runs"
     data = RankData(data_dir, "eval")  # fails early on a bad rows directory
+    if head not in data.heads or head == "hide":
+        raise ConfigError(f"--head {head!r}: rank by one of {', '.join(h for h in data.heads if h != 'hide')}")
     results: dict[str, list[dict]] = {}
     for row in rows:
         results[row.label] = []
         for seed in range(seeds):
             emb = {"user_emb": user_emb} if row.user_emb else {}
             cfg = build_train_config({**row.config, "seed": seed, "epochs": epochs, "max_rows": max_rows,
-                                      **train_overrides, **emb})
+                                      **train_overrides, **emb}, sets)
             eval_emb = (eval_user_emb or user_emb) if row.user_emb else None
             run = runs_dir / run_name(cfg) / f"seed{seed}"
             done = run / "evaluation.json"
@@ -163,41 +177,47 @@ def run_experiment(table: str | os.PathLike[str], data_dir: str | os.PathLike[st
             ev["eval_user_emb"] = eval_emb
             write_json(ev, done)
             results[row.label].append(ev)
-            log(f"{row.label} seed {seed}: HIT@3 repin {ev['per_head']['repin']['hit@3']:.4f}, "
+            log(f"{row.label} seed {seed}: HIT@3 {head} {ev['per_head'][head]['hit@3']:.4f}, "
                 f"hide {ev['per_head']['hide']['hit@3']:.4f}")
-    summary = summarise(table, title, rows, results, data.oracle is not None)
+    summary = summarise(table, title, rows, results, data.oracle is not None, head)
     build_report(summary).write(out)
     return summary
 
 
-def summarise(table: str, title: str, rows: list[Row], results: dict[str, list[dict]], has_oracle: bool) -> dict:
-    """Mean ± std per row of HIT@3 (repin, hide), NE, AUC, relative figures and oracle lift."""
+def summarise(table: str, title: str, rows: list[Row], results: dict[str, list[dict]], has_oracle: bool,
+              head: str = "repin") -> dict:
+    """Mean ± std per row of HIT@3 (``head`` and hide), NE, AUC, relative figures and oracle lift.
+
+    The summary's keys keep the names ``*_repin`` whichever head ``head`` is; ``summary["head"]``
+    names it.
+    """
+    ranked = {"repin": head, "hide": "hide"}
     base = results[rows[0].label]
     out_rows = []
     for row in rows:
         res = results[row.label]
         entry: dict = {"label": row.label, "config": row.config, "seeds": len(res)}
-        for head in ("repin", "hide"):
-            hits = [r["per_head"][head]["hit@3"] for r in res]
-            base_hits = [b["per_head"][head]["hit@3"] for b in base]
+        for key, name in ranked.items():
+            hits = [r["per_head"][name]["hit@3"] for r in res]
+            base_hits = [b["per_head"][name]["hit@3"] for b in base]
             rel = [(h - b) / b if b else float("nan") for h, b in zip(hits, base_hits)]  # no base hit: undefined
-            entry[f"hit_{head}"] = mean_std(hits)
-            entry[f"rel_{head}"] = mean_std(rel)
-            entry[f"ne_{head}"] = mean_std([r["per_head"][head]["ne"] for r in res])
-            entry[f"auc_{head}"] = mean_std([r["per_head"][head]["auc"] for r in res])
+            entry[f"hit_{key}"] = mean_std(hits)
+            entry[f"rel_{key}"] = mean_std(rel)
+            entry[f"ne_{key}"] = mean_std([r["per_head"][name]["ne"] for r in res])
+            entry[f"auc_{key}"] = mean_std([r["per_head"][name]["auc"] for r in res])
         # NE of every head, and its gain over the base row per seed (DV365's figure: positive helps).
         entry["ne"] = {h: mean_std([r["per_head"][h]["ne"] for r in res]) for h in res[0]["per_head"]}
         entry["ne_gain"] = {h: mean_std([(b["per_head"][h]["ne"] - r["per_head"][h]["ne"]) / b["per_head"][h]["ne"]
                                          for r, b in zip(res, base)]) for h in res[0]["per_head"]}
         if has_oracle:
-            entry["lift_repin"] = mean_std([r["lift_fraction"]["repin"] for r in res])
+            entry["lift_repin"] = mean_std([r["lift_fraction"][head] for r in res])
         entry["examples_per_s"] = mean_std([r["examples_per_s"] for r in res])
         out_rows.append(entry)
-    summary = {"table": table, "title": title, "rows": out_rows}
+    summary = {"table": table, "title": title, "head": head, "rows": out_rows}
     if has_oracle:
         first = base[0]
-        summary["oracle"] = {h: first["oracle_hit"][h] for h in ("repin", "hide")}
-        summary["random"] = {h: first["random_hit"][h] for h in ("repin", "hide")}
+        summary["oracle"] = {k: first["oracle_hit"][name] for k, name in ranked.items()}
+        summary["random"] = {k: first["random_hit"][name] for k, name in ranked.items()}
         if "oracle_ne" in first:  # evaluations kept from before the oracle's NE was recorded lack it
             summary["oracle_ne"] = first["oracle_ne"]
     return summary
@@ -212,12 +232,13 @@ def build_report(summary: dict) -> Report:
     """The report of a summary: ``report.md`` (mean ± std over seeds), ``report.json`` (the
     summary) and ``report.png`` (:func:`plot_report`)."""
     oracle = "oracle" in summary
-    columns = [Column("row", "label"), Column("HIT@3/repin", "hit_repin", _ms),
-               Column("Δ repin vs base", "rel_repin", lambda p: _ms(p, True)), Column("HIT@3/hide", "hit_hide", _ms),
-               Column("Δ hide vs base", "rel_hide", lambda p: _ms(p, True)), Column("NE/repin", "ne_repin", _ms),
-               Column("AUC/repin", "auc_repin", _ms)]
+    head = summary.get("head", "repin")
+    columns = [Column("row", "label"), Column(f"HIT@3/{head}", "hit_repin", _ms),
+               Column(f"Δ {head} vs base", "rel_repin", lambda p: _ms(p, True)), Column("HIT@3/hide", "hit_hide", _ms),
+               Column("Δ hide vs base", "rel_hide", lambda p: _ms(p, True)), Column(f"NE/{head}", "ne_repin", _ms),
+               Column(f"AUC/{head}", "auc_repin", _ms)]
     if oracle:
-        columns.append(Column("oracle lift (repin)", "lift_repin", lambda p: _ms(p, digits=3)))
+        columns.append(Column(f"oracle lift ({head})", "lift_repin", lambda p: _ms(p, digits=3)))
     columns.append(Column("train ex/s", "examples_per_s", lambda p: f"{p[0]:,.0f}"))
     rows = list(summary["rows"])
     if oracle:
@@ -251,14 +272,15 @@ def plot_report(summary: dict):
     matplotlib figure)."""
     rows = summary["rows"]
     fig, axes = pyplot().subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2.2))
-    for ax, head in zip(axes, ("repin", "hide")):
-        hbars(ax, [r["label"] for r in rows], [r[f"hit_{head}"][0] for r in rows], [r[f"hit_{head}"][1] for r in rows],
+    for ax, key in zip(axes, ("repin", "hide")):
+        hbars(ax, [r["label"] for r in rows], [r[f"hit_{key}"][0] for r in rows], [r[f"hit_{key}"][1] for r in rows],
               color="#3b6ea8", fontsize=8)
         if "oracle" in summary:
-            ax.axvline(summary["oracle"][head], color="#27ae60", linestyle="--", label="oracle")
-            ax.axvline(summary["random"][head], color="#c0392b", linestyle=":", label="random order")
+            ax.axvline(summary["oracle"][key], color="#27ae60", linestyle="--", label="oracle")
+            ax.axvline(summary["random"][key], color="#c0392b", linestyle=":", label="random order")
             ax.legend(fontsize=8, loc="lower right")
-        ax.set_xlabel(f"HIT@3/{head} ({'higher' if head == 'repin' else 'lower'} is better)")
+        name = summary.get("head", "repin") if key == "repin" else key
+        ax.set_xlabel(f"HIT@3/{name} ({'higher' if key == 'repin' else 'lower'} is better)")
     fig.suptitle(summary["title"], fontsize=11)
     fig.tight_layout()
     return fig

@@ -63,7 +63,7 @@ def run_config(run: str | os.PathLike[str]) -> dict[str, Any]:
     """What a TransAct delta names as its model: the run's model name, training config, layout and
     heads (``model.pt`` without the weights), as plain data. Trainer and service compare it."""
     saved = torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=False)
-    keep = {k: saved[k] for k in ("name", "train", "layout", "n_heads", "user_tokens") if k in saved}
+    keep = {k: saved[k] for k in ("name", "train", "model_config", "layout", "n_heads", "user_tokens") if k in saved}
     return json.loads(json.dumps(keep, default=list))
 
 

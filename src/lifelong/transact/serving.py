@@ -65,7 +65,7 @@ from lifelong.transact.abilities import abilities_of
 from lifelong.transact.batch import RankBatch
 from lifelong.transact.experiments import run_name
 from lifelong.transact.sequence_layout import SEGMENTS, SequenceLayout, assemble_s_all
-from lifelong.transact.trainer import TrainConfig
+from lifelong.transact.trainer import TrainConfig, saved_model_config
 
 T = TypeVar("T")
 
@@ -189,10 +189,14 @@ def model_version(run: str | Path) -> str:
     run = Path(run)
     weights = (run / "model.pt").read_bytes()
     try:
-        train_cfg = json.loads((run / "run.json").read_text())["train"]
-    except (OSError, ValueError, KeyError, TypeError):
-        train_cfg = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=False)["train"]
-    return f"{run_name(build(TrainConfig, train_cfg))}/{run.name}@{hashlib.sha256(weights).hexdigest()[:12]}"
+        saved = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or "train" not in saved:
+        saved = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=False)
+    cfg = build(TrainConfig, saved["train"])
+    name = run_name(cfg, saved_model_config(saved, cfg))
+    return f"{name}/{run.name}@{hashlib.sha256(weights).hexdigest()[:12]}"
 
 
 class Ranker:

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from lifelong.core.distributed import (
     shard,
 )
 from lifelong.core.errors import ConfigError, DataError
-from lifelong.core.metrics import normalized_entropy
+from lifelong.core.metrics import head_ne
 from lifelong.core.precision import check_precision, forward_precision
 from lifelong.core.progress import progress
 from lifelong.data.io import write_json
@@ -189,6 +189,36 @@ def make_model(cfg: TrainConfig, data: RankData) -> torch.nn.Module:
     return build_model(cfg.model, layout=data.layout, n_heads=len(data.heads), **cfg.model_overrides, **tokens)
 
 
+# What the model settings defaulted to when a run was saved without its resolved ``model_config``
+# (before 2026-12-02): such runs recorded only the settings they changed, so they are read with
+# the defaults they were trained under, not today's.
+_DEFAULTS_OF_RUNS_WITHOUT_MODEL_CONFIG = {"token_similarity": False}
+
+
+def model_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Every setting of ``cfg``'s model, defaults included, as plain data; the fields the rows set
+    (``layout``, ``n_heads``, ``user_tokens``) aside. Runs save it, and name themselves by it, so
+    a change of a default never makes an old run load, or be reused, as another model.
+
+    Example::
+
+        >>> model_config(TrainConfig(model="transact", nal="none"))["blocks"]
+        ('rt',)
+    """
+    resolved = asdict(apply_overrides(default_config(cfg.model), cfg.model_overrides))
+    return {k: v for k, v in resolved.items() if k not in _SET_BY_DATA}
+
+
+def saved_model_config(saved: Mapping[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """The model settings a run (its ``model.pt`` or ``run.json``) was trained with; for a run saved
+    without them, its changed settings over the defaults of that time."""
+    if "model_config" in saved:
+        return dict(saved["model_config"])
+    fields = asdict(default_config(cfg.model))
+    legacy = {k: v for k, v in _DEFAULTS_OF_RUNS_WITHOUT_MODEL_CONFIG.items() if k in fields}
+    return model_config(replace(cfg, model_overrides={**legacy, **cfg.model_overrides}))
+
+
 def _losses(model: torch.nn.Module, batch, row_w: torch.Tensor | None, weights: torch.Tensor, cfg: TrainConfig,
             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ranking loss of a batch and its Next Action Loss (None when the run has none), in float32."""
@@ -250,11 +280,13 @@ def split_validation(data: RankData, cfg: TrainConfig) -> tuple[np.ndarray, np.n
 
 @torch.no_grad()
 def validation_ne(model: torch.nn.Module, data: RankData, rows: np.ndarray, batch_size: int = 4096) -> dict[str, float]:
-    """NE of each head on ``rows`` and their ``mean`` (:func:`predict` leaves the model in eval mode)."""
+    """NE of each head on ``rows`` and their ``mean`` over the heads with both classes there (a head
+    without positives has no NE: :func:`head_ne`). :func:`predict` leaves the model in eval mode."""
     probs = predict(model, data, batch_size, rows)
     labels = np.asarray(data.arrays["labels"])[rows]
-    ne = {h: normalized_entropy(labels[:, i], probs[:, i]) for i, h in enumerate(data.heads)}
-    return {**ne, "mean": float(np.mean(list(ne.values())))}
+    ne = {h: head_ne(labels[:, i], probs[:, i]) for i, h in enumerate(data.heads)}
+    defined = [v for v in ne.values() if not math.isnan(v)]
+    return {**ne, "mean": float(np.mean(defined)) if defined else math.nan}
 
 
 def train(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: TrainConfig,
@@ -312,7 +344,8 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
     best = {"ne": math.inf, "epoch": 0, "state": None, "since": 0}
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-    meta = {"kind": "run", "data": str(Path(data_dir).resolve()), "train": asdict(cfg), "heads": list(data.heads),
+    meta = {"kind": "run", "data": str(Path(data_dir).resolve()), "train": asdict(cfg), "model_config": model_config(cfg),
+            "heads": list(data.heads),
             "layout": asdict(data.layout), "rows": int(len(rows)), "epochs": [],
             "parameters": int(sum(p.numel() for p in model.parameters())), "lifelong_version": lifelong.__version__,
             "user_emb": data.user_emb_info, "validation_rows": int(val_rows.size)}
@@ -323,7 +356,7 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():  # every rank loads rank 0's checkpoint, before any rank can write the next one
         ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["train"] == asdict(cfg):
+        if ckpt["train"] == asdict(cfg) and ckpt.get("model_config") == meta["model_config"]:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             start_epoch, meta["epochs"] = ckpt["epoch"], ckpt["epochs"]
@@ -403,7 +436,7 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
         meta["epochs"].append(record)
         if ranks.main:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                          "epochs": meta["epochs"], "train": asdict(cfg), "rng": rng.bit_generator.state, "gen": gen,
+                          "epochs": meta["epochs"], "train": asdict(cfg), "model_config": meta["model_config"], "rng": rng.bit_generator.state, "gen": gen,
                           "best": best, **({"scheduler": sched.state_dict()} if sched is not None else {})},
                          ckpt_path)
         log(f"{cfg.model} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, nal {record['nal']:.4f}), "
@@ -416,8 +449,9 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
         meta["best_epoch"], meta["best_val_ne"] = best["epoch"], best["ne"]
     meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
     if ranks.main:
-        save_atomic({"name": cfg.model, "train": asdict(cfg), "layout": asdict(data.layout), "n_heads": len(data.heads),
-                      "user_tokens": data.user_tokens, "state_dict": model.state_dict()}, out / "model.pt")
+        save_atomic({"name": cfg.model, "train": asdict(cfg), "model_config": meta["model_config"],
+                     "layout": asdict(data.layout), "n_heads": len(data.heads),
+                     "user_tokens": data.user_tokens, "state_dict": model.state_dict()}, out / "model.pt")
         write_json(meta, out / "run.json")
     return meta
 
@@ -433,7 +467,7 @@ def load_model(run: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
     cfg = build(TrainConfig, saved["train"])
     tokens = {} if saved.get("user_tokens") is None else {"user_tokens": tuple(saved["user_tokens"])}
     model = build_model(saved["name"], layout=SequenceLayout(**saved["layout"]), n_heads=saved["n_heads"],
-                        **cfg.model_overrides, **tokens)
+                        **saved_model_config(saved, cfg), **tokens)
     model.load_state_dict(saved["state_dict"])
     model.eval()
     meta = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}

@@ -22,7 +22,7 @@ from pathlib import Path
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.progress import progress
 from lifelong.data.ingest import kuairand, mind, movielens, taobao
-from lifelong.data.ingest.common import IngestReport, Parsed, write_dataset
+from lifelong.data.ingest.common import REQUEST_UNITS, IngestReport, Parsed, regroup_requests, write_dataset
 
 SOURCES: tuple[str, ...] = ("kuairand", "movielens", "mind", "taobao")
 _PARSERS: dict[str, Callable[[Path], Parsed]] = {
@@ -32,22 +32,24 @@ _PARSERS: dict[str, Callable[[Path], Parsed]] = {
     "taobao": taobao.parse,
 }
 
-__all__ = ["SOURCES", "IngestReport", "ingest"]
+__all__ = ["REQUEST_UNITS", "SOURCES", "IngestReport", "ingest"]
 
 
-def ingest(source: str, src: Path, out: Path) -> IngestReport:
+def ingest(source: str, src: Path, out: Path, requests: str = "native") -> IngestReport:
     """Ingest one real dataset folder into a dataset directory.
 
     Args:
         source: one of :data:`SOURCES`.
         src: the source's folder (e.g. ``../shared/data/kuairand27k-likehate``); read only.
         out: the dataset directory to write; replaced atomically, left untouched on failure.
+        requests: what one request is, one of :data:`REQUEST_UNITS`: the source's own unit, or
+            ``day`` (a user's UTC day; for sources whose requests are too small for HIT@3).
 
     Returns:
         The counts written, the quarantine reasons and the protocol dates.
 
     Raises:
-        ConfigError: ``source`` is unknown.
+        ConfigError: ``source`` or ``requests`` is unknown.
         DataError: ``src`` or an input file is missing, a header column is missing, or no row
             survived validation.
 
@@ -58,11 +60,13 @@ def ingest(source: str, src: Path, out: Path) -> IngestReport:
     """
     if source not in _PARSERS:
         raise ConfigError(f"unknown ingest source {source!r}; expected one of {', '.join(SOURCES)}")
+    if requests not in REQUEST_UNITS:
+        raise ConfigError(f"unknown --requests {requests!r}; expected one of {', '.join(REQUEST_UNITS)}")
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError(src, f"{source} dataset folder not found")
     with progress(f"ingesting {source}", total=2) as advance:
-        parsed = _PARSERS[source](src)
+        parsed = regroup_requests(_PARSERS[source](src), requests)
         advance(1)
         report = write_dataset(source, src, out, parsed)
         advance(1)
