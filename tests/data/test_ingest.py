@@ -398,3 +398,23 @@ def test_real_dataset_counts(tmp_path, source):
     emb = ds.items.column("embedding").combine_chunks().flatten().to_numpy().astype(np.float32).reshape(-1, 32)
     assert np.isfinite(emb).all() and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-2)
     assert elapsed < 60
+
+
+def test_rows_never_cut_before_the_item_embeddings_cutoff(tmp_path):
+    from lifelong.transact.training_rows import BuildConfig, build_rows
+
+    lines = ["userId,movieId,rating,timestamp"]
+    lines += [f"{u},{1 + (d * 3 + u) % 5},{4.0 if (d + u) % 3 else 2.0},{ML_T0 + d * DAY_S + u}"
+              for d in range(40) for u in (1, 2, 3)]
+    _write(tmp_path / "src" / "ratings.csv", lines)
+    _write(tmp_path / "src" / "movies.csv", ["movieId,title,genres", *(f"{i},M{i},Drama" for i in range(1, 6))])
+    report = ingest("movielens", tmp_path / "src", tmp_path / "default")
+    meta = json.loads((report.out / "dataset.json").read_text())
+    assert meta["embedding_cutoff_ms"] == meta["protocol"]["cutoff_ms"] - 86_400_000  # one day behind by default
+    # Rows evaluated on the last 10 days would train with embeddings learned from those days.
+    with pytest.raises(DataError, match="seen the evaluation period.*--protocol 20,0,10"):
+        build_rows(report.out, tmp_path / "rows", BuildConfig(protocol_days=(20, 0, 10)))
+    assert not (tmp_path / "rows").exists()
+    report = ingest("movielens", tmp_path / "src", tmp_path / "placed", protocol_days=(20, 0, 10))
+    meta = build_rows(report.out, tmp_path / "rows", BuildConfig(protocol_days=(20, 0, 10)))
+    assert meta["protocol"]["cutoff_ms"] == json.loads((report.out / "dataset.json").read_text())["protocol"]["cutoff_ms"]

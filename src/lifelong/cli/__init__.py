@@ -26,7 +26,7 @@ from lifelong.cli import transact as transact_cli
 from lifelong.cli.bench_features import bench_serve_features
 from lifelong.cli.dv365 import dv365_app
 from lifelong.cli.loop import abtest
-from lifelong.cli.options import STORE_HELP, int_list, moved_alias
+from lifelong.cli.options import PROTOCOL_HELP, STORE_HELP, int_list, moved_alias, protocol_days
 from lifelong.core.console import err, out
 from lifelong.core.errors import LifelongError
 from lifelong.store.urls import STREAM_HELP
@@ -64,12 +64,18 @@ def ingest(
     requests: Annotated[str, typer.Option(help="What one request is: native (the source's own unit) or day (a "
                                                "user's UTC day: coarser, for HIT@3 where native requests hold 1-2 "
                                                "labelled items, e.g. KuaiRand).")] = "native",
+    embedding_lag_days: Annotated[float, typer.Option(help="Learn item embeddings from events before the training "
+                                                           "cutoff minus N days, so that items first seen late in "
+                                                           "training are cold there as new items are in evaluation.")] = 1.0,
+    protocol: Annotated[str | None, typer.Option(help=PROTOCOL_HELP + " Item embeddings are learned before its "
+                                                 "cutoff; `transact build` refuses an earlier cutoff.")] = None,
 ) -> None:
     """Convert a real public dataset into lifelong's schema (items, events, users)."""
     from lifelong.data.ingest import ingest as run_ingest
 
     start = time.perf_counter()
-    report = run_ingest(source, src, out_dir, requests=requests)
+    report = run_ingest(source, src, out_dir, requests=requests, embedding_lag_days=embedding_lag_days,
+                        protocol_days=protocol_days(protocol))
     table = Table(title=f"ingest {source} -> {out_dir}  ({time.perf_counter() - start:.1f} s)", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")

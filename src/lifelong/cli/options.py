@@ -10,7 +10,7 @@ import typer
 from lifelong.core.console import err
 from lifelong.store.urls import STORE_HELP
 
-__all__ = ["STORE_HELP", "int_list", "moved_alias"]  # STORE_HELP: the store URL help, kept with the URL parser
+__all__ = ["PROTOCOL_HELP", "STORE_HELP", "int_list", "moved_alias", "protocol_days"]  # STORE_HELP: the store URL help, kept with the URL parser
 
 
 def moved_alias(app: typer.Typer, old: str, new: str, command: Callable[..., None]) -> None:
@@ -40,3 +40,28 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise typer.BadParameter(f"comma-separated integers, got {text!r}", param_hint=option) from None
+
+
+PROTOCOL_HELP = "TRAIN_DAYS,GAP_DAYS,EVAL_DAYS placed at the end of the data [default: the dataset's dates]."
+
+
+def protocol_days(text: str | None) -> tuple[float, float, float] | None:
+    """``--protocol "730,0,365"`` as ``(730.0, 0.0, 365.0)`` (None stays None); anything else is a
+    :class:`~lifelong.core.errors.ConfigError` (one line, exit 2).
+
+    Example::
+
+        >>> protocol_days("14,1,1")
+        (14.0, 1.0, 1.0)
+    """
+    from lifelong.core.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        days = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        days = ()
+    if len(days) != 3 or min(days) < 0 or days[0] <= 0 or days[2] <= 0:
+        raise ConfigError(f"--protocol expects TRAIN_DAYS,GAP_DAYS,EVAL_DAYS (positive train/eval), got {text!r}")
+    return days

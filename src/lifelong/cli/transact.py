@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from lifelong.cli.options import PROTOCOL_HELP, protocol_days
 from lifelong.core.console import out
 
 transact_app = typer.Typer(no_args_is_help=True, help="TransAct V2: build rows, train and evaluate rankers, the paper's tables.")
@@ -26,27 +27,18 @@ def build(
     neg_rate: Annotated[float, typer.Option(help="Share of label-free training rows kept (weighted 1/rate).")] = 1.0,
     ll_cap: Annotated[int, typer.Option(help="Most S_LL tokens searched per request.")] = 10_000,
     seed: Annotated[int, typer.Option(help="Seed of the negative down-sampling.")] = 0,
-    protocol: Annotated[str | None, typer.Option(
-        help="TRAIN_DAYS,GAP_DAYS,EVAL_DAYS placed at the end of the data [default: the dataset's dates].")] = None,
+    protocol: Annotated[str | None, typer.Option(help=PROTOCOL_HELP)] = None,
     engine: Annotated[str, typer.Option(help="local (this process) | ray (Ray tasks over chunks of users' "
                                              "requests; the `distributed` extra). Both write the same rows.")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="With --engine ray: the cluster, HOST:PORT or "
                                                          "ray://HOST:PORT [default: a local Ray].")] = None,
 ) -> None:
     """Build training and evaluation rows with NN feature logging (S_all per candidate)."""
-    from lifelong.core.errors import ConfigError
     from lifelong.transact.training_rows import BuildConfig, build_rows
 
-    days = None
-    if protocol is not None:
-        try:
-            days = tuple(float(x) for x in protocol.split(","))
-        except ValueError:
-            days = ()
-        if len(days) != 3 or min(days) < 0 or days[0] <= 0 or days[2] <= 0:
-            raise ConfigError(f"--protocol expects TRAIN_DAYS,GAP_DAYS,EVAL_DAYS (positive train/eval), got {protocol!r}")
     meta = build_rows(data, out_dir, BuildConfig(ll_cap=ll_cap, train_negative_rate=neg_rate, seed=seed,
-                                                 protocol_days=days), engine=engine, ray_address=ray_address)
+                                                 protocol_days=protocol_days(protocol)),
+                      engine=engine, ray_address=ray_address)
     table = Table(title=f"rows {out_dir}  ({meta['seconds']:.1f} s)")
     for col in ("split", "rows", "requests", "rows/s", "label rates"):
         table.add_column(col, justify="right")

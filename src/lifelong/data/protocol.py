@@ -7,9 +7,21 @@ events strictly before that row's request time.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import asdict, dataclass
 
 DAY_MS = 86_400_000
+
+
+def utc_minute(ms: int) -> str:
+    """A protocol time as people read it.
+
+    Example::
+
+        >>> utc_minute(86_400_000)
+        '1970-01-02 00:00 UTC'
+    """
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @dataclass(frozen=True)

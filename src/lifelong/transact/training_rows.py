@@ -30,11 +30,11 @@ import torch
 
 import lifelong
 from lifelong.core.engines import ShardMap, map_local, open_engine
-from lifelong.core.errors import ConfigError
+from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.progress import progress
 from lifelong.core.quantization import dequantize_int8, quantize_int8
 from lifelong.data.io import Dataset, NpyWriter, atomic_output_dir, iter_parquet_batches, load_dataset, write_json
-from lifelong.data.protocol import Protocol
+from lifelong.data.protocol import Protocol, utc_minute
 from lifelong.data.schema import EMBED_DIM, HEAD_BITS, HEADS, POSITIVE_BITS, Action
 from lifelong.data.timelines import EventIndex, Jagged, TimelineConfig, build_timelines
 from lifelong.data.validate import validate_table
@@ -431,6 +431,13 @@ def _build_rows(source_meta: dict, items: ItemTable, cols: dict[str, np.ndarray]
     protocol = Protocol.from_meta(source_meta)
     if cfg.protocol_days is not None and n_events:
         protocol = Protocol.fit(int(cols["ts_ms"].min()), int(cols["ts_ms"].max()) + 1, *cfg.protocol_days)
+    learned_until = source_meta.get("embedding_cutoff_ms", source_meta["protocol"]["cutoff_ms"]) \
+        if source_meta.get("kind") == "ingest" else None
+    if learned_until is not None and learned_until > protocol.cutoff_ms:
+        raise DataError(data, f"its item embeddings were learned from events up to {utc_minute(learned_until)}, after this "
+                              f"protocol's training cutoff {utc_minute(protocol.cutoff_ms)}: they have seen the evaluation "
+                              "period. Ingest with the same --protocol (lifelong ingest ... --protocol "
+                              f"{','.join(f'{d:g}' for d in cfg.protocol_days or ())}), then build")
     index = EventIndex(cols["user_id"], cols["ts_ms"], cols["action_mask"])
     has_impressions = bool(np.any(cols["action_mask"] & int(Action.IMPRESSION)))
     # Without impressions (MovieLens) every event is a shown item with its label.

@@ -35,7 +35,8 @@ _PARSERS: dict[str, Callable[[Path], Parsed]] = {
 __all__ = ["REQUEST_UNITS", "SOURCES", "IngestReport", "ingest"]
 
 
-def ingest(source: str, src: Path, out: Path, requests: str = "native") -> IngestReport:
+def ingest(source: str, src: Path, out: Path, requests: str = "native", embedding_lag_days: float = 1.0,
+           protocol_days: tuple[float, float, float] | None = None) -> IngestReport:
     """Ingest one real dataset folder into a dataset directory.
 
     Args:
@@ -44,6 +45,11 @@ def ingest(source: str, src: Path, out: Path, requests: str = "native") -> Inges
         out: the dataset directory to write; replaced atomically, left untouched on failure.
         requests: what one request is, one of :data:`REQUEST_UNITS`: the source's own unit, or
             ``day`` (a user's UTC day; for sources whose requests are too small for HIT@3).
+        embedding_lag_days: learn item embeddings from events before the training cutoff
+            minus this many days (:func:`~lifelong.data.ingest.common.write_dataset`).
+        protocol_days: ``(train, gap, eval)`` days placed at the end of the data (default
+            :meth:`Protocol.fit`'s 14, 7, 1); the item embeddings' cutoff follows it, so rows
+            built with another protocol must not cut earlier.
 
     Returns:
         The counts written, the quarantine reasons and the protocol dates.
@@ -60,6 +66,8 @@ def ingest(source: str, src: Path, out: Path, requests: str = "native") -> Inges
     """
     if source not in _PARSERS:
         raise ConfigError(f"unknown ingest source {source!r}; expected one of {', '.join(SOURCES)}")
+    if embedding_lag_days < 0:
+        raise ConfigError(f"--embedding-lag-days must be >= 0, got {embedding_lag_days}")
     if requests not in REQUEST_UNITS:
         raise ConfigError(f"unknown --requests {requests!r}; expected one of {', '.join(REQUEST_UNITS)}")
     src, out = Path(src), Path(out)
@@ -68,6 +76,7 @@ def ingest(source: str, src: Path, out: Path, requests: str = "native") -> Inges
     with progress(f"ingesting {source}", total=2) as advance:
         parsed = regroup_requests(_PARSERS[source](src), requests)
         advance(1)
-        report = write_dataset(source, src, out, parsed)
+        report = write_dataset(source, src, out, parsed, embedding_lag_days=embedding_lag_days,
+                               protocol_days=protocol_days)
         advance(1)
     return report
