@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The heavy peers whose tests run in CI but that the quickstart does not need: TorchRec without its
-# dependencies (they would pull the CUDA fbgemm; the `torchrec` extra brings the CPU one).
+# The heavy peers whose tests run in CI but that the quickstart does not need: Ray, FuxiCTR, and TorchRec
+# without its dependencies (they would pull the CUDA fbgemm; the `torchrec` extra brings the CPU one).
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,gpu,torchrec,distributed]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,gpu,torchrec,distributed,peers]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps torchrec==1.8.0
 	@touch $(TEST_STAMP)
 

@@ -410,7 +410,7 @@ def test_rows_never_cut_before_the_item_embeddings_cutoff(tmp_path):
     _write(tmp_path / "src" / "movies.csv", ["movieId,title,genres", *(f"{i},M{i},Drama" for i in range(1, 6))])
     report = ingest("movielens", tmp_path / "src", tmp_path / "default")
     meta = json.loads((report.out / "dataset.json").read_text())
-    assert meta["embedding_cutoff_ms"] == meta["protocol"]["cutoff_ms"] - 86_400_000  # one day behind by default
+    assert meta["embedding_cutoff_ms"] == meta["protocol"]["cutoff_ms"] - 3 * 86_400_000  # 3 days behind by default
     # Rows evaluated on the last 10 days would train with embeddings learned from those days.
     with pytest.raises(DataError, match="seen the evaluation period.*--protocol 20,0,10"):
         build_rows(report.out, tmp_path / "rows", BuildConfig(protocol_days=(20, 0, 10)))

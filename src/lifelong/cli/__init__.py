@@ -66,7 +66,7 @@ def ingest(
                                                "labelled items, e.g. KuaiRand).")] = "native",
     embedding_lag_days: Annotated[float, typer.Option(help="Learn item embeddings from events before the training "
                                                            "cutoff minus N days, so that items first seen late in "
-                                                           "training are cold there as new items are in evaluation.")] = 1.0,
+                                                           "training are cold there as new items are in evaluation.")] = 3.0,
     protocol: Annotated[str | None, typer.Option(help=PROTOCOL_HELP + " Item embeddings are learned before its "
                                                  "cutoff; `transact build` refuses an earlier cutoff.")] = None,
 ) -> None:

@@ -171,3 +171,28 @@ def experiment(
                              runs=runs, user_emb=user_emb, eval_user_emb=eval_user_emb, sets=set_ or (), head=head)
     out.print(render_markdown(summary))
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'report.png'}")
+
+
+@transact_app.command()
+def peers(
+    data: Annotated[Path, typer.Option("--data", help="Rows directory (lifelong transact build).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (resumable: scored models are kept).")],
+    head: Annotated[str, typer.Option(help="The one head exported and scored: repin, or click (MIND).")] = "repin",
+    models: Annotated[str | None, typer.Option(help="FuxiCTR models, comma-separated [default: every one of "
+                                                    "configs/peers.yaml: DIN, SIM, ETA, TWIN, TransAct].")] = None,
+    ours: Annotated[str | None, typer.Option(help="Our rankers, comma-separated labels of configs/peers.yaml "
+                                                  "[default: all].")] = None,
+    val_days: Annotated[float, typer.Option(help="The validation split of both families: the last N training days.")] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for our rankers' training config "
+                                                   "(e.g. patience=1); repeatable.")] = None,
+) -> None:
+    """FuxiCTR's LongCTR models (the `peers` extra) and our rankers on the same rows: AUC, NE, HIT@3."""
+    from lifelong.bench.peers import run_peers
+
+    def names(text: str | None) -> list[str] | None:
+        return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
+
+    report = run_peers(data, out_dir, head=head, val_days=val_days, fuxictr_models=names(models), ours=names(ours),
+                       seed=seed, train_sets=set_ or (), log=out.print)
+    out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'} ({len(report['results'])} models)")

@@ -35,7 +35,7 @@ _PARSERS: dict[str, Callable[[Path], Parsed]] = {
 __all__ = ["REQUEST_UNITS", "SOURCES", "IngestReport", "ingest"]
 
 
-def ingest(source: str, src: Path, out: Path, requests: str = "native", embedding_lag_days: float = 1.0,
+def ingest(source: str, src: Path, out: Path, requests: str = "native", embedding_lag_days: float = 3.0,
            protocol_days: tuple[float, float, float] | None = None) -> IngestReport:
     """Ingest one real dataset folder into a dataset directory.
 
