@@ -411,10 +411,10 @@ def test_rows_never_cut_before_the_item_embeddings_cutoff(tmp_path):
     report = ingest("movielens", tmp_path / "src", tmp_path / "default")
     meta = json.loads((report.out / "dataset.json").read_text())
     assert meta["embedding_cutoff_ms"] == meta["protocol"]["cutoff_ms"] - 3 * 86_400_000  # 3 days behind by default
-    # Rows evaluated on the last 10 days would train with embeddings learned from those days.
-    with pytest.raises(DataError, match="seen the evaluation period.*--protocol 20,0,10"):
-        build_rows(report.out, tmp_path / "rows", BuildConfig(protocol_days=(20, 0, 10)))
+    # Rows evaluated on the last 15 days would train with embeddings learned from those days.
+    with pytest.raises(DataError, match="seen the evaluation period.*--protocol 20,0,15"):
+        build_rows(report.out, tmp_path / "rows", BuildConfig(protocol_days=(20, 0, 15)))
     assert not (tmp_path / "rows").exists()
-    report = ingest("movielens", tmp_path / "src", tmp_path / "placed", protocol_days=(20, 0, 10))
-    meta = build_rows(report.out, tmp_path / "rows", BuildConfig(protocol_days=(20, 0, 10)))
+    report = ingest("movielens", tmp_path / "src", tmp_path / "placed", protocol_days=(20, 0, 15))
+    meta = build_rows(report.out, tmp_path / "rows", BuildConfig(protocol_days=(20, 0, 15)))
     assert meta["protocol"]["cutoff_ms"] == json.loads((report.out / "dataset.json").read_text())["protocol"]["cutoff_ms"]
