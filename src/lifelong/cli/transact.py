@@ -186,6 +186,8 @@ def peers(
     seed: Annotated[int, typer.Option()] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for our rankers' training config "
                                                    "(e.g. patience=1); repeatable.")] = None,
+    fuxictr_epochs: Annotated[int | None, typer.Option(help="At most N epochs for the FuxiCTR models [default: "
+                                                            "their templates' 100, cut by their early stopping].")] = None,
 ) -> None:
     """FuxiCTR's LongCTR models (the `peers` extra) and our rankers on the same rows: AUC, NE, HIT@3."""
     from lifelong.bench.peers import run_peers
@@ -194,5 +196,6 @@ def peers(
         return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
 
     report = run_peers(data, out_dir, head=head, val_days=val_days, fuxictr_models=names(models), ours=names(ours),
-                       seed=seed, train_sets=set_ or (), log=out.print)
+                       seed=seed, train_sets=set_ or (), log=out.print,
+                       fuxictr_overrides=None if fuxictr_epochs is None else {"epochs": fuxictr_epochs})
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'} ({len(report['results'])} models)")
