@@ -436,7 +436,8 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
         meta["epochs"].append(record)
         if ranks.main:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                          "epochs": meta["epochs"], "train": asdict(cfg), "model_config": meta["model_config"], "rng": rng.bit_generator.state, "gen": gen,
+                          "epochs": meta["epochs"], "train": asdict(cfg), "model_config": meta["model_config"],
+                          "rng": rng.bit_generator.state, "gen": gen,
                           "best": best, **({"scheduler": sched.state_dict()} if sched is not None else {})},
                          ckpt_path)
         log(f"{cfg.model} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, nal {record['nal']:.4f}), "
