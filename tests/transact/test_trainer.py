@@ -165,3 +165,31 @@ def test_a_run_records_every_model_setting_and_one_saved_without_them_loads_as_t
     model = load_model(legacy)[0]
     assert not model.cfg.token_similarity
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("model", ["wide_deep", "transact"])
+def test_calibration_is_folded_into_the_weights_and_never_worsens_validation_ne(rows, tmp_path, model):
+    from lifelong.modules.heads import fold_logit_calibration
+    from lifelong.transact.trainer import predict_logits
+
+    base = dict(model=model, nal="none", epochs=2, batch_size=64, lr=0.02, val_days=2, max_rows=600)
+    train(rows, tmp_path / "plain", TrainConfig(**base), log=lambda s: None)
+    meta = train(rows, tmp_path / "calibrated", TrainConfig(**base, calibrate=True), log=lambda s: None)
+    data = RankData(rows, "train")
+    _, val_rows = split_validation(data, TrainConfig(**base))
+    # Platt scaling minimises the validation log loss over (scale, shift), (1, 0) included.
+    for head, ne in meta["calibrated_val_ne"].items():
+        if not np.isnan(ne) and head != "mean":
+            assert ne <= meta["epochs"][meta["best_epoch"] - 1]["val_ne"][head] + 1e-6
+    # The saved weights are the plain run's with scale * logit + shift folded into the logit layers.
+    plain, calibrated = load_model(tmp_path / "plain")[0], load_model(tmp_path / "calibrated")[0]
+    scale = torch.tensor([meta["calibration"][h][0] for h in data.heads])
+    shift = torch.tensor([meta["calibration"][h][1] for h in data.heads])
+    z = predict_logits(plain, data, rows=val_rows[:50])
+    np.testing.assert_allclose(predict_logits(calibrated, data, rows=val_rows[:50]), z * scale.numpy() + shift.numpy(),
+                               rtol=1e-4, atol=1e-4)
+    fold_logit_calibration(plain.logit_layers, scale, shift)
+    np.testing.assert_allclose(predict_logits(plain, data, rows=val_rows[:50]), z * scale.numpy() + shift.numpy(),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="calibrate fits on the validation split"):
+        TrainConfig(model=model, nal="none", calibrate=True)

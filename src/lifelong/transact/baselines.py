@@ -64,6 +64,11 @@ class WideDeep(nn.Module):
     def abilities(self) -> Abilities:
         return self.abilities_for(self.cfg)
 
+    @property
+    def logit_layers(self) -> tuple[nn.Module, ...]:
+        """The layers whose outputs sum to the logits (``fold_logit_calibration`` scales them)."""
+        return (self.deep_out, self.wide)
+
     def __init__(self, cfg: WideDeepConfig):
         super().__init__()
         self.cfg = cfg
@@ -112,6 +117,11 @@ class BST(nn.Module):
     @property
     def abilities(self) -> Abilities:
         return self.abilities_for(self.cfg)
+
+    @property
+    def logit_layers(self) -> tuple[nn.Module, ...]:
+        """The layers whose outputs sum to the logits (``fold_logit_calibration`` scales them)."""
+        return (self.out,)
 
     def __init__(self, cfg: BSTConfig):
         super().__init__()

@@ -94,6 +94,11 @@ class DIN(nn.Module):
     def abilities(self) -> Abilities:
         return self.abilities_for(self.cfg)
 
+    @property
+    def logit_layers(self) -> tuple[nn.Module, ...]:
+        """The layers whose outputs sum to the logits (``fold_logit_calibration`` scales them)."""
+        return (self.out,)
+
     def __init__(self, cfg: DINConfig):
         super().__init__()
         self.cfg = cfg

@@ -65,6 +65,11 @@ class TransAct(nn.Module):
     def abilities(self) -> Abilities:
         return self.abilities_for(self.cfg)
 
+    @property
+    def logit_layers(self) -> tuple[nn.Module, ...]:
+        """The layers whose outputs sum to the logits (``fold_logit_calibration`` scales them)."""
+        return (self.head.out,)
+
     def __init__(self, cfg: TransActConfig):
         super().__init__()
         self.cfg = cfg

@@ -45,7 +45,7 @@ from lifelong.core.metrics import head_ne
 from lifelong.core.precision import check_precision, forward_precision
 from lifelong.core.progress import progress
 from lifelong.data.io import write_json
-from lifelong.modules.heads import ranking_loss
+from lifelong.modules.heads import fit_logit_calibration, fold_logit_calibration, ranking_loss
 from lifelong.tables.embedding import collisionless_modules, sparse_step
 from lifelong.transact.nal import next_action_loss
 from lifelong.transact.rank_data import RankData
@@ -92,6 +92,12 @@ class TrainConfig:
         precision: ``fp32``, or ``bf16``: the forward pass under bfloat16 autocast, parameters
             and losses in float32 (:mod:`lifelong.core.precision`; fast only on a CPU with
             bfloat16 units). Evaluation and serving stay float32.
+        calibrate: after training, fit each head's ``scale * logit + shift`` on the validation
+            split (Platt scaling, :func:`~lifelong.modules.heads.fit_logit_calibration`) and fold
+            it into the model's logit layers, so every path that scores with the saved weights
+            scores calibrated probabilities. It cannot reorder a head's rows, only fix how
+            confident they are; needs ``val_days``. ``run.json`` records each head's
+            ``calibration`` and the validation NE after it.
 
     Example::
 
@@ -119,6 +125,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     clip_norm: float = 0.0
     precision: str = "fp32"
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -143,6 +150,8 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.patience and not self.val_days:
             raise ConfigError("patience stops on the validation NE: set val_days > 0 too")
+        if self.calibrate and not self.val_days:
+            raise ConfigError("calibrate fits on the validation split: set val_days > 0 too")
 
 
 _SET_BY_DATA = ("layout", "n_heads", "user_tokens")
@@ -448,6 +457,13 @@ def _train(data_dir: str | os.PathLike[str], out: Path, cfg: TrainConfig, log, r
     if best["state"] is not None:
         model.load_state_dict(best["state"])
         meta["best_epoch"], meta["best_val_ne"] = best["epoch"], best["ne"]
+    if cfg.calibrate:
+        calibration = calibrate(model, data, val_rows)
+        meta["calibration"] = calibration
+        meta["calibrated_val_ne"] = validation_ne(model, data, val_rows)
+        log("calibrated on the validation split: " + ", ".join(
+            f"{h} x{a:.3f} {b:+.3f}" for h, (a, b) in calibration.items())
+            + f"; validation NE {meta['calibrated_val_ne']['mean']:.4f}")
     meta["examples_per_s"] = float(np.mean([e["examples_per_s"] for e in meta["epochs"]]))
     if ranks.main:
         save_atomic({"name": cfg.model, "train": asdict(cfg), "model_config": meta["model_config"],
@@ -476,9 +492,9 @@ def load_model(run: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: RankData, batch_size: int = 4096,
-            rows: np.ndarray | None = None) -> np.ndarray:
-    """(n, H) head probabilities of ``rows`` of ``data`` (default: every row), in their order."""
+def predict_logits(model: torch.nn.Module, data: RankData, batch_size: int = 4096,
+                   rows: np.ndarray | None = None) -> np.ndarray:
+    """(n, H) head logits of ``rows`` of ``data`` (default: every row), in their order."""
     model.eval()
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     # RankData.batch returns its rows sorted: score in sorted order, then put each back in place.
@@ -486,5 +502,20 @@ def predict(model: torch.nn.Module, data: RankData, batch_size: int = 4096,
     out = np.zeros((rows.size, len(data.heads)), dtype=np.float32)
     for a in range(0, rows.size, batch_size):
         at = order[a:a + batch_size]
-        out[at] = torch.sigmoid(model(data.batch(rows[at])).logits).numpy()
+        out[at] = model(data.batch(rows[at])).logits.numpy()
     return out
+
+
+def predict(model: torch.nn.Module, data: RankData, batch_size: int = 4096,
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """(n, H) head probabilities of ``rows`` of ``data`` (default: every row), in their order."""
+    return torch.sigmoid(torch.from_numpy(predict_logits(model, data, batch_size, rows))).numpy()
+
+
+def calibrate(model: torch.nn.Module, data: RankData, rows: np.ndarray) -> dict[str, list[float]]:
+    """Fit each head's Platt scaling on ``rows`` of ``data`` and fold it into ``model``'s
+    ``logit_layers``; returns ``{head: [scale, shift]}``."""
+    labels = torch.from_numpy(np.asarray(data.arrays["labels"])[rows].astype(np.float32))
+    scale, shift = fit_logit_calibration(torch.from_numpy(predict_logits(model, data, rows=rows)), labels)
+    fold_logit_calibration(model.logit_layers, scale, shift)
+    return {h: [float(scale[i]), float(shift[i])] for i, h in enumerate(data.heads)}
