@@ -229,7 +229,7 @@ def run_peers(rows_dir: str | os.PathLike[str], out: str | os.PathLike[str], hea
         entry = _cached(out, label)
         if entry is None:
             cfg = build_train_config({**spec["ours"][label], "seed": seed, "val_days": val_days}, train_sets)
-            run = out / "runs" / label.replace(" ", "_").replace("(", "").replace(")", "")
+            run = out / "runs" / _slug(label)
             start = time.perf_counter()
             meta = train(rows_dir, run, cfg, log=lambda s: None)
             probs = predict(load_model(run)[0], data)[:, data.heads.index(head)]
