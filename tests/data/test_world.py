@@ -205,6 +205,39 @@ def test_drift_shifts_interests_abruptly():
     assert overlap_drift_elsewhere - overlap_drift > 0.15
 
 
+def test_periodic_interests_are_engaged_in_season_only():
+    from lifelong.data.world.simulate import chunk_population, world_draws
+
+    cfg = load_config("tiny", overrides=["users.n_users=200", "days=84", "periodic.topics_min=1",
+                                         "periodic.topics_max=2", "periodic.cycle_weeks_min=3",
+                                         "periodic.cycle_weeks_max=4"])
+    world, draws = simulate(cfg), world_draws(cfg)
+    interests = chunk_population(cfg, draws, 0)[0].interests
+    k_long = cfg.interests.topics_max
+    periodic_topic = interests.topic[:, 0, k_long:]
+    # Periodic topics stay put and never share a topic with the user's long-term mixture.
+    assert (interests.topic[:, :, k_long:] == periodic_topic[:, None, :]).all()
+    assert not (interests.topic[:, :, :k_long, None] == periodic_topic[:, None, None, :]).any()
+
+    ev = world.events
+    user, ts = ev.column("user_id").to_numpy(), ev.column("ts_ms").to_numpy()
+    topic = world.items.column("topic_id").to_numpy()[ev.column("item_id").to_numpy()]
+    positive = (ev.column("action_mask").to_numpy() & POSITIVE_BITS) != 0
+    period = interests.period_of((ts - cfg.start_ms) // DAY_MS)
+    in_season = np.zeros(ev.num_rows, dtype=bool)
+    on_periodic = np.zeros(ev.num_rows, dtype=bool)
+    for slot in range(periodic_topic.shape[1]):
+        hit = topic == periodic_topic[user, slot]
+        on_periodic |= hit
+        in_season |= hit & (interests.weight[user, period, k_long + slot] > 0)
+    # Positive engagements per user-week on a periodic topic: many in season, few out of it.
+    season_weeks = (interests.weight[:, :, k_long:] > 0).sum()
+    off_weeks = interests.weight[:, :, k_long:].size - season_weeks
+    in_rate = (positive & in_season).sum() / season_weeks
+    off_rate = (positive & on_periodic & ~in_season).sum() / off_weeks
+    assert season_weeks > 0 and in_rate > 5 * off_rate
+
+
 def test_min_explicit_before_eval_is_enforced(tmp_path):
     cfg = load_config("tiny", overrides=["users.n_users=5", "users.min_explicit_before_eval=1000000"])
     with pytest.raises(ConfigError, match="min_explicit_before_eval"):
@@ -267,7 +300,7 @@ def test_unknown_key_in_file(tmp_path):
 
 @pytest.mark.parametrize("override", ["seed=abc", "users.n_users=1.5", "drift.enabled=3", "items.sigma_obs=yes",
                                       "items=3", "seed.x=1", "surfaces.search=0.9", "items.video_share=2",
-                                      "drift.enabled=true"])
+                                      "drift.enabled=true", "periodic.season_weeks=4", "periodic.topics_min=3"])
 def test_bad_values_raise_config_error(override):
     with pytest.raises(ConfigError):
         load_config("tiny", overrides=[override, "drift.day=40"] if override == "drift.enabled=true" else [override])

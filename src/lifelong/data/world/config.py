@@ -139,6 +139,36 @@ class InterestsConfig:
 
 
 @dataclass(frozen=True)
+class PeriodicConfig:
+    """Periodic interests: topics a user comes back to on a cycle, and likes only in season.
+
+    DV365 summarises a year of history because some interests recur (seasons, monthly
+    routines) and a recent window misses them between seasons. A periodic interest is a topic
+    outside the user's long-term mixture and never disliked. It is *in season* for
+    ``season_weeks`` consecutive weeks every ``C`` weeks (``C`` uniform in
+    ``cycle_weeks_min..cycle_weeks_max``, a random phase per user and topic). In season it
+    joins the mixture at log weight ``log(1/k) + log_weight``, so sessions focus on it and the
+    affinity likes it; out of season it is neither. Off (0 topics) except in the ``lifelong``
+    preset, so the other presets' worlds are unchanged.
+
+    Args:
+        topics_min: fewest periodic interests per user.
+        topics_max: most periodic interests per user (0: the world has none).
+        cycle_weeks_min: shortest cycle, in weeks.
+        cycle_weeks_max: longest cycle, in weeks.
+        season_weeks: weeks each season lasts (shorter than every cycle).
+        log_weight: in-season log weight relative to ``log(1/k)`` of the user's k interests.
+    """
+
+    topics_min: int = 0
+    topics_max: int = 0
+    cycle_weeks_min: int = 4
+    cycle_weeks_max: int = 13
+    season_weeks: int = 1
+    log_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DriftConfig:
     """Abrupt concept drift: on ``day`` every user's long-term topics are replaced.
 
@@ -374,8 +404,8 @@ class WorldConfig:
         seed: the root of every random stream.
         start_date: first day of the world (UTC, ISO ``YYYY-MM-DD``).
         days: length of the world in whole days; the evaluation day is the last.
-        topics, items, users, interests, drift, sessions, surfaces, retrieval, affinity, heads,
-            dwell: the sections of the generative story.
+        topics, items, users, interests, periodic, drift, sessions, surfaces, retrieval, affinity,
+            heads, dwell: the sections of the generative story.
         interactive: how a user meets a ranked feed when the world is run interactively.
 
     Example::
@@ -393,6 +423,7 @@ class WorldConfig:
     items: ItemsConfig = field(default_factory=ItemsConfig)
     users: UsersConfig = field(default_factory=UsersConfig)
     interests: InterestsConfig = field(default_factory=InterestsConfig)
+    periodic: PeriodicConfig = field(default_factory=PeriodicConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     surfaces: SurfacesConfig = field(default_factory=SurfacesConfig)
@@ -450,6 +481,9 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "users": {"n_users": 2_000, "activity_sigma": 0.25, "activity_min": 0.3, "activity_max": 1.7},
         "items": {"n_items": 200_000, "video_share": 0.5},
         "sessions": {"per_day": 2.0, "requests_mean": 3.5},
+        # Recurring interests are what a year-long user embedding can see and a recent window
+        # cannot: 2-4 per user, back for one week every 4-13 weeks.
+        "periodic": {"topics_min": 2, "topics_max": 4},
     },
 }
 
@@ -508,8 +542,13 @@ def validate(cfg: WorldConfig) -> WorldConfig:
     _check(1 <= ins.topics_min <= ins.topics_max, "interests.topics_min", "need 1 <= topics_min <= topics_max")
     _check(0 <= ins.disliked_min <= ins.disliked_max, "interests.disliked_min",
            "need 0 <= disliked_min <= disliked_max")
-    _check(2 * ins.topics_max + ins.disliked_max <= cfg.topics.n_topics, "interests.topics_max",
-           "2 * topics_max + disliked_max must not exceed topics.n_topics (drift draws fresh topics)")
+    per = cfg.periodic
+    _check(0 <= per.topics_min <= per.topics_max, "periodic.topics_min", "need 0 <= topics_min <= topics_max")
+    _check(2 * ins.topics_max + ins.disliked_max + per.topics_max <= cfg.topics.n_topics, "interests.topics_max",
+           "2 * topics_max + disliked_max + periodic.topics_max must not exceed topics.n_topics (drift draws "
+           "fresh topics)")
+    _check(1 <= per.season_weeks < per.cycle_weeks_min <= per.cycle_weeks_max, "periodic.season_weeks",
+           "need 1 <= season_weeks < cycle_weeks_min <= cycle_weeks_max")
     _check(ins.dirichlet_alpha > 0, "interests.dirichlet_alpha", "must be > 0")
     _check(ins.weekly_step_std >= 0, "interests.weekly_step_std", "must be >= 0")
     _check(0 <= ins.weekly_swap_prob <= 1, "interests.weekly_swap_prob", "must be in [0, 1]")

@@ -7,7 +7,8 @@ state (a weekly period, split at the drift day) is in force. The request loop
 
 Interests are stored per (user, period) as ``k_max`` slots of (topic, weight): unused slots
 have weight 0. Between weeks the log weights take a random-walk step and each slot may be
-abandoned for a newly adopted topic; on the drift day every slot is redrawn.
+abandoned for a newly adopted topic; on the drift day every slot is redrawn. Periodic
+interests (``cfg.periodic``) follow in further slots, weighted only in their season's weeks.
 
 Example::
 
@@ -124,6 +125,51 @@ def _dirichlet_log_weights(n_active: np.ndarray, k_max: int, alpha: float, rng: 
         return np.log(g / g.sum(axis=1, keepdims=True))
 
 
+@dataclass
+class _PeriodicSlots:
+    """Each user's periodic interests (``cfg.periodic``): topics, cycles and phases, in weeks.
+
+    Args:
+        topic: (U, M) topics, distinct from every other topic the user holds or dislikes.
+        cycle: (U, M) weeks between the starts of two seasons.
+        phase: (U, M) a season starts in the weeks ``w`` with ``(w + phase) % cycle == 0``.
+        active: (U, M) whether the slot is one of the user's (fewer than M for some users).
+        season_weeks: weeks a season lasts.
+    """
+
+    topic: np.ndarray
+    cycle: np.ndarray
+    phase: np.ndarray
+    active: np.ndarray
+    season_weeks: int
+
+    @classmethod
+    def draw(cls, cfg: WorldConfig, log_pop: np.ndarray, excluded: np.ndarray,
+             rng: np.random.Generator) -> _PeriodicSlots:
+        """Draw them by topic popularity among the topics not ``excluded``, then exclude them.
+
+        Draws nothing from ``rng`` when the world has no periodic interests, so worlds without
+        them are the same as before the option existed.
+        """
+        per, n_users = cfg.periodic, excluded.shape[0]
+        if not per.topics_max:
+            empty = np.zeros((n_users, 0), dtype=np.int64)
+            return cls(empty, empty + 1, empty, empty.astype(bool), per.season_weeks)
+        n = rng.integers(per.topics_min, per.topics_max + 1, n_users)
+        topic = _gumbel_top(np.where(excluded, -np.inf, log_pop), per.topics_max, rng)
+        cycle = rng.integers(per.cycle_weeks_min, per.cycle_weeks_max + 1, topic.shape)
+        phase = rng.integers(0, cycle)
+        # Every slot's topic is excluded (unused ones too): a long-term slot sharing a topic
+        # with a zero-weight periodic slot would lose its affinity in the dense lookup.
+        excluded[np.arange(n_users)[:, None], topic] = True
+        return cls(topic, cycle, phase, np.arange(per.topics_max)[None, :] < n[:, None], per.season_weeks)
+
+    def log_weights(self, week: int, n_interests: np.ndarray, log_weight: float) -> np.ndarray:
+        """(U, M) log mixture weights in ``week``: ``log(1/k) + log_weight`` in season, else -inf."""
+        in_season = self.active & ((week + self.phase) % self.cycle < self.season_weeks)
+        return np.where(in_season, np.log(1.0 / n_interests)[:, None] + log_weight, -np.inf)
+
+
 def make_interests(cfg: WorldConfig, topic_pop: np.ndarray, n_users: int, rng: np.random.Generator) -> Interests:
     """Draw each user's interest mixture, evolve it week by week, apply the drift.
 
@@ -144,15 +190,18 @@ def make_interests(cfg: WorldConfig, topic_pop: np.ndarray, n_users: int, rng: n
     for col in disliked.T:
         excluded[np.flatnonzero(col >= 0), col[col >= 0]] = True
 
+    periodic = _PeriodicSlots.draw(cfg, log_pop, excluded, rng)
+
     n_active = rng.integers(ins.topics_min, ins.topics_max + 1, n_users)
     active = np.arange(k_max)[None, :] < n_active[:, None]
     topic = _gumbel_top(np.where(excluded, -np.inf, log_pop), k_max, rng)
     log_w = _dirichlet_log_weights(n_active, k_max, ins.dirichlet_alpha, rng)
 
     bounds = period_boundaries(cfg)
-    n_periods = bounds.size
-    topics = np.empty((n_users, n_periods, k_max), dtype=np.int32)
-    log_ws = np.empty((n_users, n_periods, k_max), dtype=np.float64)
+    n_periods, n_slots = bounds.size, k_max + periodic.topic.shape[1]
+    topics = np.empty((n_users, n_periods, n_slots), dtype=np.int32)
+    log_ws = np.empty((n_users, n_periods, n_slots), dtype=np.float64)
+    topics[:, :, k_max:] = periodic.topic[:, None, :]
     for p in range(n_periods):
         if p > 0 and cfg.drift.enabled and bounds[p] == cfg.drift.day:
             held = excluded.copy()
@@ -168,8 +217,9 @@ def make_interests(cfg: WorldConfig, topic_pop: np.ndarray, n_users: int, rng: n
                 ok = swap[:, k] & ~taken
                 topic[ok, k] = cand[ok]
                 log_w[ok, k] = np.log(1.0 / n_active[ok]) + ins.adopted_log_weight
-        topics[:, p] = topic
-        log_ws[:, p] = np.where(active, log_w, -np.inf)
+        topics[:, p, :k_max] = topic
+        log_ws[:, p, :k_max] = np.where(active, log_w, -np.inf)
+        log_ws[:, p, k_max:] = periodic.log_weights(int(bounds[p]) // 7, n_active, cfg.periodic.log_weight)
     weight = np.exp(log_ws - log_ws.max(axis=2, keepdims=True))
     weight /= weight.sum(axis=2, keepdims=True)
     rel = weight / weight.max(axis=2, keepdims=True)
