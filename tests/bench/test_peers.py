@@ -60,13 +60,13 @@ def test_one_fuxictr_model_trains_an_epoch_beside_ours(rows, tmp_path):
                         fuxictr_overrides={"epochs": 1, "batch_size": 512, "max_len": 8},
                         train_sets=["epochs=1"], log=lambda s: None)
     labels = [r["label"] for r in summary["results"]]
-    assert labels == ["wide&deep", "FuxiCTR DIN"]
+    assert labels == ["wide&deep", "FuxiCTR DIN (batch_size=512, max_len=8)"]
     din = summary["results"][1]
     assert din["epochs"] == 1 and din["params"]["learning_rate"] == 1e-3 and din["params"]["max_len"] == 8
     for r in summary["results"]:
         assert 0 <= r["auc"] <= 1 and np.isfinite(r["ne"]) and r["hit@3"] >= 0
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| FuxiCTR DIN | FuxiCTR 2.3.10 |" in md and "AUC/click" in md
+    assert "| FuxiCTR DIN (batch_size=512, max_len=8) | FuxiCTR 2.3.10 |" in md and "AUC/click" in md
     assert json.loads((tmp_path / "out" / "report.json").read_text())["head"] == "click"
     with pytest.raises(ConfigError, match="unknown peers"):
         run_peers(rows, tmp_path / "bad", fuxictr_models=["DNN"], ours=[])

@@ -209,6 +209,9 @@ def run_peers(rows_dir: str | os.PathLike[str], out: str | os.PathLike[str], hea
     """Export, train every peer and every ranker of ours, score them on the evaluation rows and
     write ``out/report.{md,json}``. A model already scored in ``out`` is reused.
 
+    ``fuxictr_overrides`` replace template values of every FuxiCTR model; all but ``epochs`` are
+    named in its label (``FuxiCTR TransAct (batch_size=512)``).
+
     ``fuxictr_models`` and ``ours`` default to every entry of ``configs/peers.yaml``; ``train_sets``
     are ``key=value`` settings of our trainer for every ranker of ours (``val_days`` is set).
     """
@@ -240,8 +243,11 @@ def run_peers(rows_dir: str | os.PathLike[str], out: str | os.PathLike[str], hea
         results.append(entry)
         log(_line(entry))
     logging.getLogger().setLevel(logging.WARNING)  # FuxiCTR logs every batch's progress at INFO
+    # Settings that change what a peer is (not how long it trains) name it, so that a model run
+    # twice with different settings keeps both scores, side by side in the table.
+    changed = ", ".join(f"{k}={v}" for k, v in sorted((fuxictr_overrides or {}).items()) if k != "epochs")
     for model in fuxictr_models:
-        label = f"FuxiCTR {model}"
+        label = f"FuxiCTR {model}" + (f" ({changed})" if changed else "")
         entry = _cached(out, label)
         if entry is None:
             probs, info = train_fuxictr(model, export, out / "checkpoints", seed, **(fuxictr_overrides or {}))

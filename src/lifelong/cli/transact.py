@@ -188,14 +188,19 @@ def peers(
                                                    "(e.g. patience=1); repeatable.")] = None,
     fuxictr_epochs: Annotated[int | None, typer.Option(help="At most N epochs for the FuxiCTR models [default: "
                                                             "their templates' 100, cut by their early stopping].")] = None,
+    fuxictr_set: Annotated[list[str] | None, typer.Option("--fuxictr-set", help="key=value replacing a template "
+                                                          "value of every FuxiCTR model (e.g. batch_size=512); "
+                                                          "named in the model's label; repeatable.")] = None,
 ) -> None:
     """FuxiCTR's LongCTR models (the `peers` extra) and our rankers on the same rows: AUC, NE, HIT@3."""
     from lifelong.bench.peers import run_peers
+    from lifelong.core.config import parse_set
 
     def names(text: str | None) -> list[str] | None:
         return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
 
     report = run_peers(data, out_dir, head=head, val_days=val_days, fuxictr_models=names(models), ours=names(ours),
                        seed=seed, train_sets=set_ or (), log=out.print,
-                       fuxictr_overrides=None if fuxictr_epochs is None else {"epochs": fuxictr_epochs})
+                       fuxictr_overrides={**dict(parse_set(text) for text in fuxictr_set or ()),
+                                          **({} if fuxictr_epochs is None else {"epochs": fuxictr_epochs})})
     out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'} ({len(report['results'])} models)")
