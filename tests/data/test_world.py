@@ -238,6 +238,25 @@ def test_periodic_interests_are_engaged_in_season_only():
     assert season_weeks > 0 and in_rate > 5 * off_rate
 
 
+def test_next_sessions_follow_the_topic_successor():
+    from lifelong.data.world.simulate import chunk_population, world_draws
+
+    def successor_share(focus_next: float) -> float:
+        cfg = load_config("tiny", overrides=[
+            "users.n_users=100", f"sessions.focus_next={focus_next}",
+            f"sessions.focus_long_term={0.6 - focus_next}"])
+        draws = world_draws(cfg)
+        sched = chunk_population(cfg, draws, 0)[0].schedule
+        same_user = sched.user[1:] == sched.user[:-1]
+        changed = same_user & (sched.focus[1:] != sched.focus[:-1])  # a new session's focus
+        follows = draws.successor[sched.focus[:-1]] == sched.focus[1:]
+        return float((follows & changed).sum() / changed.sum())
+
+    # Without "next" sessions a new focus is the successor of the old one by chance only.
+    assert successor_share(0.0) < 0.1
+    assert successor_share(0.4) > 0.4
+
+
 def test_min_explicit_before_eval_is_enforced(tmp_path):
     cfg = load_config("tiny", overrides=["users.n_users=5", "users.min_explicit_before_eval=1000000"])
     with pytest.raises(ConfigError, match="min_explicit_before_eval"):

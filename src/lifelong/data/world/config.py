@@ -32,6 +32,9 @@ SIM_SURFACES: tuple[str, ...] = ("homefeed", "search", "related")
 """Surfaces the simulator issues requests on (a prefix of :data:`lifelong.data.schema.SURFACES`)."""
 assert SURFACES[: len(SIM_SURFACES)] == SIM_SURFACES
 
+FOCUS_KINDS: tuple[str, ...] = ("focus_long_term", "focus_previous", "focus_trending", "focus_next")
+"""Where a session's focus comes from (``sessions.*`` shares, summing to 1), in code order."""
+
 SOURCES: tuple[str, ...] = ("recent", "long_term", "context", "popular", "random")
 """Retrieval sources of the production-like candidate mix, in slot order."""
 
@@ -192,6 +195,10 @@ class SessionsConfig:
         focus_long_term: probability the focus is drawn from the long-term mixture.
         focus_previous: probability the focus is the previous session's.
         focus_trending: probability the focus is one of the day's trending topics.
+        focus_next: probability the focus is the *next topic* of the previous session's focus:
+            the world draws one fixed successor for every topic (a random permutation), so
+            the order of a user's sessions carries information that item similarity does not
+            (0 by default: the next-action experiment's world in docs/results.md sets it).
         trending_per_day: number of trending topics per day.
     """
 
@@ -201,6 +208,7 @@ class SessionsConfig:
     focus_long_term: float = 0.6
     focus_previous: float = 0.3
     focus_trending: float = 0.1
+    focus_next: float = 0.0
     trending_per_day: int = 3
 
 
@@ -558,10 +566,9 @@ def validate(cfg: WorldConfig) -> WorldConfig:
     _check(se.per_day > 0, "sessions.per_day", "must be > 0")
     _check(se.requests_mean >= 1, "sessions.requests_mean", "must be >= 1")
     _check(se.request_gap_s > 0, "sessions.request_gap_s", "must be > 0")
-    for name in ("focus_long_term", "focus_previous", "focus_trending"):
+    for name in FOCUS_KINDS:
         _check(getattr(se, name) >= 0, f"sessions.{name}", "must be >= 0")
-    _sums_to_one({n: getattr(se, n) for n in ("focus_long_term", "focus_previous", "focus_trending")},
-                 "sessions.focus_long_term")
+    _sums_to_one({n: getattr(se, n) for n in FOCUS_KINDS}, "sessions.focus_long_term")
     _check(1 <= se.trending_per_day <= cfg.topics.n_topics, "sessions.trending_per_day",
            "must be in 1..topics.n_topics")
     surf = dataclasses.asdict(cfg.surfaces)

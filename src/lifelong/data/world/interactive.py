@@ -57,8 +57,8 @@ from lifelong.core.metrics import DEFAULT_HEAD_WEIGHTS, final_score
 from lifelong.data.io import read_meta, read_table
 from lifelong.data.protocol import DAY_MS
 from lifelong.data.schema import EVENTS_SCHEMA, HEADS, POSITIVE_BITS, SURFACES, Action
-from lifelong.data.world.config import SIM_SURFACES, WorldConfig, validate
-from lifelong.data.world.population import MIN_REQUEST_GAP_MS, Interests
+from lifelong.data.world.config import FOCUS_KINDS, SIM_SURFACES, WorldConfig, validate
+from lifelong.data.world.population import FOCUS_LONG_TERM, FOCUS_NEXT, FOCUS_TRENDING, MIN_REQUEST_GAP_MS, Interests
 from lifelong.data.world.requests import Engagement, RequestLoop, RowDraws, Tastes
 from lifelong.data.world.simulate import chunk_population, world_draws
 
@@ -75,7 +75,6 @@ _MAX_USER = 1 << 28
 
 # Purposes of the keyed generators (part of the key, so streams never overlap).
 _SESSIONS, _RETRIEVE, _RESPOND, _BEHAVE, _TRENDING, _RANDOM_POLICY = range(6)
-_FOCUS_LONG_TERM, _FOCUS_PREVIOUS, _FOCUS_TRENDING = range(3)
 
 
 @dataclass(frozen=True)
@@ -358,13 +357,14 @@ class InteractiveWorld:
         """Per user: session start offsets in the day (sorted, ms) and each session's focus topic."""
         se, ins = self.cfg.sessions, self.source.interests
         trending = self._trending(day)
-        p_focus = [se.focus_long_term, se.focus_previous, se.focus_trending]
+        p_focus = [getattr(se, name) for name in FOCUS_KINDS]
+        successor = self.source.draws.successor
         starts, foci = [], []
         for i, user in enumerate(self.users):
             g = _rng(*self._key, _SESSIONS, user, day)
             k = int(g.poisson(se.per_day * self.activity[i]))
             start = np.sort(g.integers(0, DAY_MS, k))
-            kind = g.choice(3, k, p=p_focus)
+            kind = g.choice(len(FOCUS_KINDS), k, p=p_focus)
             slot_u = g.random(k)
             trend = trending[g.integers(0, trending.size, k)]
             w = ins.weight[user, period]
@@ -374,10 +374,12 @@ class InteractiveWorld:
             focus = np.empty(k, dtype=np.int64)
             prev = int(self.last_focus[i])
             for j in range(k):
-                if kind[j] == _FOCUS_TRENDING:
+                if kind[j] == FOCUS_TRENDING:
                     prev = int(trend[j])
-                elif kind[j] == _FOCUS_LONG_TERM or prev < 0:
+                elif kind[j] == FOCUS_LONG_TERM or prev < 0:
                     prev = int(long_term[j])
+                elif kind[j] == FOCUS_NEXT:
+                    prev = int(successor[prev])
                 focus[j] = prev
             if k:
                 self.last_focus[i] = prev

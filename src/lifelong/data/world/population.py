@@ -19,7 +19,8 @@ Example::
     >>> interests.topic.shape  # (users, weekly periods, interest slots)
     (3, 5, 10)
     >>> trending = rng.integers(0, 32, (cfg.days, cfg.sessions.trending_per_day))
-    >>> schedule = make_schedule(cfg, interests, trending, n_users=3, rng=rng)
+    >>> successor = rng.permutation(32)
+    >>> schedule = make_schedule(cfg, interests, trending, successor, n_users=3, rng=rng)
     >>> bool((np.diff(schedule.ts_ms)[np.diff(schedule.user) == 0] >= MIN_REQUEST_GAP_MS).all())
     True
 """
@@ -31,12 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from lifelong.data.protocol import DAY_MS
-from lifelong.data.world.config import SIM_SURFACES, WorldConfig
+from lifelong.data.world.config import FOCUS_KINDS, SIM_SURFACES, WorldConfig
 
 MIN_REQUEST_GAP_MS = 1_000
 """Requests of one user are at least this far apart, so every request has its own timestamp."""
 
-FOCUS_LONG_TERM, FOCUS_PREVIOUS, FOCUS_TRENDING = 0, 1, 2
+FOCUS_LONG_TERM, FOCUS_PREVIOUS, FOCUS_TRENDING, FOCUS_NEXT = range(4)
+"""Session focus kinds, in the order of :data:`lifelong.data.world.config.FOCUS_KINDS`."""
 
 
 @dataclass
@@ -239,14 +241,15 @@ def _sample_slots(weight: np.ndarray, u: np.ndarray) -> np.ndarray:
     return np.minimum((u[:, None] > cw).sum(axis=1), weight.shape[1] - 1)
 
 
-def make_schedule(cfg: WorldConfig, interests: Interests, trending: np.ndarray, n_users: int,
-                  rng: np.random.Generator) -> Schedule:
+def make_schedule(cfg: WorldConfig, interests: Interests, trending: np.ndarray, successor: np.ndarray,
+                  n_users: int, rng: np.random.Generator) -> Schedule:
     """Draw sessions and requests of a chunk's users.
 
     Args:
         cfg: the world configuration (``users``, ``sessions``, ``surfaces``).
         interests: the chunk's interests (the focus is drawn from the mixture in force).
         trending: (days, trending_per_day) trending topics of each day.
+        successor: (T,) the next topic of each topic (``sessions.focus_next``).
         n_users: users in the chunk.
         rng: the chunk's random stream.
     """
@@ -265,15 +268,26 @@ def make_schedule(cfg: WorldConfig, interests: Interests, trending: np.ndarray, 
     first[_segment_starts(n_sessions)[n_sessions > 0]] = True
     sess_day = (sess_ts - start) // DAY_MS
     sess_period = interests.period_of(sess_day)
-    kind = rng.choice(3, n_sess_total, p=[se.focus_long_term, se.focus_previous, se.focus_trending])
-    kind[first & (kind == FOCUS_PREVIOUS)] = FOCUS_LONG_TERM
+    # A zero-probability last kind leaves the draws of worlds without "next" sessions unchanged.
+    kind = rng.choice(len(FOCUS_KINDS), n_sess_total, p=[getattr(se, name) for name in FOCUS_KINDS])
+    follows = (kind == FOCUS_PREVIOUS) | (kind == FOCUS_NEXT)
+    kind[first & follows] = FOCUS_LONG_TERM
+    follows &= ~first
     slots = _sample_slots(interests.weight[sess_user, sess_period], rng.random(n_sess_total))
     focus = interests.topic[sess_user, sess_period, slots]
     trend = trending[sess_day, rng.integers(0, trending.shape[1], n_sess_total)]
     focus = np.where(kind == FOCUS_TRENDING, trend, focus)
-    # "Previous focus" sessions copy the last session that drew its own focus: forward fill.
-    src = np.where(kind == FOCUS_PREVIOUS, 0, np.arange(n_sess_total))
-    focus = focus[np.maximum.accumulate(src)] if n_sess_total else focus
+    if n_sess_total:
+        # "Previous" and "next" sessions follow the last session that drew its own focus (a
+        # forward fill), a "next" one step further along the successor chain for each "next"
+        # session since then.
+        own = np.maximum.accumulate(np.where(follows, 0, np.arange(n_sess_total)))
+        n_next = np.cumsum(kind == FOCUS_NEXT)
+        steps = n_next - n_next[own]
+        focus = focus[own]
+        for step in range(int(steps.max())):
+            ahead = steps > step
+            focus[ahead] = successor[focus[ahead]]
 
     n_req_sess = 1 + rng.poisson(se.requests_mean - 1.0, n_sess_total)
     req_sess = np.repeat(np.arange(n_sess_total), n_req_sess)

@@ -116,6 +116,7 @@ class WorldDraws:
     Args:
         catalog: the catalogue.
         trending: (days, trending_per_day) trending topics of each day.
+        successor: (T,) the next topic of each topic, a permutation (``sessions.focus_next``).
         noise_key: key of the persistent user-item noise.
         protocol: the protocol dates.
         chunk_seqs: the random stream of each block of :data:`CHUNK_USERS` users.
@@ -123,6 +124,7 @@ class WorldDraws:
 
     catalog: Catalog
     trending: np.ndarray
+    successor: np.ndarray
     noise_key: np.uint64
     protocol: Protocol
     chunk_seqs: list[np.random.SeedSequence]
@@ -136,7 +138,9 @@ def world_draws(cfg: WorldConfig) -> WorldDraws:
     trending = world_rng.choice(catalog.topic_pop.size, (cfg.days, cfg.sessions.trending_per_day),
                                 p=catalog.topic_pop)
     noise_key = np.uint64(world_rng.integers(0, 2**63))
-    return WorldDraws(catalog=catalog, trending=trending, noise_key=noise_key,
+    # Drawn last, so that every earlier draw is what it was before successors existed.
+    successor = world_rng.permutation(catalog.topic_pop.size)
+    return WorldDraws(catalog=catalog, trending=trending, successor=successor, noise_key=noise_key,
                       protocol=Protocol.fit(cfg.start_ms, cfg.end_ms), chunk_seqs=chunk_seqs)
 
 
@@ -163,7 +167,7 @@ def chunk_population(cfg: WorldConfig, draws: WorldDraws, c: int,
         again.bit_generator.state = before
         extended = make_interests(dataclasses.replace(cfg, days=interest_days), draws.catalog.topic_pop, n_users,
                                   again)
-    schedule = make_schedule(cfg, interests, draws.trending, n_users, rng)
+    schedule = make_schedule(cfg, interests, draws.trending, draws.successor, n_users, rng)
     bias = (cfg.users.bias_std * rng.standard_normal(n_users)).astype(np.float32)
     pop = Population(user_ids=np.arange(lo, lo + n_users, dtype=np.int64), bias=bias,
                      interests=interests, schedule=schedule)
