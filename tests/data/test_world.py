@@ -257,6 +257,15 @@ def test_next_sessions_follow_the_topic_successor():
     assert successor_share(0.4) > 0.4
 
 
+def test_packaged_world_configs_load():
+    from importlib.resources import files
+
+    configs = sorted(p for p in files("lifelong").joinpath("configs/worlds").iterdir() if p.name.endswith(".yaml"))
+    assert [p.name for p in configs] == ["sequential.yaml"]
+    cfg = load_config(config_file=configs[0])
+    assert cfg.preset == "small" and cfg.sessions.focus_next == 0.5 and cfg.retrieval.homefeed.context > 0
+
+
 def test_min_explicit_before_eval_is_enforced(tmp_path):
     cfg = load_config("tiny", overrides=["users.n_users=5", "users.min_explicit_before_eval=1000000"])
     with pytest.raises(ConfigError, match="min_explicit_before_eval"):
