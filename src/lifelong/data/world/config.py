@@ -211,6 +211,10 @@ class SessionsConfig:
     focus_next: float = 0.0
     trending_per_day: int = 3
 
+    def focus_shares(self) -> list[float]:
+        """The focus probabilities in :data:`FOCUS_KINDS` order (the simulators' draw)."""
+        return [getattr(self, name) for name in FOCUS_KINDS]
+
 
 @dataclass(frozen=True)
 class SurfacesConfig:
@@ -568,7 +572,7 @@ def validate(cfg: WorldConfig) -> WorldConfig:
     _check(se.request_gap_s > 0, "sessions.request_gap_s", "must be > 0")
     for name in FOCUS_KINDS:
         _check(getattr(se, name) >= 0, f"sessions.{name}", "must be >= 0")
-    _sums_to_one({n: getattr(se, n) for n in FOCUS_KINDS}, "sessions.focus_long_term")
+    _sums_to_one(dict(zip(FOCUS_KINDS, se.focus_shares())), "sessions.focus_long_term")
     _check(1 <= se.trending_per_day <= cfg.topics.n_topics, "sessions.trending_per_day",
            "must be in 1..topics.n_topics")
     surf = dataclasses.asdict(cfg.surfaces)

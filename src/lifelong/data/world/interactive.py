@@ -357,7 +357,7 @@ class InteractiveWorld:
         """Per user: session start offsets in the day (sorted, ms) and each session's focus topic."""
         se, ins = self.cfg.sessions, self.source.interests
         trending = self._trending(day)
-        p_focus = [getattr(se, name) for name in FOCUS_KINDS]
+        p_focus = se.focus_shares()
         successor = self.source.draws.successor
         starts, foci = [], []
         for i, user in enumerate(self.users):

@@ -137,6 +137,7 @@ class _PeriodicSlots:
         phase: (U, M) a season starts in the weeks ``w`` with ``(w + phase) % cycle == 0``.
         active: (U, M) whether the slot is one of the user's (fewer than M for some users).
         season_weeks: weeks a season lasts.
+        log_weight: in-season log weight relative to ``log(1/k)``.
     """
 
     topic: np.ndarray
@@ -144,6 +145,7 @@ class _PeriodicSlots:
     phase: np.ndarray
     active: np.ndarray
     season_weeks: int
+    log_weight: float
 
     @classmethod
     def draw(cls, cfg: WorldConfig, log_pop: np.ndarray, excluded: np.ndarray,
@@ -156,7 +158,7 @@ class _PeriodicSlots:
         per, n_users = cfg.periodic, excluded.shape[0]
         if not per.topics_max:
             empty = np.zeros((n_users, 0), dtype=np.int64)
-            return cls(empty, empty + 1, empty, empty.astype(bool), per.season_weeks)
+            return cls(empty, empty, empty, empty.astype(bool), per.season_weeks, per.log_weight)
         n = rng.integers(per.topics_min, per.topics_max + 1, n_users)
         topic = _gumbel_top(np.where(excluded, -np.inf, log_pop), per.topics_max, rng)
         cycle = rng.integers(per.cycle_weeks_min, per.cycle_weeks_max + 1, topic.shape)
@@ -164,12 +166,13 @@ class _PeriodicSlots:
         # Every slot's topic is excluded (unused ones too): a long-term slot sharing a topic
         # with a zero-weight periodic slot would lose its affinity in the dense lookup.
         excluded[np.arange(n_users)[:, None], topic] = True
-        return cls(topic, cycle, phase, np.arange(per.topics_max)[None, :] < n[:, None], per.season_weeks)
+        return cls(topic, cycle, phase, np.arange(per.topics_max)[None, :] < n[:, None], per.season_weeks,
+                   per.log_weight)
 
-    def log_weights(self, week: int, n_interests: np.ndarray, log_weight: float) -> np.ndarray:
+    def log_weights(self, week: int, n_interests: np.ndarray) -> np.ndarray:
         """(U, M) log mixture weights in ``week``: ``log(1/k) + log_weight`` in season, else -inf."""
         in_season = self.active & ((week + self.phase) % self.cycle < self.season_weeks)
-        return np.where(in_season, np.log(1.0 / n_interests)[:, None] + log_weight, -np.inf)
+        return np.where(in_season, np.log(1.0 / n_interests)[:, None] + self.log_weight, -np.inf)
 
 
 def make_interests(cfg: WorldConfig, topic_pop: np.ndarray, n_users: int, rng: np.random.Generator) -> Interests:
@@ -221,7 +224,7 @@ def make_interests(cfg: WorldConfig, topic_pop: np.ndarray, n_users: int, rng: n
                 log_w[ok, k] = np.log(1.0 / n_active[ok]) + ins.adopted_log_weight
         topics[:, p, :k_max] = topic
         log_ws[:, p, :k_max] = np.where(active, log_w, -np.inf)
-        log_ws[:, p, k_max:] = periodic.log_weights(int(bounds[p]) // 7, n_active, cfg.periodic.log_weight)
+        log_ws[:, p, k_max:] = periodic.log_weights(int(bounds[p]) // 7, n_active)
     weight = np.exp(log_ws - log_ws.max(axis=2, keepdims=True))
     weight /= weight.sum(axis=2, keepdims=True)
     rel = weight / weight.max(axis=2, keepdims=True)
@@ -269,7 +272,7 @@ def make_schedule(cfg: WorldConfig, interests: Interests, trending: np.ndarray, 
     sess_day = (sess_ts - start) // DAY_MS
     sess_period = interests.period_of(sess_day)
     # A zero-probability last kind leaves the draws of worlds without "next" sessions unchanged.
-    kind = rng.choice(len(FOCUS_KINDS), n_sess_total, p=[getattr(se, name) for name in FOCUS_KINDS])
+    kind = rng.choice(len(FOCUS_KINDS), n_sess_total, p=se.focus_shares())
     follows = (kind == FOCUS_PREVIOUS) | (kind == FOCUS_NEXT)
     kind[first & follows] = FOCUS_LONG_TERM
     follows &= ~first
