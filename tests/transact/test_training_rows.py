@@ -10,6 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.errors import ConfigError
+from lifelong.data.counters import COUNTER_FEATURES, N_COUNTER_FEATURES
 from lifelong.data.io import load_dataset
 from lifelong.data.schema import EXPLICIT_BITS, Action
 from lifelong.data.timelines import EventIndex, Jagged
@@ -18,6 +20,7 @@ from lifelong.ops.nn_select import nn_topk
 from lifelong.transact.rank_data import RankData
 from lifelong.transact.registry import build_model
 from lifelong.transact.sequence_layout import SequenceLayout
+from lifelong.transact.serving import Ranker
 from lifelong.transact.training_rows import BuildConfig, ItemTable, _chunk_bounds, build_rows, select_tokens
 
 LAYOUT = SequenceLayout(ll_nn=8, rt=8, rt_nn=4, imp_nn=4)
@@ -188,3 +191,35 @@ def test_nn_topk_ties_larger_than_the_slack_pick_the_newest():
     pos, score = nn_topk(Jagged(values, np.array([0, 300])), torch.tensor([[1.0, 0.0]]), np.array([0]), k=5)
     assert pos.tolist() == [[7, 299, 298, 297, 296]]
     assert score[0].tolist() == [2.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_rows_carry_engagement_counters_as_of_their_request(world, rows_dir):
+    """``counters.npy``: each row's item-scope shown count is the item's impressions strictly
+    before the row (all users); a model configured with counters reads them, one without ignores them."""
+    data = RankData(rows_dir, "eval")
+    assert data.meta["counters"]["features"] == list(COUNTER_FEATURES)
+    ev = load_dataset(world).events
+    ts, mask = ev.column("ts_ms").to_numpy(), ev.column("action_mask").to_numpy()
+    item_ids = ev.column("item_id").to_numpy()
+    shown = (mask & int(Action.IMPRESSION)) != 0
+    rows = np.arange(0, len(data), max(1, len(data) // 40))
+    batch = data.batch(rows)
+    assert batch.counters.shape == (rows.size, N_COUNTER_FEATURES)
+    expected = [np.sum(shown & (item_ids == int(i)) & (ts < int(t)))
+                for i, t in zip(batch.item_id, np.asarray(data.arrays["ts_ms"])[rows])]
+    got = np.expm1(batch.counters[:, COUNTER_FEATURES.index("item_log_shown")].double().numpy() * np.log1p(1e4))
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert max(expected) > 0
+    torch.manual_seed(0)
+    reads = build_model("wide_deep", layout=LAYOUT, n_heads=4, row={"counters": True}).eval()
+    assert reads.abilities.counters and not build_model("wide_deep", layout=LAYOUT, n_heads=4).abilities.counters
+    with torch.no_grad():
+        logits = reads(batch).logits
+        batch.counters = batch.counters + 1.0
+        assert not torch.allclose(reads(batch).logits, logits)
+        batch.counters = None
+        with pytest.raises(ValueError, match="rebuild them"):
+            reads(batch)
+    # The feature store keeps no counters: serving refuses the model before it reads a store.
+    with pytest.raises(ConfigError, match="engagement counters"):
+        Ranker(reads, store=None)

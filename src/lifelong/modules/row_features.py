@@ -1,5 +1,5 @@
-"""The non-sequence features of a ranking row: id embeddings, the surface and the candidate's
-content embedding.
+"""The non-sequence features of a ranking row: id embeddings, the surface, the candidate's
+content embedding and, when configured, the row's real-time engagement counters.
 
 Each id slot (user, item, author, topic) reads a modulo-hashed ``nn.Embedding`` (the default),
 a collision-less table (:class:`~lifelong.tables.embedding.CollisionlessEmbedding`: admission
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lifelong.core.config import check, check_dims
+from lifelong.data.counters import N_COUNTER_FEATURES
 from lifelong.data.schema import EMBED_DIM, SURFACES
 from lifelong.modules.layers import HashedEmbedding
 from lifelong.tables.embedding import CollisionlessEmbedding
@@ -47,6 +48,7 @@ class RowInputs(Protocol):
     topic_id: torch.Tensor
     surface: torch.Tensor
     cand_emb: torch.Tensor
+    counters: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class RowFeatureConfig:
             keeps the default: hashed, and the user ``"hashed"`` if ``user_id`` else ``"off"``.
         collisionless: the table of every collision-less slot (its ``dim`` is ``id_dim``, its
             ``seed`` offset per slot so that equal raw ids of two slots start apart).
+        counters: append the row's engagement counters as of its request (item, item in the
+            last day, user, user on this item: shown count and per-head rate;
+            :mod:`lifelong.data.counters`). They rank items no training row has seen and follow
+            rate shifts; rows built before counters existed lack them (rebuild).
 
     Example::
 
@@ -75,6 +81,8 @@ class RowFeatureConfig:
         >>> cfg = RowFeatureConfig(id_dim=8, tables={"item": "collisionless", "user": "collisionless", "topic": "off"})
         >>> cfg.out_dim, cfg.kinds, cfg.collisionless_slots  # 3 ids x 8 + 8 + 32
         (64, {'user': 'collisionless', 'item': 'collisionless', 'author': 'hashed', 'topic': 'off'}, ('user', 'item'))
+        >>> RowFeatureConfig(id_dim=8, counters=True).out_dim  # + 4 scopes x (shown + 4 heads)
+        84
     """
 
     hash_buckets: int = 2**16
@@ -83,6 +91,7 @@ class RowFeatureConfig:
     user_id: bool = False
     tables: dict[str, str] = field(default_factory=dict)
     collisionless: TableConfig = field(default_factory=default_collisionless)
+    counters: bool = False
 
     def __post_init__(self) -> None:
         check_dims("hash_buckets, id_dim, surface_dim", (self.hash_buckets, self.id_dim, self.surface_dim))
@@ -110,7 +119,7 @@ class RowFeatureConfig:
     @property
     def out_dim(self) -> int:
         used = sum(kind != "off" for kind in self.kinds.values())
-        return used * self.id_dim + self.surface_dim + EMBED_DIM
+        return used * self.id_dim + self.surface_dim + EMBED_DIM + (N_COUNTER_FEATURES if self.counters else 0)
 
 
 
@@ -131,6 +140,7 @@ class RowFeatures(nn.Module):
     def __init__(self, cfg: RowFeatureConfig):
         super().__init__()
         self.out_dim = cfg.out_dim
+        self.counters = cfg.counters
         kinds = cfg.kinds
 
         def make(slot: str) -> nn.Module | None:
@@ -152,4 +162,10 @@ class RowFeatures(nn.Module):
     def forward(self, batch: RowInputs) -> torch.Tensor:
         ids = (batch.user_id, batch.item_id, batch.author_id, batch.topic_id)
         parts = [m(i) for m, i in zip((self.user, self.item, self.author, self.topic), ids) if m is not None]
-        return torch.cat([*parts, self.surface(batch.surface), batch.cand_emb], dim=-1)
+        parts += [self.surface(batch.surface), batch.cand_emb]
+        if self.counters:
+            if batch.counters is None:
+                raise ValueError("the model reads engagement counters (row.counters) and these rows carry none: "
+                                 "rebuild them with `lifelong transact build`")
+            parts.append(batch.counters)
+        return torch.cat(parts, dim=-1)

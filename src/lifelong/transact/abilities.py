@@ -44,6 +44,9 @@ class Abilities:
         accepts_user_tokens: the model can be configured to read one (``--user-emb``).
         token_table: it implements :meth:`TokenTableRanker.score_token_table`, the optimized
             serving path over a de-duplicated token table.
+        counters: this configuration reads the rows' engagement counters
+            (``RankBatch.counters``, ``RowFeatureConfig.counters``): trained and evaluated on built
+            rows; the feature store does not keep counters, so serving refuses such a model.
 
     Example::
 
@@ -56,6 +59,7 @@ class Abilities:
     user_tokens: bool = False
     accepts_user_tokens: bool = False
     token_table: bool = False
+    counters: bool = False
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.blocks if b not in SequenceLayout.BLOCKS]

@@ -58,7 +58,7 @@ class WideDeep(nn.Module):
     @classmethod
     def abilities_for(cls, cfg: WideDeepConfig) -> Abilities:
         """No sequence: no block read, no NAL, no user tokens, no token-table path."""
-        return Abilities()
+        return Abilities(counters=cfg.row.counters)
 
     @property
     def abilities(self) -> Abilities:
@@ -112,7 +112,7 @@ class BST(nn.Module):
     @classmethod
     def abilities_for(cls, cfg: BSTConfig) -> Abilities:
         """Reads ``S_RT[:r]``; bidirectional, so not causal (no NAL)."""
-        return Abilities(blocks=("rt",))
+        return Abilities(blocks=("rt",), counters=cfg.row.counters)
 
     @property
     def abilities(self) -> Abilities:

@@ -33,6 +33,9 @@ class RankBatch:
         request_id: (B,) int64, to group rows for HIT@K.
         user_emb: (B, R, C) float32 de-quantized DV365 embedding of each row's user, for models
             configured to read it (``TransActConfig.user_tokens``); None otherwise.
+        counters: (B, F) float32 engagement counters of each row as of its request
+            (:mod:`lifelong.data.counters`), for models configured to read them
+            (``RowFeatureConfig.counters``); None where the rows carry none.
     """
 
     user_id: torch.Tensor
@@ -55,6 +58,7 @@ class RankBatch:
     labels: torch.Tensor
     request_id: torch.Tensor
     user_emb: torch.Tensor | None = None
+    counters: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> RankBatch:
         return RankBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

@@ -88,7 +88,7 @@ class DIN(nn.Module):
     @classmethod
     def abilities_for(cls, cfg: DINConfig) -> Abilities:
         """Reads ``cfg.blocks``; not causal; no user tokens; no token-table path."""
-        return Abilities(blocks=cfg.blocks)
+        return Abilities(blocks=cfg.blocks, counters=cfg.row.counters)
 
     @property
     def abilities(self) -> Abilities:

@@ -59,7 +59,7 @@ class TransAct(nn.Module):
         """Reads ``cfg.blocks``; causal (NAL) when it reads ``rt``; user tokens when configured; the
         token-table serving path (:meth:`score_token_table`), with or without them."""
         return Abilities(blocks=cfg.blocks, causal="rt" in cfg.blocks, user_tokens=cfg.user_tokens is not None,
-                         accepts_user_tokens=True, token_table=True)
+                         accepts_user_tokens=True, token_table=True, counters=cfg.row.counters)
 
     @property
     def abilities(self) -> Abilities:

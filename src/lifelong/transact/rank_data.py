@@ -162,5 +162,6 @@ class RankData:
             labels=torch.from_numpy(np.asarray(a["labels"][rows]).astype(np.float32)),
             request_id=torch.from_numpy(np.asarray(a["req_id"][req]).astype(np.int64)),
             user_emb=None if self._users is None else self._user_embedding(user),
+            counters=torch.from_numpy(np.asarray(a["counters"][rows], dtype=np.float32)) if "counters" in a else None,
         )
 

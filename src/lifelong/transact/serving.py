@@ -231,6 +231,9 @@ class Ranker:
             raise ConfigError(f"unknown serving path {path!r}; choose one of {', '.join(PATHS)}")
         if forward_rows < 1:
             raise ConfigError(f"forward_rows must be >= 1, got {forward_rows}")
+        if abilities_of(model).counters:
+            raise ConfigError("the model reads engagement counters (model.row.counters), which the feature store does "
+                              "not keep: serve a model trained without them")
         self.precision, self.forward_rows = check_precision(precision), forward_rows
         self.model, self.store, self.path, self.backend = model.eval(), store, path, backend
         meta = store.meta()  # StoreUnavailable when nothing is loaded: serve after `lifelong store load`
@@ -656,6 +659,7 @@ class _RowInputs:
     author_id = property(lambda self: self.ids[2])
     topic_id = property(lambda self: self.ids[3])
     surface = property(lambda self: self.ids[4])
+    counters = None  # a served model reads none (Abilities.counters is refused by the Ranker)
 
 
 def _gather_batch(ids, cand_emb, tok_index, tok_emb, tok_action, tok_surface, user_emb=None) -> RankBatch:

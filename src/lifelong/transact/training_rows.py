@@ -33,6 +33,7 @@ from lifelong.core.engines import ShardMap, map_local, open_engine
 from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.progress import progress
 from lifelong.core.quantization import dequantize_int8, quantize_int8
+from lifelong.data.counters import COUNTER_FEATURES, SMOOTHING, EngagementCounters
 from lifelong.data.io import Dataset, NpyWriter, atomic_output_dir, iter_parquet_batches, load_dataset, write_json
 from lifelong.data.protocol import Protocol, utc_minute
 from lifelong.data.schema import EMBED_DIM, HEAD_BITS, HEADS, POSITIVE_BITS, Action
@@ -292,9 +293,11 @@ def select_tokens(index: EventIndex, emb: torch.Tensor, item_idx: np.ndarray, re
 
 def build_split(oracle: Path | None, items: ItemTable, cols: dict[str, np.ndarray], index: EventIndex,
                 lo: int, hi: int, shown: np.ndarray, cfg: BuildConfig, label: str, out: Path,
-                negative_rate: float = 1.0, shard_map: ShardMap = map_local) -> dict:
+                negative_rate: float = 1.0, shard_map: ShardMap = map_local,
+                counters: EngagementCounters | None = None) -> dict:
     """Write the rows of shown events with ``lo <= ts < hi`` into ``out`` (one ``.npy`` per
-    array), requests de-duplicated; their counts and label rates.
+    array), requests de-duplicated; their counts and label rates. With ``counters``, each row also
+    gets its engagement counters as of its request (``counters.npy``, :mod:`lifelong.data.counters`).
 
     Rows without any head's label are kept with probability ``negative_rate`` and weighted
     ``1 / negative_rate``. ``oracle`` is the world's ``oracle.parquet`` (None for real data).
@@ -332,6 +335,8 @@ def build_split(oracle: Path | None, items: ItemTable, cols: dict[str, np.ndarra
     }
     if oracle is not None:
         arrays["oracle"] = _oracle_probs(oracle, cols, row_ev, items, lo, hi)
+    if counters is not None:
+        arrays["counters"] = counters.features(user, cols["item_idx"][row_ev], cols["ts_ms"][row_ev])
     for name, arr in arrays.items():
         np.save(out / f"{name}.npy", arr)
     del arrays
@@ -356,6 +361,15 @@ def build_split(oracle: Path | None, items: ItemTable, cols: dict[str, np.ndarra
                 advance(b - a)
     return {"rows": n_rows, "requests": n_req,
             "label_rates": dict(zip(HEADS, labels.mean(axis=0).round(4).tolist())) if n_rows else {}}
+
+
+def _engagement_counters(cols: dict[str, np.ndarray], shown: np.ndarray, cutoff_ms: int) -> EngagementCounters:
+    """Counters over every shown event, smoothed towards the head rates of those before the
+    training cutoff (the evaluation period's rates are not known when the model is trained)."""
+    labels = np.stack([(cols["action_mask"] & HEAD_BITS[h]) != 0 for h in HEADS], axis=1)
+    before = shown & (cols["ts_ms"] < cutoff_ms)
+    prior = labels[before].mean(axis=0) if before.any() else np.full(len(HEADS), 0.5)
+    return EngagementCounters(cols["user_id"], cols["item_idx"], cols["ts_ms"], shown, labels, prior)
 
 
 def _oracle_probs(path: Path, cols: dict[str, np.ndarray], row_ev: np.ndarray, items: ItemTable,
@@ -447,6 +461,9 @@ def _build_rows(source_meta: dict, items: ItemTable, cols: dict[str, np.ndarray]
                   "config": {k: v for k, v in asdict(cfg).items() if k != "layout"},
                   "has_impressions": has_impressions, "has_oracle": oracle is not None,
                   "n_items": int(items.item_id.size), "lifelong_version": lifelong.__version__, "splits": {}}
+    counters = _engagement_counters(cols, shown, protocol.cutoff_ms)
+    meta["counters"] = {"features": list(COUNTER_FEATURES), "smoothing": SMOOTHING,
+                        "prior": dict(zip(HEADS, counters.prior.round(6).tolist()))}
     with atomic_output_dir(out) as tmp:
         (tmp / "items").mkdir()
         for name, arr in (("item_id", items.item_id), ("emb_int8", items.emb_int8),
@@ -457,7 +474,7 @@ def _build_rows(source_meta: dict, items: ItemTable, cols: dict[str, np.ndarray]
             t0 = time.perf_counter()
             (tmp / split).mkdir()
             stats = build_split(oracle, items, cols, index, lo, hi, shown, cfg, split, tmp / split,
-                                cfg.train_negative_rate if split == "train" else 1.0, shard_map)
+                                cfg.train_negative_rate if split == "train" else 1.0, shard_map, counters)
             seconds = time.perf_counter() - t0
             meta["splits"][split] = {"rows": stats["rows"], "requests": stats["requests"], "seconds": round(seconds, 2),
                                      "rows_per_s": round(stats["rows"] / max(seconds, 1e-9)),
