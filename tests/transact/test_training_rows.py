@@ -195,7 +195,7 @@ def test_nn_topk_ties_larger_than_the_slack_pick_the_newest():
 
 def test_rows_carry_engagement_counters_as_of_their_request(world, rows_dir):
     """``counters.npy``: each row's item-scope shown count is the item's impressions strictly
-    before the row (all users); a model configured with counters reads them, one without ignores them."""
+    before the row's request (all users); a model configured with counters reads them, one without ignores them."""
     data = RankData(rows_dir, "eval")
     assert data.meta["counters"]["features"] == list(COUNTER_FEATURES)
     ev = load_dataset(world).events
@@ -206,7 +206,7 @@ def test_rows_carry_engagement_counters_as_of_their_request(world, rows_dir):
     batch = data.batch(rows)
     assert batch.counters.shape == (rows.size, N_COUNTER_FEATURES)
     expected = [np.sum(shown & (item_ids == int(i)) & (ts < int(t)))
-                for i, t in zip(batch.item_id, np.asarray(data.arrays["ts_ms"])[rows])]
+                for i, t in zip(batch.item_id, np.asarray(data.arrays["req_ts"])[np.asarray(data.arrays["request"])[rows]])]
     got = np.expm1(batch.counters[:, COUNTER_FEATURES.index("item_log_shown")].double().numpy() * np.log1p(1e4))
     np.testing.assert_allclose(got, expected, atol=1e-3)
     assert max(expected) > 0

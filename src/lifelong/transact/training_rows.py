@@ -336,7 +336,9 @@ def build_split(oracle: Path | None, items: ItemTable, cols: dict[str, np.ndarra
     if oracle is not None:
         arrays["oracle"] = _oracle_probs(oracle, cols, row_ev, items, lo, hi)
     if counters is not None:
-        arrays["counters"] = counters.features(user, cols["item_idx"][row_ev], cols["ts_ms"][row_ev])
+        # As of the request's time, as its tokens are: a request spanning minutes (a KuaiRand
+        # user-day) must not count its own earlier candidates.
+        arrays["counters"] = counters.features(user, cols["item_idx"][row_ev], req_ts[row_req])
     for name, arr in arrays.items():
         np.save(out / f"{name}.npy", arr)
     del arrays
