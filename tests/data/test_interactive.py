@@ -222,3 +222,23 @@ def test_cutoff_day_and_bad_ranges(tiny_world, tiny_dataset):
     world.step(identity_policy())
     with pytest.raises(ConfigError, match="opened for days"):
         world.step(identity_policy())
+
+
+def test_interactive_next_sessions_follow_the_topic_successor(tmp_path):
+    """``sessions.focus_next`` holds in the interactive world too (its own per-user session loop)."""
+
+    def successor_share(focus_next: float) -> float:
+        cfg = load_config("tiny", overrides=["users.n_users=60", "days=3", f"sessions.focus_next={focus_next}",
+                                             f"sessions.focus_long_term={0.6 - focus_next}"])
+        source = open_world(write_world(simulate(cfg), tmp_path / f"w{focus_next}"), days=4)
+        world = source.world(source.user_ids)
+        follows = changed = 0
+        for day in range(4):
+            for focus in world._sessions(day, 0)[1]:
+                new = focus[1:] != focus[:-1]
+                changed += int(new.sum())
+                follows += int((new & (source.draws.successor[focus[:-1]] == focus[1:])).sum())
+        return follows / changed
+
+    assert successor_share(0.0) < 0.1
+    assert successor_share(0.4) > 0.4
