@@ -50,7 +50,7 @@ class _Counted:
     """Shown events of one scope sorted by (group, time), with cumulative label counts."""
 
     keys: np.ndarray  # int64 group * span + time offset, ascending
-    cum: np.ndarray  # (n + 1, H) int64 label counts of the first i events
+    cum: np.ndarray  # (n + 1, H) int32 label counts of the first i events (72 B an event over the scopes)
 
     def before(self, group: np.ndarray, lo: np.ndarray, hi: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
         """Shown count and label counts of each query's group in ``[lo, hi)`` (time offsets)."""
@@ -104,8 +104,8 @@ class EngagementCounters:
         for name, g in groups.items():
             keys = g * self.span + offset
             order = np.argsort(keys, kind="stable")
-            cum = np.zeros((keys.size + 1, len(HEADS)), dtype=np.int64)
-            np.cumsum(lab[order], axis=0, out=cum[1:])
+            cum = np.zeros((keys.size + 1, len(HEADS)), dtype=np.int32)
+            np.cumsum(lab[order], axis=0, dtype=np.int32, out=cum[1:])
             self._counted[name] = _Counted(keys[order], cum)
 
     def _user_index(self, user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
