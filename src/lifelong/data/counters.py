@@ -91,7 +91,7 @@ class EngagementCounters:
         self.users = np.unique(user)
         self.n_items = int(item.max()) + 1 if item.size else 1
         self.pairs = np.unique(self._user_index(user)[0] * self.n_items + item)
-        groups = self._groups(user, item)
+        groups, _ = self._groups(user, item)
         self.n_groups = max(int(g.max()) + 1 if g.size else 1 for g in groups.values())
         # Keys are group * span + milliseconds since t0; coarsen time if they would overflow
         # int64 (a later event then ties with an earlier one of its unit, and is not counted).
@@ -113,16 +113,16 @@ class EngagementCounters:
         found = self.users[k] == user if self.users.size else np.zeros(user.size, bool)
         return k.astype(np.int64), found
 
-    def _groups(self, user: np.ndarray, item: np.ndarray, with_found: bool = False):
-        """Group index of each (user, item) in the item, user and user-item scopes (and, with
-        ``with_found``, whether the key has any shown event at all)."""
+    def _groups(self, user: np.ndarray, item: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Group index of each (user, item) in the item, user and user-item scopes, and whether
+        the key has any shown event at all (a key without one reads the group it was clipped to)."""
         uidx, ufound = self._user_index(user)
         ifound = (item >= 0) & (item < self.n_items)
         pair = uidx * self.n_items + np.clip(item, 0, self.n_items - 1)
         p = np.minimum(np.searchsorted(self.pairs, pair), max(self.pairs.size - 1, 0))
         pfound = ufound & ifound & (self.pairs[p] == pair if self.pairs.size else False)
         groups = {"item": np.clip(item, 0, self.n_items - 1), "user": uidx, "user_item": p.astype(np.int64)}
-        return (groups, {"item": ifound, "user": ufound, "user_item": pfound}) if with_found else groups
+        return groups, {"item": ifound, "user": ufound, "user_item": pfound}
 
     def features(self, user_id: np.ndarray, item_idx: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
         """``(n, N_COUNTER_FEATURES)`` float32 of each (user, item, time), from shown events strictly
@@ -130,7 +130,7 @@ class EngagementCounters:
         user, item = np.asarray(user_id, dtype=np.int64), np.asarray(item_idx, dtype=np.int64)
         t = (np.asarray(ts_ms, dtype=np.int64) - self.t0) // self.unit
         hi = np.clip(t, 0, self.span - 1)
-        groups, found = self._groups(user, item, with_found=True)
+        groups, found = self._groups(user, item)
         day_lo = np.clip(t - DAY_MS // self.unit, 0, self.span - 1)
         windows = {"item": ("item", 0), "item_day": ("item", day_lo), "user": ("user", 0), "user_item": ("user_item", 0)}
         out = np.empty((user.size, N_COUNTER_FEATURES), dtype=np.float32)
