@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifelong.data.counters import COUNTER_SCOPES, DAY_MS, N_COUNTER_FEATURES, SMOOTHING, EngagementCounters
+from lifelong.data.counters import COUNTER_SCOPES, N_COUNTER_FEATURES, SMOOTHING, EngagementCounters
+from lifelong.data.protocol import DAY_MS
 from lifelong.data.schema import HEADS
 
 

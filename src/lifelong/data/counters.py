@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lifelong.data.protocol import DAY_MS
 from lifelong.data.schema import HEADS
-
-DAY_MS = 86_400_000
 
 COUNTER_SCOPES: tuple[str, ...] = ("item", "item_day", "user", "user_item")
 """The counted keys: the item (all users, all time), the item in the last 24 hours, the user
@@ -88,17 +87,18 @@ class EngagementCounters:
         user, item = np.asarray(user_id)[keep].astype(np.int64), np.asarray(item_idx)[keep].astype(np.int64)
         ts, lab = np.asarray(ts_ms)[keep].astype(np.int64), np.asarray(labels)[keep]
         self.t0 = int(ts.min()) if ts.size else 0
-        self.users = np.unique(user)
         self.n_items = int(item.max()) + 1 if item.size else 1
-        self.pairs = np.unique(self._user_index(user)[0] * self.n_items + item)
-        groups, _ = self._groups(user, item)
-        self.n_groups = max(int(g.max()) + 1 if g.size else 1 for g in groups.values())
+        self.users, uidx = np.unique(user, return_inverse=True)
+        self.pairs, pidx = np.unique(uidx * self.n_items + item, return_inverse=True)
+        groups = {"item": item, "user": uidx.astype(np.int64), "user_item": pidx.astype(np.int64)}
+        n_groups = max(self.n_items, self.users.size, self.pairs.size)
         # Keys are group * span + milliseconds since t0; coarsen time if they would overflow
         # int64 (a later event then ties with an earlier one of its unit, and is not counted).
+        millis = int(ts.max()) - self.t0 if ts.size else 0
         self.unit = 1
-        while self.n_groups * ((int(ts.max()) - self.t0 if ts.size else 0) // self.unit + 2) >= 2**62:
+        while n_groups * (millis // self.unit + 2) >= 2**62:
             self.unit *= 1000
-        self.span = (int(ts.max()) - self.t0 if ts.size else 0) // self.unit + 2
+        self.span = millis // self.unit + 2
         offset = (ts - self.t0) // self.unit
         self._counted: dict[str, _Counted] = {}
         for name, g in groups.items():
@@ -114,8 +114,9 @@ class EngagementCounters:
         return k.astype(np.int64), found
 
     def _groups(self, user: np.ndarray, item: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Group index of each (user, item) in the item, user and user-item scopes, and whether
-        the key has any shown event at all (a key without one reads the group it was clipped to)."""
+        """Group index of each queried (user, item) in the item, user and user-item scopes, and
+        whether the key has any shown event at all (a key without one reads the group it was
+        clipped to, and its counts are zeroed)."""
         uidx, ufound = self._user_index(user)
         ifound = (item >= 0) & (item < self.n_items)
         pair = uidx * self.n_items + np.clip(item, 0, self.n_items - 1)

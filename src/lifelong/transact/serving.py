@@ -231,7 +231,8 @@ class Ranker:
             raise ConfigError(f"unknown serving path {path!r}; choose one of {', '.join(PATHS)}")
         if forward_rows < 1:
             raise ConfigError(f"forward_rows must be >= 1, got {forward_rows}")
-        if abilities_of(model).counters:
+        self.abilities = abilities_of(model)
+        if self.abilities.counters:
             raise ConfigError("the model reads engagement counters (model.row.counters), which the feature store does "
                               "not keep: serve a model trained without them")
         self.precision, self.forward_rows = check_precision(precision), forward_rows
@@ -242,7 +243,6 @@ class Ranker:
         if model_layout is not None and model_layout != self.layout:
             raise ConfigError(f"the model was trained on layout {model_layout}, the store holds {self.layout}; "
                               "load the store from the model's dataset")
-        self.abilities = abilities_of(model)
         self.user_emb, self.user_emb_version = user_emb, None
         if self.abilities.user_tokens != (user_emb is not None):
             raise ConfigError("the model prepends DV365 user tokens: give the export store it reads (--user-emb)"
