@@ -180,8 +180,8 @@ def peers(
     head: Annotated[str, typer.Option(help="The one head exported and scored: repin, or click (MIND).")] = "repin",
     models: Annotated[str | None, typer.Option(help="FuxiCTR models, comma-separated [default: every one of "
                                                     "configs/peers.yaml: DIN, SIM, ETA, TWIN, TransAct].")] = None,
-    ours: Annotated[str | None, typer.Option(help="Our rankers, comma-separated labels of configs/peers.yaml "
-                                                  "[default: all].")] = None,
+    ours: Annotated[list[str] | None, typer.Option(help="One of our rankers, a label of configs/peers.yaml (labels "
+                                                        "hold commas, so repeat the option) [default: all].")] = None,
     val_days: Annotated[float, typer.Option(help="The validation split of both families: the last N training days.")] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for our rankers' training config "
@@ -199,7 +199,7 @@ def peers(
     def names(text: str | None) -> list[str] | None:
         return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
 
-    report = run_peers(data, out_dir, head=head, val_days=val_days, fuxictr_models=names(models), ours=names(ours),
+    report = run_peers(data, out_dir, head=head, val_days=val_days, fuxictr_models=names(models), ours=ours,
                        seed=seed, train_sets=set_ or (), log=out.print,
                        fuxictr_overrides={**dict(parse_set(text) for text in fuxictr_set or ()),
                                           **({} if fuxictr_epochs is None else {"epochs": fuxictr_epochs})})
