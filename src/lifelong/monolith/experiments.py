@@ -45,6 +45,7 @@ from lifelong.core.errors import ConfigError
 from lifelong.core.metrics import auc, final_score, hit_at_k, hit_at_k_random
 from lifelong.core.report import Column, Figure, Report, Table, pyplot
 from lifelong.data.io import read_meta
+from lifelong.data.protocol import DAY_MS
 from lifelong.data.schema import HEADS
 from lifelong.modules.heads import ranking_loss
 from lifelong.monolith.joiner import OnlineJoiner
@@ -65,7 +66,6 @@ __all__ = ["EXPERIMENTS", "SYNC_INTERVALS", "Quality", "ServedPredictions", "Str
            "drift_experiment", "hashing_experiment", "load_stream", "quality", "render_markdown", "seeded_config",
            "serve_and_train", "sync_experiment", "window_metrics", "write_report"]
 
-DAY_MS = 86_400_000
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 SYNC_INTERVALS: dict[str, int | None] = {"1 min": MINUTE_MS, "10 min": 10 * MINUTE_MS, "1 h": HOUR_MS,

@@ -35,14 +35,13 @@ import numpy as np
 
 from lifelong.core.errors import ConfigError, LifelongError
 from lifelong.data.io import read_parquet
+from lifelong.data.protocol import DAY_MS
 from lifelong.monolith.online import OnlineConfig, OnlineModel, OnlineTrainer
 from lifelong.monolith.ranker import ItemCatalog
 from lifelong.monolith.sync import Syncer, SyncReply
 from lifelong.store.stream import EventStream, open_stream, replay
 
 __all__ = ["JobSummary", "OnlineJob", "StreamLearner", "run_online_job", "stream_records"]
-
-DAY_MS = 86_400_000
 
 
 @dataclass(frozen=True)

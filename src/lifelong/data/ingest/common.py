@@ -29,7 +29,7 @@ from lifelong.core.errors import ConfigError, DataError
 from lifelong.core.sorted_index import positions_in
 from lifelong.data.io import atomic_output_dir, write_json, write_parquet
 from lifelong.data.item_embeddings import METHOD, learn_item_embeddings
-from lifelong.data.protocol import Protocol, utc_minute
+from lifelong.data.protocol import DAY_MS, Protocol, utc_minute
 from lifelong.data.schema import ACTION_NAMES, EMBED_DIM, EVENTS_SCHEMA, ITEMS_SCHEMA, MEDIA_TYPES
 from lifelong.data.users import sort_events, users_from_events
 from lifelong.data.validate import require_file, validate_table
@@ -532,7 +532,6 @@ def write_dataset(source: str, src: Path, out: Path, parsed: Parsed, seed: int =
 REQUEST_UNITS: tuple[str, ...] = ("native", "day")
 """What one request of an ingested dataset is: the source's own unit (``native``, each adapter's
 docstring says which) or all of a user's events of one UTC day (``day``)."""
-DAY_MS = 86_400_000
 
 
 def regroup_requests(parsed: Parsed, unit: str) -> Parsed:
