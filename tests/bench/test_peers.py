@@ -65,8 +65,15 @@ def test_one_fuxictr_model_trains_an_epoch_beside_ours(rows, tmp_path):
     assert din["epochs"] == 1 and din["params"]["learning_rate"] == 1e-3 and din["params"]["max_len"] == 8
     for r in summary["results"]:
         assert 0 <= r["auc"] <= 1 and np.isfinite(r["ne"]) and r["hit@3"] >= 0
+    # Each model's probabilities are kept beside its scores; the calibration ratio is read from them.
+    data = RankData(rows, "eval")
+    y = np.asarray(data.arrays["labels"])[:, data.heads.index("click")]
+    kept = sorted((tmp_path / "out" / "scores").glob("*.npy"))
+    assert len(kept) == 2 and all(np.load(f).shape == (len(data),) for f in kept)
+    wide = np.load(tmp_path / "out" / "scores" / "wide_deep.npy")
+    assert summary["results"][0]["calibration"] == pytest.approx(wide.mean() / y.mean(), rel=1e-5)
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| FuxiCTR DIN (batch_size=512, max_len=8) | FuxiCTR 2.3.10 |" in md and "AUC/click" in md
+    assert "| FuxiCTR DIN (batch_size=512, max_len=8) | FuxiCTR 2.3.10 |" in md and "AUC/click" in md and "mean p / rate" in md
     assert json.loads((tmp_path / "out" / "report.json").read_text())["head"] == "click"
     with pytest.raises(ConfigError, match="unknown peers"):
         run_peers(rows, tmp_path / "bad", fuxictr_models=["DNN"], ours=[])

@@ -193,13 +193,17 @@ def train_fuxictr(model: str, export: Export, work: Path, seed: int = 0, **overr
 
 
 def score(data: RankData, head: str, probs: np.ndarray) -> dict[str, float]:
-    """AUC, NE and HIT@3 of one head's probabilities of ``data``'s rows, each request ranked by them."""
+    """AUC, NE and HIT@3 of one head's probabilities of ``data``'s rows, each request ranked by them,
+    and ``calibration``: the mean probability over the head's rate (1 when calibrated on average;
+    an NE above 1 beside a good AUC is a model that ranks well and is confidently miscalibrated)."""
     a = data.arrays
     y = np.asarray(a["labels"])[:, data.heads.index(head)]
     groups = np.asarray(a["req_id"])[np.asarray(a["request"])]
-    probs = np.asarray(probs, np.float64)
+    probs = np.asarray(probs, np.float64).reshape(-1)
+    rate = float(np.mean(y))
     return {"auc": auc(y, probs), "ne": head_ne(y, probs),
-            "hit@3": hit_at_k(groups, np.asarray(a["user_id"]), probs, y, K)}
+            "hit@3": hit_at_k(groups, np.asarray(a["user_id"]), probs, y, K),
+            "calibration": float(np.mean(probs)) / rate if rate > 0 else math.nan}
 
 
 def run_peers(rows_dir: str | os.PathLike[str], out: str | os.PathLike[str], head: str = "repin",
@@ -239,7 +243,7 @@ def run_peers(rows_dir: str | os.PathLike[str], out: str | os.PathLike[str], hea
             entry = {"label": label, "family": "lifelong", **score(data, head, probs),
                      "seconds": time.perf_counter() - start, "epochs": len(meta["epochs"]),
                      "parameters": meta["parameters"]}
-            write_json(entry, out / "scores" / f"{_slug(label)}.json")
+            _keep(out, label, entry, probs)
         results.append(entry)
         log(_line(entry))
     logging.getLogger().setLevel(logging.WARNING)  # FuxiCTR logs every batch's progress at INFO
@@ -252,7 +256,7 @@ def run_peers(rows_dir: str | os.PathLike[str], out: str | os.PathLike[str], hea
         if entry is None:
             probs, info = train_fuxictr(model, export, out / "checkpoints", seed, **(fuxictr_overrides or {}))
             entry = {"label": label, "family": "FuxiCTR 2.3.10", **score(data, head, probs), **info}
-            write_json(entry, out / "scores" / f"{_slug(label)}.json")
+            _keep(out, label, entry, probs)
         results.append(entry)
         log(_line(entry))
     summary = {"head": head, "rows": str(Path(rows_dir).resolve()), "val_days": val_days, "seed": seed,
@@ -263,6 +267,13 @@ def run_peers(rows_dir: str | os.PathLike[str], out: str | os.PathLike[str], hea
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
+
+
+def _keep(out: Path, label: str, entry: dict, probs: np.ndarray) -> None:
+    """Write a model's scores and its probabilities of the evaluation rows (in their order), so a
+    metric added later can be computed without training again."""
+    np.save(out / "scores" / f"{_slug(label)}.npy", np.asarray(probs, np.float32).reshape(-1))
+    write_json(entry, out / "scores" / f"{_slug(label)}.json")
 
 
 def _cached(out: Path, label: str) -> dict | None:
@@ -283,6 +294,7 @@ def build_peers_report(summary: dict) -> Report:
     head = summary["head"]
     columns = [Column("model", "label"), Column("family", "family"), Column(f"AUC/{head}", "auc", fmt, right=True),
                Column(f"NE/{head}", "ne", fmt, right=True), Column(f"HIT@3/{head}", "hit@3", fmt, right=True),
+               Column("mean p / rate", "calibration", fmt, right=True),
                Column("epochs", "epochs", right=True), Column("train s", "seconds", "{:.0f}", right=True),
                Column("parameters", "parameters", "{:,}", right=True)]
     return Report("report", data=summary, title=f"Peers on the same rows ({summary['eval_rows']:,} evaluation rows)",
