@@ -36,7 +36,7 @@ def train(
     gap_hours: Annotated[float | None, typer.Option(help="Hide the last N hours before each example from the tower "
                                                          "(0: off) [default: 24].")] = None,
     train_days: Annotated[int | None, typer.Option(help="Days of impressions before the protocol cutoff to train on "
-                                                        "[default: 4].")] = None,
+                                                        "[default: 14].")] = None,
     per_group: Annotated[int | None, typer.Option(help="Training impressions kept per (user, day) [default: 64].")] = None,
     max_users: Annotated[int | None, typer.Option(help="Seeded subset of users (0: all) [default: 1000].")] = None,
     epochs: Annotated[int | None, typer.Option(help="[default: 4]")] = None,

@@ -72,7 +72,10 @@ class DV365TrainConfig:
         backbone: the DLRM around it (``user_vectors=0``: no user tower, the baseline).
         gap_ms: events of the last ``gap_ms`` before each group's anchor are hidden from the
             tower (the distant-interest objective; 0 turns it off).
-        train_days: days of impressions before the protocol's cutoff to train on.
+        train_days: days of impressions before the protocol's cutoff to train on. 14 (the
+            `lifelong` protocol's whole training window): a 4-day tower on 400 or 1,000 users
+            learned too little (eval NE 0.98-0.99) for a downstream ranker to gain from it
+            (docs/results.md, "What the downstream gain depends on").
         per_group: training impressions kept per (user, day).
         eval_per_group: evaluation impressions kept per (user, day).
         max_users: train and evaluate on a seeded random subset of this many users (None: all).
@@ -96,7 +99,7 @@ class DV365TrainConfig:
     fsa: FSAConfig = field(default_factory=FSAConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     gap_ms: int = DAY_MS
-    train_days: int = 4
+    train_days: int = 14
     per_group: int = 64
     eval_per_group: int = 256
     max_users: int | None = 1000
