@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lifelong.bench.peers import export_longctr, run_peers
+from lifelong.bench.peers import build_peers_report, export_longctr, run_peers
 from lifelong.core.errors import ConfigError
 from lifelong.data.io import load_dataset
 from lifelong.data.schema import POSITIVE_BITS
@@ -77,3 +77,12 @@ def test_one_fuxictr_model_trains_an_epoch_beside_ours(rows, tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["head"] == "click"
     with pytest.raises(ConfigError, match="unknown peers"):
         run_peers(rows, tmp_path / "bad", fuxictr_models=["DNN"], ours=[])
+
+
+def test_report_warns_that_unweighted_peers_learn_subsampled_rows():
+    entry = {"label": "FuxiCTR DIN", "family": "FuxiCTR 2.3.10", "auc": 0.6, "ne": 1.5, "hit@3": 0.4,
+             "calibration": 4.7, "epochs": 3, "seconds": 10.0, "parameters": 100}
+    summary = {"head": "repin", "val_days": 1, "seed": 0, "eval_rows": 10, "results": [entry]}
+    assert "neg-rate" not in build_peers_report({**summary, "train_negative_rate": 1.0}).markdown()
+    md = build_peers_report({**summary, "train_negative_rate": 0.15}).markdown()
+    assert "keep 0.15 of the label-free training rows" in md and "6.67x" in md and "| 4.7000 |" in md

@@ -260,7 +260,8 @@ def run_peers(rows_dir: str | os.PathLike[str], out: str | os.PathLike[str], hea
         results.append(entry)
         log(_line(entry))
     summary = {"head": head, "rows": str(Path(rows_dir).resolve()), "val_days": val_days, "seed": seed,
-               "eval_rows": len(data), "results": results}
+               "eval_rows": len(data), "results": results,
+               "train_negative_rate": float(data.meta["config"].get("train_negative_rate", 1.0))}
     build_peers_report(summary).write(out)
     return summary
 
@@ -300,4 +301,18 @@ def build_peers_report(summary: dict) -> Report:
     return Report("report", data=summary, title=f"Peers on the same rows ({summary['eval_rows']:,} evaluation rows)",
                   blocks=[Table(columns, summary["results"]),
                           f"Every model ranks each request by its probability of {head}; seed {summary['seed']}; "
-                          f"validation: the last {summary['val_days']:g} training day(s)."])
+                          f"validation: the last {summary['val_days']:g} training day(s).", *_subsampling_note(summary)])
+
+
+def _subsampling_note(summary: dict) -> list[str]:
+    """Rows built with ``--neg-rate`` below 1 keep a share of the label-free training rows,
+    weighted by its inverse. Our trainer reads the weights; FuxiCTR's ``fit`` has none, so its
+    models learn the subsampled label rate and overstate the probability on the full evaluation
+    rows: their NE is not comparable there (AUC and HIT@3, which only rank, are)."""
+    rate = summary.get("train_negative_rate", 1.0)
+    if rate >= 1.0:
+        return []
+    return [f"**These rows keep {rate:g} of the label-free training rows** (`--neg-rate`), weighted "
+            f"{1 / rate:.3g}x in our trainer. FuxiCTR trains unweighted, so its models learn the subsampled "
+            "label rate (see `mean p / rate`): compare their AUC and HIT@3, not their NE. Build the rows "
+            "with `--neg-rate 1` to compare NE."]
